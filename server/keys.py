@@ -1,0 +1,24 @@
+"""Every typed key: app-wide resources (web.AppKey) and per-request values (web.RequestKey)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from db.pool import Database
+from server.config import Config
+from server.principal import Principal
+from server.ratelimit import Limiter
+from server.state import Lifecycle
+
+CONFIG = web.AppKey("config", Config)
+PG = web.AppKey("pg", Database)
+PG_READ = web.AppKey("pg_read", Database)  # the replica pool, or PG itself when none is set
+REDIS = web.AppKey("redis", Redis)
+LIMITER: web.AppKey[Limiter] = web.AppKey("limiter")
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+
+REQUEST_ID = web.RequestKey("request_id", str)
+# The verified access token's claims; None when the request carries no valid token.
+PRINCIPAL: web.RequestKey[Principal | None] = web.RequestKey("principal")
+RATELIMIT_HEADERS: web.RequestKey[dict[str, str]] = web.RequestKey("ratelimit_headers")

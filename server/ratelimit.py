@@ -1,0 +1,143 @@
+"""Token buckets per principal: local (aiolimiter) or shared by all replicas (Redis + Lua).
+
+Both answer the same question, `take(key, rate, burst)` -> Decision, so the middleware does not
+care which one runs. The Redis limiter falls back to the local one when Redis does not answer
+(counted in surge_ratelimit_fallback_total) and retries Redis after a short pause, so a Redis
+outage costs one timeout per second, not one per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Protocol
+
+from aiolimiter import AsyncLimiter
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from server import metrics
+
+log = logging.getLogger("surge.ratelimit")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_s: int  # seconds until the bucket is full again
+    retry_after_s: int  # seconds until one request would be allowed (0 when allowed)
+
+    def headers(self) -> dict[str, str]:
+        h = {
+            "RateLimit-Limit": str(self.limit),
+            "RateLimit-Remaining": str(self.remaining),
+            "RateLimit-Reset": str(self.reset_s),
+        }
+        if not self.allowed:
+            h["Retry-After"] = str(self.retry_after_s)
+        return h
+
+
+class Limiter(Protocol):
+    async def take(self, key: str, rate: float, burst: int) -> Decision: ...
+
+
+class LocalLimiter:
+    """One aiolimiter bucket per key, the least recently used evicted past max_keys."""
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[tuple[str, float, int], AsyncLimiter] = OrderedDict()
+
+    async def take(self, key: str, rate: float, burst: int) -> Decision:
+        bkey = (key, rate, burst)
+        bucket = self._buckets.get(bkey)
+        if bucket is None:
+            # A leaky bucket of `burst` capacity draining `rate` per second is a token bucket
+            # of `burst` tokens refilled at `rate`.
+            bucket = self._buckets[bkey] = AsyncLimiter(burst, burst / rate)
+            if len(self._buckets) > self.max_keys:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(bkey)
+        allowed = bucket.has_capacity(1)
+        if allowed:
+            await bucket.acquire(1)
+        level: float = bucket._level  # tokens used; aiolimiter keeps it current after has_capacity
+        remaining = max(0, math.floor(burst - level))
+        reset_s = math.ceil(level / rate) if level > 0 else 0
+        retry = 0 if allowed else max(1, math.ceil((level + 1 - burst) / rate))
+        return Decision(allowed, burst, remaining, reset_s, retry)
+
+
+# KEYS[1] bucket key; ARGV rate (tokens/s), burst, cost. Time comes from the Redis server so
+# every replica sees one clock. Returns {allowed, remaining, reset_ms, retry_after_ms}.
+_LUA = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(state[1])
+local ts = tonumber(state[2])
+if tokens == nil then
+  tokens = burst
+  ts = now
+end
+local elapsed = math.max(0, now - ts)
+tokens = math.min(burst, tokens + elapsed * rate / 1000)
+local allowed = 0
+local retry_ms = 0
+if tokens >= cost then
+  tokens = tokens - cost
+  allowed = 1
+else
+  retry_ms = math.ceil((cost - tokens) * 1000 / rate)
+end
+local reset_ms = math.ceil((burst - tokens) * 1000 / rate)
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+redis.call('PEXPIRE', KEYS[1], reset_ms + 1000)
+return {allowed, math.floor(tokens), reset_ms, retry_ms}
+"""
+
+
+class RedisLimiter:
+    def __init__(
+        self,
+        redis: Redis,
+        prefix: str,
+        fallback: LocalLimiter | None = None,
+        retry_after_failure_s: float = 1.0,
+    ) -> None:
+        self.redis = redis
+        self.prefix = prefix + "rl:"
+        self.fallback = fallback or LocalLimiter()
+        self.retry_after_failure_s = retry_after_failure_s
+        self._script = redis.register_script(_LUA)
+        self._down_until = 0.0
+
+    async def take(self, key: str, rate: float, burst: int) -> Decision:
+        now = time.monotonic()
+        if now >= self._down_until:
+            try:
+                res = await self._script(keys=[self.prefix + key], args=[rate, burst, 1])
+            except (RedisError, OSError) as exc:
+                self._down_until = now + self.retry_after_failure_s
+                log.warning("rate limiter: Redis unavailable (%s); using the local limiter", exc)
+            else:
+                allowed, remaining, reset_ms, retry_ms = (int(x) for x in res)
+                return Decision(
+                    bool(allowed),
+                    burst,
+                    remaining,
+                    math.ceil(reset_ms / 1000),
+                    0 if allowed else max(1, math.ceil(retry_ms / 1000)),
+                )
+        metrics.RATELIMIT_FALLBACK.inc()
+        return await self.fallback.take(key, rate, burst)

@@ -1,0 +1,97 @@
+"""Process start-up and shutdown: uvloop, signals, the listener, embedded services. Only here."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import socket
+from pathlib import Path
+
+import uvloop
+from aiohttp import web
+
+from db.migrate import migrate
+from server.app import create_app
+from server.config import Config
+from server.devservices import EmbeddedServices
+from server.keys import LIFECYCLE
+
+log = logging.getLogger("surge")
+
+
+def resolve_services(config: Config) -> tuple[Config, EmbeddedServices]:
+    """Start embedded PostgreSQL / Redis for whichever URL is unset; return the completed config."""
+    services = EmbeddedServices(Path(config.data_dir))
+    changes: dict[str, str] = {}
+    try:
+        if config.database_url is None:
+            changes["database_url"] = services.start_postgres()
+        if config.redis_url is None:
+            changes["redis_url"] = services.start_redis()
+    except BaseException:
+        services.stop()
+        raise
+    return dataclasses.replace(config, **changes), services
+
+
+async def serve_app(config: Config, *, ready: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then drain: /readyz turns 503, the listener closes,
+    in-flight requests get SHUTDOWN_GRACE_S to finish, then the pools close."""
+    app = create_app(config)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,  # our own JSON access log replaces aiohttp's
+        shutdown_timeout=config.shutdown_grace_s,
+        keepalive_timeout=75.0,
+    )
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        site = web.TCPSite(runner, config.host, config.port, backlog=2048)
+        await site.start()
+        bound = [s.getsockname() for s in site._server.sockets] if site._server else []  # type: ignore[union-attr]
+        log.info("serving on %s", ", ".join(f"{h}:{p}" for h, p, *_ in bound))
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        log.info("shutting down: draining for up to %ss", config.shutdown_grace_s)
+        app[LIFECYCLE].draining = True
+    finally:
+        await runner.cleanup()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("stopped")
+
+
+def run_serve(config: Config) -> None:
+    config, services = resolve_services(config)
+    try:
+        assert config.database_url is not None
+        applied = uvloop.run(migrate(config.database_url))
+        for name in applied:
+            log.info("applied %s", name)
+        uvloop.run(serve_app(config))
+    finally:
+        services.stop()
+
+
+def run_migrate(config: Config) -> list[str]:
+    config, services = resolve_services(config)
+    try:
+        assert config.database_url is not None
+        return uvloop.run(migrate(config.database_url))
+    finally:
+        services.stop()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
