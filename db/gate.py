@@ -9,6 +9,7 @@ timeout after which the caller is refused instead of queueing forever.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from types import TracebackType
 
@@ -47,10 +48,8 @@ class FairGate:
                 # The slot was handed to us just as we gave up: pass it on.
                 self.release()
             else:
-                try:
+                with contextlib.suppress(ValueError):
                     self._waiters.remove(fut)
-                except ValueError:
-                    pass
             raise
         # a slot handed over by release() is already counted as taken
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import asyncpg
 import orjson
@@ -25,6 +25,8 @@ from asyncpg import Connection, Record
 from asyncpg.pool import Pool
 
 from db.gate import FairGate, GateTimeout
+
+Isolation = Literal["read_committed", "repeatable_read", "serializable"]
 
 
 class PoolTimeout(Exception):
@@ -66,7 +68,7 @@ class Database:
         self.name = name
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[Connection]:
+    async def connection(self) -> AsyncIterator[Connection]:  # a pool proxy, used as one
         try:
             await self.gate.acquire()
         except TimeoutError:
@@ -74,14 +76,14 @@ class Database:
         try:
             con = await self.pool.acquire()
             try:
-                yield con
+                yield con  # type: ignore[misc]
             finally:
                 await self.pool.release(con)
         finally:
             self.gate.release()
 
     @asynccontextmanager
-    async def transaction(self, isolation: str | None = None) -> AsyncIterator[Connection]:
+    async def transaction(self, isolation: Isolation | None = None) -> AsyncIterator[Connection]:
         async with self.connection() as con, con.transaction(isolation=isolation):
             yield con
 
@@ -116,9 +118,9 @@ class Database:
             "waiting": self.gate.waiting,
         }
 
-    async def close(self, timeout: float = 10.0) -> None:
+    async def close(self, grace_s: float = 10.0) -> None:
         try:
-            await asyncio.wait_for(self.pool.close(), timeout)
+            await asyncio.wait_for(self.pool.close(), grace_s)
         except TimeoutError:
             self.pool.terminate()
 

@@ -62,7 +62,9 @@ def _run(args: argparse.Namespace, config: Config, runner: ModuleType) -> int:
         return 0
     if args.command == "migrate":
         applied = runner.run_migrate(config)
-        print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
+        print(
+            f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else "")
+        )
         return 0
     return 2  # pragma: no cover
 

@@ -93,7 +93,9 @@ def create_app(config: Config, *, access_log: AccessLog | None = None) -> web.Ap
     app = web.Application(
         client_max_size=config.max_body_bytes,
         middlewares=[
-            context_middleware(access_log if access_log else AccessLog() if config.access_log else None),
+            context_middleware(
+                access_log if access_log else AccessLog() if config.access_log else None
+            ),
             metrics_middleware,
             shed_middleware(FairGate(config.max_in_flight, config.shed_queue_timeout_ms / 1000)),
             errors_middleware,

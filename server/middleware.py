@@ -22,6 +22,7 @@ from db.pool import PoolTimeout
 from server import metrics
 from server.errors import ApiError, TooManyRequests, Unauthorized, problem_response
 from server.keys import CONFIG, LIMITER, PRINCIPAL, RATELIMIT_HEADERS, REQUEST_ID
+from server.principal import Principal
 from server.tokens import TOKENS, TokenError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -211,9 +212,7 @@ async def ratelimit_middleware(request: web.Request, handler: Handler) -> web.St
         if principal is not None
         else f"ip:{client_ip(request, config.trust_forwarded_for)}"
     )
-    decision = await request.app[LIMITER].take(
-        key, config.rate_limit_rate, config.rate_limit_burst
-    )
+    decision = await request.app[LIMITER].take(key, config.rate_limit_rate, config.rate_limit_burst)
     headers = decision.headers()
     request[RATELIMIT_HEADERS] = headers
     if not decision.allowed:
@@ -225,7 +224,7 @@ async def ratelimit_middleware(request: web.Request, handler: Handler) -> web.St
     return resp
 
 
-def _resolve_principal(request: web.Request) -> object:
+def _resolve_principal(request: web.Request) -> Principal | None:
     """Verify the bearer token once per request (in memory, no database round trip)."""
     if PRINCIPAL in request:
         return request[PRINCIPAL]
@@ -244,7 +243,11 @@ def _resolve_principal(request: web.Request) -> object:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path.startswith("/v1/") and request.path not in PUBLIC_PATHS:
+    if (
+        request.path.startswith("/v1/")
+        and request.path not in PUBLIC_PATHS
+        and not isinstance(request.match_info, MatchInfoError)  # unknown routes are 404/405
+    ):
         principal = _resolve_principal(request)
         if principal is None:
             if "Authorization" not in request.headers:

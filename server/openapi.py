@@ -17,7 +17,10 @@ def ref(name: str) -> Json:
 
 
 def _problem(desc: str) -> Json:
-    return {"description": desc, "content": {"application/problem+json": {"schema": ref("Problem")}}}
+    return {
+        "description": desc,
+        "content": {"application/problem+json": {"schema": ref("Problem")}},
+    }
 
 
 def _json(desc: str, schema: Json, headers: Json | None = None) -> Json:
@@ -149,7 +152,12 @@ PATHS: Json = {
         "get": op(
             "Prometheus text exposition",
             "ops",
-            {"200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+            {
+                "200": {
+                    "description": "Metrics",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
             auth=False,
             ratelimited=False,
         )
@@ -167,7 +175,12 @@ PATHS: Json = {
         "get": op(
             "A browsable API reference rendered from this document",
             "ops",
-            {"200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}},
+            {
+                "200": {
+                    "description": "HTML",
+                    "content": {"text/html": {"schema": {"type": "string"}}},
+                }
+            },
             auth=False,
             ratelimited=False,
         )

@@ -24,22 +24,28 @@ log = logging.getLogger("surge")
 def resolve_services(config: Config) -> tuple[Config, EmbeddedServices]:
     """Start embedded PostgreSQL / Redis for whichever URL is unset; return the completed config."""
     services = EmbeddedServices(Path(config.data_dir))
-    changes: dict[str, str] = {}
     try:
         if config.database_url is None:
-            changes["database_url"] = services.start_postgres()
+            config = dataclasses.replace(config, database_url=services.start_postgres())
         if config.redis_url is None:
-            changes["redis_url"] = services.start_redis()
+            config = dataclasses.replace(config, redis_url=services.start_redis())
     except BaseException:
         services.stop()
         raise
-    return dataclasses.replace(config, **changes), services
+    return config, services
 
 
-async def serve_app(config: Config, *, ready: asyncio.Event | None = None) -> None:
-    """Serve until SIGTERM/SIGINT, then drain: /readyz turns 503, the listener closes,
-    in-flight requests get SHUTDOWN_GRACE_S to finish, then the pools close."""
-    app = create_app(config)
+async def serve_app(
+    config: Config,
+    *,
+    app: web.Application | None = None,
+    ready: asyncio.Event | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop`), then drain: /readyz turns 503, the listener
+    closes, in-flight requests get SHUTDOWN_GRACE_S to finish, then the pools close."""
+    if app is None:
+        app = create_app(config)
     runner = web.AppRunner(
         app,
         handle_signals=False,
@@ -48,15 +54,14 @@ async def serve_app(config: Config, *, ready: asyncio.Event | None = None) -> No
         keepalive_timeout=75.0,
     )
     await runner.setup()
-    stop = asyncio.Event()
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
         site = web.TCPSite(runner, config.host, config.port, backlog=2048)
         await site.start()
-        bound = [s.getsockname() for s in site._server.sockets] if site._server else []  # type: ignore[union-attr]
-        log.info("serving on %s", ", ".join(f"{h}:{p}" for h, p, *_ in bound))
+        log.info("serving on %s", site.name)
         if ready is not None:
             ready.set()
         await stop.wait()

@@ -22,7 +22,7 @@ class UnsupportedMediaType(ApiError):
 
 @cache
 def validator(schema_name: str) -> Callable[[Any], Any]:
-    return fastjsonschema.compile(resolved_schema(schema_name), detailed_exceptions=True)  # type: ignore[no-any-return]
+    return fastjsonschema.compile(resolved_schema(schema_name), detailed_exceptions=True)
 
 
 def compile_all() -> None:

@@ -1,0 +1,142 @@
+"""Test services: real PostgreSQL and Redis, never mocks.
+
+PostgreSQL: DATABASE_URL if set, else the one at 127.0.0.1:5432 (CI's, database `test`) when
+reachable, else an embedded one under .surge/test. Redis likewise (REDIS_URL, 127.0.0.1:6379,
+embedded). Nothing is skipped when a service is missing: the embedded one starts instead.
+
+Isolation: the session gets its own database (created, migrated, dropped at the end) and its
+own Redis key prefix; every test that touches them starts from empty tables and no keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+import redis as sync_redis
+
+from db.migrate import migrate
+from server.config import Config
+from server.devservices import EmbeddedServices, tcp_reachable
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_JWT_KEYS = "k2:" + "t" * 40 + ",k1:" + "o" * 40
+
+
+@dataclass(frozen=True)
+class Services:
+    admin_dsn: str  # a database to connect to for CREATE/DROP DATABASE
+    dsn: str  # this session's own database
+    redis_url: str
+    redis_prefix: str
+
+
+def with_database(dsn: str, database: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+async def _create_database(admin_dsn: str, name: str) -> None:
+    con = await asyncpg.connect(admin_dsn)
+    try:
+        await con.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await con.close()
+
+
+async def _drop_database(admin_dsn: str, name: str) -> None:
+    con = await asyncpg.connect(admin_dsn)
+    try:
+        await con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await con.close()
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[Services]:
+    embedded = EmbeddedServices(ROOT / ".surge" / "test")
+    try:
+        admin = os.environ.get("DATABASE_URL")
+        if not admin:
+            if tcp_reachable("127.0.0.1", 5432):
+                admin = "postgresql://postgres@127.0.0.1:5432/test"
+            else:
+                admin = embedded.start_postgres()
+        redis_url = os.environ.get("REDIS_URL")
+        if not redis_url:
+            if tcp_reachable("127.0.0.1", 6379):
+                redis_url = "redis://127.0.0.1:6379/0"
+            else:
+                redis_url = embedded.start_redis()
+        name = f"surge_test_{os.getpid()}_{secrets.token_hex(3)}"
+        asyncio.run(_create_database(admin, name))
+        dsn = with_database(admin, name)
+        asyncio.run(migrate(dsn))
+        try:
+            yield Services(admin, dsn, redis_url, f"surgetest:{name}:")
+        finally:
+            asyncio.run(_drop_database(admin, name))
+            r = sync_redis.Redis.from_url(redis_url)
+            for key in r.scan_iter(match=f"surgetest:{name}:*", count=1000):
+                r.delete(key)
+            r.close()
+    finally:
+        embedded.stop()
+
+
+async def _truncate(dsn: str) -> None:
+    con = await asyncpg.connect(dsn)
+    try:
+        tables = await con.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+            " AND tablename <> 'schema_migrations'"
+        )
+        if tables:
+            names = ", ".join(f'"{t["tablename"]}"' for t in tables)
+            await con.execute(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
+    finally:
+        await con.close()
+
+
+@pytest.fixture
+def clean(services: Services) -> Services:
+    """Empty tables and no Redis keys under this session's prefix."""
+    asyncio.run(_truncate(services.dsn))
+    r = sync_redis.Redis.from_url(services.redis_url)
+    try:
+        keys = list(r.scan_iter(match=services.redis_prefix + "*", count=1000))
+        if keys:
+            r.delete(*keys)
+    finally:
+        r.close()
+    return services
+
+
+@pytest.fixture
+def config(clean: Services) -> Config:
+    return Config(
+        database_url=clean.dsn,
+        redis_url=clean.redis_url,
+        redis_key_prefix=clean.redis_prefix,
+        access_log=False,
+        jwt_keys=TEST_JWT_KEYS,
+        pg_pool_min=1,
+        pg_pool_max=8,
+        # generous limits: tests that exercise limiting set their own
+        rate_limit_rate=10_000,
+        rate_limit_burst=10_000,
+        auth_rate_limit_per_minute=10_000,
+        # hashing at OWASP cost is slow; tests of the hash itself use the real parameters
+        hash_concurrency=2,
+    )
+
+
+def configured(config: Config, **changes: object) -> Config:
+    return replace(config, **changes)  # type: ignore[arg-type]

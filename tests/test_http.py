@@ -1,0 +1,236 @@
+"""The conventions every response follows: problem+json, X-Request-ID, shedding, rate limits,
+readiness, metrics, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from server import metrics
+from server.app import create_app
+from server.config import Config
+from server.keys import LIFECYCLE
+from server.runner import free_port, serve_app
+from server.validation import read_json
+
+PROBLEM_KEYS = {"type", "title", "status", "detail", "request_id"}
+
+
+async def echo(request: web.Request) -> web.Response:
+    body = await read_json(request, "Health")
+    return web.json_response(body)
+
+
+def make_app(config: Config, gate: asyncio.Event | None = None) -> web.Application:
+    app = create_app(config)
+
+    async def slow(request: web.Request) -> web.Response:
+        if gate is not None:
+            await gate.wait()
+        else:
+            await asyncio.sleep(0.5)
+        return web.json_response({"slow": True})
+
+    app.router.add_post("/test/echo", echo)
+    app.router.add_get("/test/slow", slow)
+    return app
+
+
+def assert_problem(status: int, body: dict[str, Any], headers: Any, expected: int) -> None:
+    assert status == expected
+    assert headers["Content-Type"] == "application/problem+json"
+    assert body.keys() >= PROBLEM_KEYS
+    assert body["status"] == expected
+    assert body["request_id"] == headers["X-Request-ID"]
+    assert "Traceback" not in orjson.dumps(body).decode()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "data", "headers", "status"),
+    [
+        ("POST", "/test/echo", b"{not json", {"Content-Type": "application/json"}, 400),
+        ("POST", "/test/echo", b"x" * 5000, {"Content-Type": "application/json"}, 413),
+        ("POST", "/test/echo", b'{"status": "ok"}', {"Content-Type": "text/plain"}, 415),
+        ("POST", "/test/echo", b'{"status": "bad"}', {"Content-Type": "application/json"}, 422),
+        ("GET", "/no/such/route", None, {}, 404),
+        ("DELETE", "/healthz", None, {}, 405),
+    ],
+)
+async def test_errors_are_problem_json(
+    aiohttp_client: Any,
+    config: Config,
+    method: str,
+    path: str,
+    data: bytes | None,
+    headers: dict[str, str],
+    status: int,
+) -> None:
+    client: TestClient = await aiohttp_client(
+        make_app(dataclasses.replace(config, max_body_bytes=4096))
+    )
+    resp = await client.request(method, path, data=data, headers=headers)
+    body = await resp.json(content_type=None)
+    assert_problem(resp.status, body, resp.headers, status)
+    if status == 405:
+        assert set(resp.headers["Allow"].split(",")) == {"GET", "HEAD"}
+    if status == 413:
+        assert body["detail"] == "the request body is larger than 4096 bytes"
+
+
+@pytest.mark.parametrize(
+    ("body", "errors"),
+    [
+        ({"status": "bad"}, [{"field": "status", "message": "must be one of ['ok']"}]),
+        ({}, [{"field": "status", "message": "is required"}]),
+        ([], [{"field": "", "message": "must be object"}]),
+    ],
+)
+async def test_validation_errors_name_the_field(
+    aiohttp_client: Any, config: Config, body: Any, errors: list[dict[str, str]]
+) -> None:
+    client = await aiohttp_client(make_app(config))
+    resp = await client.post("/test/echo", json=body)
+    assert resp.status == 422
+    assert (await resp.json(content_type=None))["errors"] == errors
+
+
+@pytest.mark.parametrize(
+    ("sent", "echoed"),
+    [
+        ("abc-123_X.y:z", True),
+        ("x" * 128, True),
+        ("x" * 129, False),
+        ("has space", False),
+        ("", False),
+        ("ünïcode", False),
+    ],
+)
+async def test_request_id(aiohttp_client: Any, config: Config, sent: str, echoed: bool) -> None:
+    client = await aiohttp_client(make_app(config))
+    resp = await client.get("/healthz", headers={"X-Request-ID": sent})
+    assert resp.status == 200
+    if echoed:
+        assert resp.headers["X-Request-ID"] == sent
+    else:
+        assert re.fullmatch(r"[0-9a-f]{24}", resp.headers["X-Request-ID"])
+
+
+async def test_ops_endpoints(aiohttp_client: Any, config: Config) -> None:
+    client = await aiohttp_client(make_app(config))
+    resp = await client.get("/healthz")
+    assert (resp.status, await resp.json()) == (200, {"status": "ok"})
+    resp = await client.get("/readyz")
+    assert (resp.status, await resp.json()) == (
+        200,
+        {"status": "ready", "checks": {"postgres": "ok", "redis": "ok"}},
+    )
+    resp = await client.get("/openapi.json")
+    spec = await resp.json()
+    assert spec["openapi"] == "3.1.0"
+    resp = await client.get("/docs")
+    assert resp.status == 200 and "/healthz" in await resp.text()
+    resp = await client.get("/metrics")
+    text = await resp.text()
+    assert 'surge_http_requests_total{method="GET",route="/healthz",status="200"}' in text
+    assert 'surge_db_pool_max{pool="primary"} 8.0' in text
+    assert "surge_http_request_duration_seconds_bucket" in text
+
+
+async def test_metrics_use_route_templates_not_paths(aiohttp_client: Any, config: Config) -> None:
+    client = await aiohttp_client(make_app(config))
+    for i in range(3):
+        await client.get(f"/unknown/{i}")
+    text = await (await client.get("/metrics")).text()
+    assert "/unknown/1" not in text
+    assert re.search(
+        r'surge_http_requests_total\{method="GET",route="unmatched",status="404"\} \d', text
+    )
+
+
+async def test_readiness_fails_when_postgres_is_unreachable(
+    aiohttp_client: Any, config: Config
+) -> None:
+    port = free_port()
+    broken = dataclasses.replace(
+        config, database_url=f"postgresql://postgres@127.0.0.1:{port}/nope", pg_pool_min=0
+    )
+    client = await aiohttp_client(make_app(broken))
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    assert await resp.json() == {
+        "status": "unavailable",
+        "checks": {"postgres": "error", "redis": "ok"},
+    }
+
+
+async def test_readiness_fails_when_redis_is_unreachable(
+    aiohttp_client: Any, config: Config
+) -> None:
+    broken = dataclasses.replace(config, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    client = await aiohttp_client(make_app(broken))
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    assert (await resp.json())["checks"] == {"postgres": "ok", "redis": "error"}
+
+
+async def test_readiness_is_503_while_draining(aiohttp_client: Any, config: Config) -> None:
+    app = make_app(config)
+    client = await aiohttp_client(app)
+    app[LIFECYCLE].draining = True
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    assert (await resp.json())["status"] == "draining"
+
+
+async def test_shedding_refuses_past_max_in_flight(aiohttp_client: Any, config: Config) -> None:
+    gate = asyncio.Event()
+    app = make_app(dataclasses.replace(config, max_in_flight=3, shed_queue_timeout_ms=50), gate)
+    client = await aiohttp_client(app)
+    before = metrics.SHED._value.get()
+    held = [asyncio.create_task(client.get("/test/slow")) for _ in range(3)]
+    await asyncio.sleep(0.1)
+    resp = await client.get("/test/slow")
+    body = await resp.json(content_type=None)
+    assert_problem(resp.status, body, resp.headers, 503)
+    assert resp.headers["Retry-After"] == "1"
+    assert metrics.SHED._value.get() == before + 1
+    # probes are never shed
+    assert (await client.get("/healthz")).status == 200
+    gate.set()
+    assert [r.status for r in await asyncio.gather(*held)] == [200, 200, 200]
+
+
+async def test_shedding_queues_fairly_within_the_timeout(
+    aiohttp_client: Any, config: Config
+) -> None:
+    app = make_app(dataclasses.replace(config, max_in_flight=1, shed_queue_timeout_ms=5000))
+    client = await aiohttp_client(app)
+    # 0.5 s each, one at a time: three finish in order within the 5 s queue timeout
+    results = await asyncio.gather(*(client.get("/test/slow") for _ in range(3)))
+    assert [r.status for r in results] == [200, 200, 200]
+
+
+async def test_graceful_shutdown_finishes_in_flight_requests(config: Config) -> None:
+    port = free_port()
+    cfg = dataclasses.replace(config, port=port, shutdown_grace_s=5)
+    ready, stop = asyncio.Event(), asyncio.Event()
+    server = asyncio.create_task(serve_app(cfg, app=make_app(cfg), ready=ready, stop=stop))
+    await asyncio.wait_for(ready.wait(), 10)
+    async with aiohttp.ClientSession() as session:
+        in_flight = asyncio.create_task(session.get(f"http://127.0.0.1:{port}/test/slow"))
+        await asyncio.sleep(0.1)
+        stop.set()
+        resp = await in_flight
+        assert resp.status == 200
+        assert await resp.json() == {"slow": True}
+        await asyncio.wait_for(server, 10)
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await session.get(f"http://127.0.0.1:{port}/healthz")

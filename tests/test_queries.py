@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import pytest
+
+from db.queries import SQL_DIR, QueryError, load, parse
+
+
+def test_parses_named_blocks_with_doc_comments() -> None:
+    q = parse(
+        "-- name: get_a\n-- Fetch one a.\nSELECT 1\nFROM a;\n\n-- name: list_b\nSELECT 2\n",
+        "t.sql",
+    )
+    assert dict(q) == {"get_a": "SELECT 1\nFROM a", "list_b": "SELECT 2"}
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("-- name: a\nSELECT 1\n-- name: a\nSELECT 2\n", "duplicate statement name 'a'"),
+        ("SELECT 1\n-- name: a\nSELECT 2\n", "before the first"),
+        ("-- name: a\n-- only a comment\n", "is empty"),
+        ("-- name: Bad-Name\nSELECT 1\n", "invalid statement name"),
+    ],
+)
+def test_malformed_files_are_refused(text: str, fragment: str) -> None:
+    with pytest.raises(QueryError, match=fragment):
+        parse(text, "t.sql")
+
+
+def test_unknown_name_fails_with_the_file_name() -> None:
+    q = parse("-- name: a\nSELECT 1\n", "t.sql")
+    with pytest.raises(QueryError, match=r"t\.sql has no statement named 'nope'"):
+        q["nope"]
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in SQL_DIR.glob("*.sql")))
+def test_every_shipped_file_loads(path: str) -> None:
+    assert len(load(path)) > 0
