@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from handlers import ops
+from handlers import auth, identity_api, ops, users
+
+assert identity_api.PATHS  # importing it registers the Auth and Users sections of /openapi.json
 
 routes = [
     web.get("/healthz", ops.healthz),
@@ -12,4 +14,17 @@ routes = [
     web.get("/metrics", ops.metrics_endpoint),
     web.get("/openapi.json", ops.openapi_json),
     web.get("/docs", ops.docs),
+    web.post("/v1/auth/signup", auth.signup),
+    web.post("/v1/auth/login", auth.login),
+    web.post("/v1/auth/refresh", auth.refresh),
+    web.post("/v1/auth/logout", auth.logout),
+    web.get("/v1/me", users.get_me),
+    web.put("/v1/me/password", users.change_password),
+    web.get("/v1/users", users.list_users),
+    web.post("/v1/users", users.create_user),
+    web.get("/v1/users/{user_id}", users.get_user),
+    web.patch("/v1/users/{user_id}", users.patch_user),
+    web.delete("/v1/users/{user_id}", users.delete_user),
+    web.put("/v1/users/{user_id}/roles/{role}", users.grant_role),
+    web.delete("/v1/users/{user_id}/roles/{role}", users.revoke_role),
 ]

@@ -10,9 +10,11 @@ from redis.asyncio import Redis
 import handlers
 from db.gate import FairGate
 from db.pool import open_database
+from handlers.passwords import Hasher
+from handlers.user_cache import UserCache
 from server import metrics
 from server.config import Config
-from server.keys import CONFIG, LIFECYCLE, LIMITER, PG, PG_READ, REDIS
+from server.keys import CONFIG, HASHER, LIFECYCLE, LIMITER, PG, PG_READ, REDIS, USER_CACHE
 from server.middleware import (
     AccessLog,
     auth_middleware,
@@ -79,6 +81,20 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
         await app[REDIS].aclose()
 
 
+async def _hasher(app: web.Application) -> AsyncIterator[None]:
+    app[HASHER] = Hasher(app[CONFIG].hash_concurrency)
+    try:
+        yield
+    finally:
+        app[HASHER].close()
+
+
+async def _user_cache(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    app[USER_CACHE] = UserCache(app[REDIS], config.redis_key_prefix, config.user_cache_ttl_s)
+    yield
+
+
 async def _limiter(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     if config.rate_limit_backend == "redis":
@@ -106,6 +122,6 @@ def create_app(config: Config, *, access_log: AccessLog | None = None) -> web.Ap
     app[CONFIG] = config
     app[LIFECYCLE] = Lifecycle()
     app[TOKENS] = TokenService.from_config(config)
-    app.cleanup_ctx.extend([_postgres, _redis, _limiter])
+    app.cleanup_ctx.extend([_postgres, _redis, _limiter, _hasher, _user_cache])
     app.router.add_routes(handlers.routes)
     return app

@@ -6,6 +6,8 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from db.pool import Database
+from handlers.passwords import Hasher
+from handlers.user_cache import UserCache
 from server.config import Config
 from server.principal import Principal
 from server.ratelimit import Limiter
@@ -17,6 +19,8 @@ PG_READ = web.AppKey("pg_read", Database)  # the replica pool, or PG itself when
 REDIS = web.AppKey("redis", Redis)
 LIMITER: web.AppKey[Limiter] = web.AppKey("limiter")
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+HASHER = web.AppKey("hasher", Hasher)
+USER_CACHE = web.AppKey("user_cache", UserCache)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 # The verified access token's claims; None when the request carries no valid token.

@@ -76,3 +76,16 @@ class PoolCollector(Collector):
 
 POOLS = PoolCollector()
 REGISTRY.register(POOLS)
+
+CACHE = Counter(
+    "surge_user_cache_total",
+    "User cache lookups and failures, by result (hit, miss, error)",
+    ["result"],
+    registry=REGISTRY,
+)
+AUTH_FAILURES = Counter(
+    "surge_auth_failures_total",
+    "Refused credentials, by reason",
+    ["reason"],
+    registry=REGISTRY,
+)

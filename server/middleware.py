@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import IO
 
+import asyncpg
 import orjson
 from aiohttp import web
 from aiohttp.web_urldispatcher import MatchInfoError
@@ -167,6 +168,17 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             detail = f"the request body is larger than {request.app[CONFIG].max_body_bytes} bytes"
         headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
         resp = problem_response(exc.status, detail, request[REQUEST_ID], headers=headers)
+    except asyncpg.UniqueViolationError as exc:
+        detail = CONSTRAINT_DETAILS.get(exc.constraint_name or "", "the resource already exists")
+        resp = problem_response(409, detail, request[REQUEST_ID], slug="conflict")
+    except (asyncpg.ForeignKeyViolationError, asyncpg.CheckViolationError, asyncpg.DataError):
+        log.warning("constraint refused a write", exc_info=True)
+        resp = problem_response(
+            422,
+            "the request conflicts with the data's constraints",
+            request[REQUEST_ID],
+            slug="validation",
+        )
     except (PoolTimeout, GateTimeout):
         metrics.POOL_TIMEOUTS.inc()
         resp = problem_response(
@@ -186,6 +198,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         resp.headers.update(rl)
     return resp
 
+
+# Unique constraints whose violation is a client's 409, with what to tell the client.
+CONSTRAINT_DETAILS = {
+    "users_tenant_email_key": "a user with this email already exists in this tenant",
+}
 
 _HTTP_DETAILS = {
     404: "no such route",

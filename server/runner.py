@@ -21,13 +21,13 @@ from server.keys import LIFECYCLE
 log = logging.getLogger("surge")
 
 
-def resolve_services(config: Config) -> tuple[Config, EmbeddedServices]:
+def resolve_services(config: Config, *, redis: bool = True) -> tuple[Config, EmbeddedServices]:
     """Start embedded PostgreSQL / Redis for whichever URL is unset; return the completed config."""
     services = EmbeddedServices(Path(config.data_dir))
     try:
         if config.database_url is None:
             config = dataclasses.replace(config, database_url=services.start_postgres())
-        if config.redis_url is None:
+        if redis and config.redis_url is None:
             config = dataclasses.replace(config, redis_url=services.start_redis())
     except BaseException:
         services.stop()
@@ -87,7 +87,7 @@ def run_serve(config: Config) -> None:
 
 
 def run_migrate(config: Config) -> list[str]:
-    config, services = resolve_services(config)
+    config, services = resolve_services(config, redis=False)
     try:
         assert config.database_url is not None
         return uvloop.run(migrate(config.database_url))

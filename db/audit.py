@@ -1,0 +1,44 @@
+"""The audit log and the outbox: one function per statement in sql/audit.sql."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from asyncpg import Record
+
+from db import queries
+from db.pool import Executor
+
+_Q = queries.load("audit.sql")
+
+
+async def record_event(
+    pg: Executor,
+    tenant_id: UUID,
+    actor_id: UUID | None,
+    action: str,
+    target_type: str,
+    target_id: UUID | None,
+    request_id: str | None,
+    details: dict[str, Any],
+    payload: dict[str, Any],
+) -> None:
+    """An audit row and an outbox event (topic = action), in the caller's transaction."""
+    await pg.execute(
+        _Q["record_event"],
+        tenant_id,
+        actor_id,
+        action,
+        target_type,
+        target_id,
+        request_id,
+        details,
+        payload,
+    )
+
+
+async def list_audit(
+    pg: Executor, tenant_id: UUID, before: UUID | None, limit: int
+) -> list[Record]:
+    return await pg.fetch(_Q["list_audit"], tenant_id, before, limit)

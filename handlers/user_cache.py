@@ -1,0 +1,108 @@
+"""Cache-aside for GET /v1/users/{id}: Redis holds the exact response body, so a hit and a
+miss answer byte-identical bodies and the same ETag.
+
+- Entries are `b"<version>:" + body`. A fill only replaces an entry whose version is not newer
+  (one Lua script), and every write stores its new row the same way after it commits. A reader
+  that fetched an old row before a write committed therefore cannot overwrite the newer entry.
+- Concurrent misses for one key in this process share one database query (single flight).
+- Redis failing is not an error: reads and writes go to PostgreSQL, and Redis is left alone for
+  a second before it is tried again. An entry whose write-through failed that way can stay stale
+  for at most USER_CACHE_TTL_S.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from uuid import UUID
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from server import metrics
+
+log = logging.getLogger("surge.cache")
+
+_STORE_IF_NOT_OLDER = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local v = tonumber(string.match(cur, '^(%d+):'))
+  if v and v > tonumber(ARGV[1]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
+Entry = tuple[int, bytes]  # (version, body)
+Loader = Callable[[], Awaitable[Entry | None]]
+
+
+class UserCache:
+    def __init__(self, redis: Redis, prefix: str, ttl_s: int, retry_after_failure_s: float = 1.0):
+        self.redis = redis
+        self.prefix = prefix + "user:"
+        self.ttl_s = ttl_s
+        self.retry_after_failure_s = retry_after_failure_s
+        self._store = redis.register_script(_STORE_IF_NOT_OLDER)
+        self._inflight: dict[tuple[UUID, UUID], asyncio.Future[Entry | None]] = {}
+        self._down_until = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.ttl_s > 0
+
+    def _key(self, tenant_id: UUID, user_id: UUID) -> str:
+        return f"{self.prefix}{tenant_id}:{user_id}"
+
+    def _usable(self) -> bool:
+        return self.enabled and time.monotonic() >= self._down_until
+
+    def _failed(self, exc: Exception) -> None:
+        self._down_until = time.monotonic() + self.retry_after_failure_s
+        metrics.CACHE.labels("error").inc()
+        log.warning("user cache: Redis unavailable (%s); serving from PostgreSQL", exc)
+
+    async def get_or_load(self, tenant_id: UUID, user_id: UUID, load: Loader) -> Entry | None:
+        if self._usable():
+            try:
+                raw = await self.redis.get(self._key(tenant_id, user_id))
+            except (RedisError, OSError) as exc:
+                self._failed(exc)
+            else:
+                if isinstance(raw, bytes):  # the client is built without decode_responses
+                    metrics.CACHE.labels("hit").inc()
+                    version, _, body = raw.partition(b":")
+                    return int(version), body
+                metrics.CACHE.labels("miss").inc()
+        key = (tenant_id, user_id)
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            entry = await load()
+            fut.set_result(entry)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved: waiters (if any) get it; nobody else must
+            raise
+        finally:
+            del self._inflight[key]
+        if entry is not None:
+            await self.store(tenant_id, user_id, *entry)
+        return entry
+
+    async def store(self, tenant_id: UUID, user_id: UUID, version: int, body: bytes) -> None:
+        """Write-through after a commit, and the fill after a miss."""
+        if not self._usable():
+            return
+        try:
+            await self._store(
+                keys=[self._key(tenant_id, user_id)],
+                args=[version, b"%d:" % version + body, self.ttl_s],
+            )
+        except (RedisError, OSError) as exc:
+            self._failed(exc)

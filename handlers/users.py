@@ -1,0 +1,283 @@
+"""/v1/me and /v1/users: reads, CRUD and roles, scoped to the caller's tenant."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import orjson
+from aiohttp import web
+from asyncpg import Connection, Record
+
+from db import audit, tokens, users
+from handlers import rbac
+from server.errors import NotFound, PreconditionFailed, ValidationFailed
+from server.http import (
+    decode_cursor,
+    etag,
+    if_match,
+    json_response,
+    page,
+    path_uuid,
+    query_limit,
+    raw_json_response,
+    timestamp,
+)
+from server.ids import uuid7
+from server.keys import HASHER, PG, PG_READ, REQUEST_ID, USER_CACHE
+from server.principal import Principal
+from server.validation import read_json
+
+MAX_PROFILE_BYTES = 4096
+STATUSES = ("active", "suspended", "deleted")
+
+
+def user_view(row: Record) -> dict[str, Any]:
+    return {
+        "id": str(row["id"]),
+        "tenant_id": str(row["tenant_id"]),
+        "email": row["email"],
+        "username": row["username"],
+        "status": row["status"],
+        "roles": list(row["roles"]),
+        "profile": row["profile"],
+        "version": row["version"],
+        "created_at": timestamp(row["created_at"]),
+        "updated_at": timestamp(row["updated_at"]),
+    }
+
+
+def user_body(view: dict[str, Any]) -> bytes:
+    return orjson.dumps(view)
+
+
+async def _record(
+    con: Connection, p: Principal, request: web.Request, action: str, row: Record, **details: Any
+) -> dict[str, Any]:
+    view = user_view(row)
+    await audit.record_event(
+        con, p.tenant_id, p.user_id, action, "user", row["id"], request[REQUEST_ID], details, view
+    )
+    return view
+
+
+async def _written(request: web.Request, row: Record, view: dict[str, Any]) -> bytes:
+    """After a commit: the new row goes to the cache (write-through) and to the client."""
+    body = user_body(view)
+    await request.app[USER_CACHE].store(row["tenant_id"], row["id"], row["version"], body)
+    return body
+
+
+async def _cached_user(
+    request: web.Request, tenant_id: uuid.UUID, user_id: uuid.UUID
+) -> web.Response:
+    async def load() -> tuple[int, bytes] | None:
+        row = await users.get_user(request.app[PG_READ], tenant_id, user_id)
+        return None if row is None else (row["version"], user_body(user_view(row)))
+
+    entry = await request.app[USER_CACHE].get_or_load(tenant_id, user_id, load)
+    if entry is None:
+        raise NotFound("user")
+    version, body = entry
+    return raw_json_response(body, headers={"ETag": etag(version)})
+
+
+async def get_me(request: web.Request) -> web.Response:
+    p = rbac.caller(request)
+    return await _cached_user(request, p.tenant_id, p.user_id)
+
+
+async def get_user(request: web.Request) -> web.Response:
+    p = rbac.caller(request)
+    return await _cached_user(request, p.tenant_id, path_uuid(request, "user_id", "user"))
+
+
+def _prefix_pattern(q: str) -> str:
+    escaped = q.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "%"
+
+
+async def list_users(request: web.Request) -> web.Response:
+    p = rbac.caller(request)
+    limit = query_limit(request)
+    after = decode_cursor(request)
+    q = request.query.get("q")
+    status = request.query.get("status")
+    errors = []
+    if q is not None and not 1 <= len(q) <= 254:
+        errors.append({"field": "q", "message": "must be 1 to 254 characters"})
+    if status is not None and status not in STATUSES:
+        errors.append({"field": "status", "message": f"must be one of {', '.join(STATUSES)}"})
+    if errors:
+        raise ValidationFailed(errors, "invalid query parameter")
+    pattern = _prefix_pattern(q) if q else None
+    rows = await users.list_users(
+        request.app[PG_READ], p.tenant_id, after, pattern, status, limit + 1
+    )
+    last = rows[limit - 1]["id"] if len(rows) > limit else None
+    return json_response(page([user_view(r) for r in rows], limit, last))
+
+
+def _check_profile(profile: Any) -> None:
+    if profile is not None and len(orjson.dumps(profile)) > MAX_PROFILE_BYTES:
+        raise ValidationFailed(
+            [{"field": "profile", "message": f"must be at most {MAX_PROFILE_BYTES} bytes of JSON"}]
+        )
+
+
+async def create_user(request: web.Request) -> web.Response:
+    p = rbac.caller(request)
+    rbac.require_admin(p)
+    body = await read_json(request, "CreateUserRequest")
+    roles = rbac.normalize(body.get("roles", ["member"]))
+    rbac.require_can_grant(p, roles)
+    _check_profile(body.get("profile"))
+    password_hash = await request.app[HASHER].hash(body["password"])
+    async with request.app[PG].transaction() as con:
+        row = await users.insert_user(
+            con, p.tenant_id, uuid7(), body["email"], body["username"], password_hash, roles,
+            body.get("profile", {}),
+        )  # fmt: skip
+        view = await _record(con, p, request, "user.created", row, roles=roles)
+    body_bytes = await _written(request, row, view)
+    return raw_json_response(
+        body_bytes,
+        status=201,
+        headers={"ETag": etag(row["version"]), "Location": f"/v1/users/{row['id']}"},
+    )
+
+
+async def _diagnose(con: Connection, p: Principal, user_id: uuid.UUID, version: int | None) -> None:
+    """Why a conditional UPDATE touched no row: 404, 403 or 412, in that order."""
+    row = await users.get_user(con, p.tenant_id, user_id)
+    if row is None or row["status"] == "deleted":
+        raise NotFound("user")
+    rbac.require_outranks_or_equals(p, row["roles"])
+    if version is not None and row["version"] != version:
+        raise PreconditionFailed(f"the user has changed (now version {row['version']})")
+
+
+async def patch_user(request: web.Request) -> web.Response:
+    p = rbac.caller(request)
+    rbac.require_admin(p)
+    user_id = path_uuid(request, "user_id", "user")
+    version = if_match(request)
+    body = await read_json(request, "PatchUserRequest")
+    _check_profile(body.get("profile"))
+    status = body.get("status")
+    async with request.app[PG].transaction() as con:
+        if status is not None and status != "active":
+            await users.lock_tenant(con, p.tenant_id)
+            target = await users.get_user(con, p.tenant_id, user_id)
+            if target is not None and "owner" in target["roles"] and target["status"] == "active":
+                rbac.require_not_last_owner(await users.count_active_owners(con, p.tenant_id))
+        row = await users.patch_user(
+            con, p.tenant_id, user_id, version, body.get("username"), body.get("profile"), status,
+            rbac.rank(p.roles),
+        )  # fmt: skip
+        if row is None:
+            await _diagnose(con, p, user_id, version)
+            raise NotFound("user")  # pragma: no cover  (diagnose always raises)
+        if status == "suspended":
+            await tokens.revoke_user_tokens(con, p.tenant_id, user_id)
+        view = await _record(con, p, request, "user.updated", row, changed=sorted(body))
+    body_bytes = await _written(request, row, view)
+    return raw_json_response(body_bytes, headers={"ETag": etag(row["version"])})
+
+
+async def delete_user(request: web.Request) -> web.Response:
+    p = rbac.caller(request)
+    rbac.require_admin(p)
+    user_id = path_uuid(request, "user_id", "user")
+    async with request.app[PG].transaction() as con:
+        await users.lock_tenant(con, p.tenant_id)
+        target = await users.get_user_for_update(con, p.tenant_id, user_id)
+        if target is None or target["status"] == "deleted":
+            raise NotFound("user")
+        rbac.require_outranks_or_equals(p, target["roles"])
+        if "owner" in target["roles"] and target["status"] == "active":
+            rbac.require_not_last_owner(await users.count_active_owners(con, p.tenant_id))
+        row = await users.set_status(con, p.tenant_id, user_id, "deleted")
+        assert row is not None
+        await tokens.revoke_user_tokens(con, p.tenant_id, user_id)
+        view = await _record(con, p, request, "user.deleted", row)
+    await _written(request, row, view)
+    return web.Response(status=204)
+
+
+def _role(request: web.Request) -> str:
+    role = request.match_info["role"]
+    if role not in rbac.RANK:
+        raise ValidationFailed(
+            [{"field": "role", "message": f"must be one of {', '.join(rbac.ROLES)}"}],
+            "unknown role",
+        )
+    return role
+
+
+async def grant_role(request: web.Request) -> web.Response:
+    p = rbac.caller(request)
+    user_id = path_uuid(request, "user_id", "user")
+    role = _role(request)
+    rbac.require_can_grant(p, [role])
+    async with request.app[PG].transaction() as con:
+        target = await users.get_user_for_update(con, p.tenant_id, user_id)
+        if target is None or target["status"] == "deleted":
+            raise NotFound("user")
+        rbac.require_outranks_or_equals(p, target["roles"])
+        if role in target["roles"]:
+            return web.Response(status=204)
+        row = await users.set_roles(
+            con, p.tenant_id, user_id, rbac.normalize([*target["roles"], role])
+        )
+        assert row is not None
+        view = await _record(con, p, request, "user.role_granted", row, role=role)
+    await _written(request, row, view)
+    return web.Response(status=204)
+
+
+async def revoke_role(request: web.Request) -> web.Response:
+    p = rbac.caller(request)
+    user_id = path_uuid(request, "user_id", "user")
+    role = _role(request)
+    if role == "member":
+        raise ValidationFailed(
+            [{"field": "role", "message": "member is the base role and cannot be revoked"}]
+        )
+    rbac.require_can_grant(p, [role])
+    async with request.app[PG].transaction() as con:
+        await users.lock_tenant(con, p.tenant_id)
+        target = await users.get_user_for_update(con, p.tenant_id, user_id)
+        if target is None or target["status"] == "deleted":
+            raise NotFound("user")
+        rbac.require_outranks_or_equals(p, target["roles"])
+        if role not in target["roles"]:
+            return web.Response(status=204)
+        if role == "owner" and target["status"] == "active":
+            rbac.require_not_last_owner(await users.count_active_owners(con, p.tenant_id))
+        remaining = [r for r in target["roles"] if r != role]
+        row = await users.set_roles(con, p.tenant_id, user_id, rbac.normalize(remaining))
+        assert row is not None
+        view = await _record(con, p, request, "user.role_revoked", row, role=role)
+    await _written(request, row, view)
+    return web.Response(status=204)
+
+
+async def change_password(request: web.Request) -> web.Response:
+    p = rbac.caller(request)
+    body = await read_json(request, "PasswordChangeRequest")
+    hasher = request.app[HASHER]
+    stored = await users.get_password_hash(request.app[PG], p.tenant_id, p.user_id)
+    if not await hasher.verify(stored, body["old_password"]):
+        raise ValidationFailed(
+            [{"field": "old_password", "message": "is not the current password"}]
+        )
+    new_hash = await hasher.hash(body["new_password"])
+    async with request.app[PG].transaction() as con:
+        row = await users.change_password(con, p.tenant_id, p.user_id, new_hash)
+        if row is None:
+            raise NotFound("user")
+        await tokens.revoke_user_tokens(con, p.tenant_id, p.user_id)
+        view = await _record(con, p, request, "user.password_changed", row)
+    await _written(request, row, view)
+    return web.Response(status=204)

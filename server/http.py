@@ -1,0 +1,104 @@
+"""The HTTP edge every handler shares: JSON responses, ETags, pagination cursors, query params."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from server.errors import NotFound, PreconditionFailed, PreconditionRequired, ValidationFailed
+from server.ids import parse_uuid
+
+JSON = "application/json"
+
+
+def json_response(
+    data: Any, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type=JSON, headers=headers)
+
+
+def raw_json_response(
+    body: bytes, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return web.Response(body=body, status=status, content_type=JSON, headers=headers)
+
+
+def timestamp(dt: datetime) -> str:
+    """RFC 3339 UTC with milliseconds: 2026-11-21T10:00:00.123Z."""
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def etag(version: int) -> str:
+    return f'"{version}"'
+
+
+def if_match(request: web.Request) -> int | None:
+    """The version a PATCH may change: 428 without If-Match, None for `*` (any version)."""
+    raw = request.headers.get("If-Match")
+    if raw is None:
+        raise PreconditionRequired("this request needs an If-Match header with the ETag you read")
+    raw = raw.strip()
+    if raw == "*":
+        return None
+    if raw.startswith("W/"):
+        raw = raw[2:]
+    value = raw.strip('"')
+    if not value.isdigit() or len(value) > 9:
+        raise PreconditionFailed("If-Match does not match the current ETag")
+    return int(value)
+
+
+def path_uuid(request: web.Request, name: str, what: str) -> uuid.UUID:
+    """A UUID from the path; anything else cannot name a resource, so it is a 404."""
+    value = parse_uuid(request.match_info[name])
+    if value is None:
+        raise NotFound(what)
+    return value
+
+
+def query_limit(request: web.Request, default: int = 50, maximum: int = 200) -> int:
+    raw = request.query.get("limit")
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+        raise ValidationFailed(
+            [{"field": "limit", "message": f"must be an integer from 1 to {maximum}"}],
+            "invalid query parameter",
+        )
+    return int(raw)
+
+
+def encode_cursor(last_id: uuid.UUID) -> str:
+    return base64.urlsafe_b64encode(last_id.bytes).rstrip(b"=").decode()
+
+
+def decode_cursor(request: web.Request) -> uuid.UUID | None:
+    raw = request.query.get("cursor")
+    if raw is None or raw == "":
+        return None
+    try:
+        data = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+        if len(data) != 16:
+            raise ValueError
+        return uuid.UUID(bytes=data)
+    except (ValueError, binascii.Error):
+        raise ValidationFailed(
+            [{"field": "cursor", "message": "not a cursor this API returned"}],
+            "invalid query parameter",
+        ) from None
+
+
+def page(items: list[Any], limit: int, last_id: uuid.UUID | None) -> dict[str, Any]:
+    """{"items", "next_cursor"}: callers fetch limit + 1 rows to know whether more follow."""
+    has_more = len(items) > limit
+    return {
+        "items": items[:limit],
+        "next_cursor": encode_cursor(last_id) if has_more and last_id is not None else None,
+    }
