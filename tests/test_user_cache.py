@@ -1,0 +1,158 @@
+"""GET /v1/users/{id} through the Redis cache-aside entry."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from server.app import create_app
+from server.config import Config
+from server.keys import PG_READ
+from server.runner import free_port
+
+from .helpers import add_user, signup
+
+
+def key(config: Config, tenant_id: str, user_id: str) -> str:
+    return f"{config.redis_key_prefix}user:{tenant_id}:{user_id}"
+
+
+async def cached(config: Config, tenant_id: str, user_id: str) -> bytes | None:
+    r = aioredis.Redis.from_url(config.redis_url or "")
+    try:
+        value: bytes | None = await r.get(key(config, tenant_id, user_id))
+        return value
+    finally:
+        await r.aclose()
+
+
+async def test_hit_and_miss_answer_byte_identical(aiohttp_client: Any, config: Config) -> None:
+    cache_on = await aiohttp_client(create_app(config))
+    cache_off = await aiohttp_client(create_app(dataclasses.replace(config, user_cache_ttl_s=0)))
+    owner = await signup(cache_on)
+    member = await add_user(cache_on, owner)
+    r = aioredis.Redis.from_url(config.redis_url or "")
+    await r.delete(key(config, owner.tenant_id, member.id))
+    await r.aclose()
+    miss = await cache_on.get(f"/v1/users/{member.id}", headers=owner.headers)
+    assert await cached(config, owner.tenant_id, member.id) is not None
+    hit = await cache_on.get(f"/v1/users/{member.id}", headers=owner.headers)
+    uncached = await cache_off.get(f"/v1/users/{member.id}", headers=owner.headers)
+    bodies = [await x.read() for x in (miss, hit, uncached)]
+    assert [x.status for x in (miss, hit, uncached)] == [200, 200, 200]
+    assert bodies[0] == bodies[1] == bodies[2]
+    assert miss.headers["ETag"] == hit.headers["ETag"] == uncached.headers["ETag"] == '"1"'
+    assert hit.headers["Content-Type"] == uncached.headers["Content-Type"] == "application/json"
+
+
+@pytest.mark.parametrize("write", ["patch", "grant", "revoke", "delete", "password"])
+async def test_every_write_refreshes_the_entry(
+    aiohttp_client: Any, config: Config, write: str
+) -> None:
+    client = await aiohttp_client(create_app(config))
+    owner = await signup(client)
+    member = await add_user(client, owner, ["admin"])
+    path = f"/v1/users/{member.id}"
+    before = await (await client.get(path, headers=owner.headers)).json()  # now cached
+    if write == "patch":
+        resp = await client.patch(
+            path, json={"username": "renamed"}, headers={**owner.headers, "If-Match": '"1"'}
+        )
+    elif write == "grant":
+        resp = await client.put(f"{path}/roles/owner", headers=owner.headers)
+    elif write == "revoke":
+        resp = await client.delete(f"{path}/roles/admin", headers=owner.headers)
+    elif write == "delete":
+        resp = await client.delete(path, headers=owner.headers)
+    else:
+        resp = await client.put(
+            "/v1/me/password",
+            json={"old_password": "correct horse battery", "new_password": "another password"},
+            headers=member.headers,
+        )
+    assert resp.status in (200, 204), await resp.text()
+    after_resp = await client.get(path, headers=owner.headers)
+    after = await after_resp.json()
+    assert after["version"] == before["version"] + 1
+    assert after_resp.headers["ETag"] == f'"{after["version"]}"'
+    entry = await cached(config, owner.tenant_id, member.id)
+    assert entry is not None and entry.startswith(f"{after['version']}:".encode())
+    # the cached answer equals what PostgreSQL says now
+    fresh = await aiohttp_client(create_app(dataclasses.replace(config, user_cache_ttl_s=0)))
+    assert await (await fresh.get(path, headers=owner.headers)).read() == await after_resp.read()
+
+
+async def test_a_stale_fill_never_overwrites_a_newer_entry(
+    aiohttp_client: Any, config: Config
+) -> None:
+    from server.keys import USER_CACHE
+
+    app = create_app(config)
+    client = await aiohttp_client(app)
+    owner = await signup(client)
+    cache = app[USER_CACHE]
+    import uuid
+
+    tid, uid = uuid.UUID(owner.tenant_id), uuid.UUID(owner.id)
+    await cache.store(tid, uid, 5, b'{"v":5}')
+    await cache.store(tid, uid, 4, b'{"v":4}')  # a slow reader's older row
+    assert await cached(config, owner.tenant_id, owner.id) == b'5:{"v":5}'
+
+
+async def test_concurrent_misses_share_one_query(aiohttp_client: Any, config: Config) -> None:
+    app = create_app(config)
+    client = await aiohttp_client(app)
+    owner = await signup(client)
+    r = aioredis.Redis.from_url(config.redis_url or "")
+    await r.delete(key(config, owner.tenant_id, owner.id))
+    await r.aclose()
+    pg = app[PG_READ]
+    calls = 0
+    original = pg.fetchrow
+
+    async def slow_counting(query: str, *args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.1)
+        return await original(query, *args)
+
+    pg.fetchrow = slow_counting  # type: ignore[method-assign]
+    responses = await asyncio.gather(
+        *(client.get(f"/v1/users/{owner.id}", headers=owner.headers) for _ in range(20))
+    )
+    assert [x.status for x in responses] == [200] * 20
+    assert len({await x.read() for x in responses}) == 1
+    assert calls == 1
+
+
+async def test_redis_down_is_served_from_postgres(aiohttp_client: Any, config: Config) -> None:
+    client = await aiohttp_client(create_app(config))
+    owner = await signup(client)
+    down = dataclasses.replace(config, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    degraded = await aiohttp_client(create_app(down))
+    for _ in range(3):
+        resp = await degraded.get(f"/v1/users/{owner.id}", headers=owner.headers)
+        assert resp.status == 200
+        assert (await resp.json())["id"] == owner.id
+    # writes still work and say so
+    resp = await degraded.patch(
+        f"/v1/users/{owner.id}",
+        json={"username": "still-works"},
+        headers={**owner.headers, "If-Match": '"1"'},
+    )
+    assert resp.status == 200
+    assert (await resp.json())["username"] == "still-works"
+
+
+async def test_another_tenants_id_is_not_served_from_cache(
+    aiohttp_client: Any, config: Config
+) -> None:
+    client = await aiohttp_client(create_app(config))
+    a = await signup(client, "A")
+    b = await signup(client, "B")
+    assert (await client.get(f"/v1/users/{a.id}", headers=a.headers)).status == 200  # cached for A
+    assert (await client.get(f"/v1/users/{a.id}", headers=b.headers)).status == 404
