@@ -1,0 +1,250 @@
+"""Load scenarios for any Surge deployment.
+
+    locust -f locustfile.py --host http://127.0.0.1:8080 --headless -u 50 -r 10 -t 1m --csv out
+    locust -f locustfile.py --host ... FrontendUser         # one scenario alone (or --tags frontend)
+
+Weights follow real traffic: mostly frontend users browsing, some event-sending clients, few
+admins. Every user signs up its own tenant on start (argon2 makes that deliberately slow), so
+ramp up gently; against a shared deployment raise AUTH_RATE_LIMIT_PER_MINUTE or the signups
+from one load-generator IP will be refused with 429.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import time
+import uuid
+from typing import Any
+
+from locust import FastHttpUser, between, tag, task
+
+PASSWORD = "load-test password"
+_seq = itertools.count()
+_run = uuid.uuid4().hex[:8]
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}{_run}{os.getpid()}x{next(_seq)}"
+
+
+class SurgeUser(FastHttpUser):
+    abstract = True
+    token = ""
+    refresh_token = ""
+    tenant_id = ""
+    user_ids: list[str]
+
+    def _check(self, resp: Any, *expected: int) -> Any:
+        if resp.status_code not in expected:
+            resp.failure(f"{resp.status_code}: {resp.text[:200]}")
+            return None
+        resp.success()
+        return resp.json() if resp.text else None
+
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def signup(self) -> None:
+        name = _unique("lt")
+        with self.client.post(
+            "/v1/auth/signup",
+            json={
+                "tenant_name": f"load {name}",
+                "email": f"{name}@example.com",
+                "username": name,
+                "password": PASSWORD,
+            },
+            catch_response=True,
+            name="/v1/auth/signup",
+        ) as resp:
+            body = self._check(resp, 201)
+        if body:
+            self.token = body["access_token"]
+            self.refresh_token = body["refresh_token"]
+            self.tenant_id = body["tenant"]["id"]
+            self.email = body["user"]["email"]
+            self.me = body["user"]["id"]
+            self.user_ids = [self.me]
+
+
+class FrontendUser(SurgeUser):
+    """Signs up, logs in, browses and searches users, edits its profile, refreshes its token."""
+
+    weight = 6
+    wait_time = between(0.1, 0.5)
+
+    def on_start(self) -> None:
+        self.signup()
+        with self.client.post(
+            "/v1/auth/login",
+            json={"tenant_id": self.tenant_id, "email": self.email, "password": PASSWORD},
+            catch_response=True,
+            name="/v1/auth/login",
+        ) as resp:
+            body = self._check(resp, 200)
+        if body:
+            self.token, self.refresh_token = body["access_token"], body["refresh_token"]
+
+    @tag("frontend")
+    @task(10)
+    def browse(self) -> None:
+        with self.client.get(
+            "/v1/users?limit=50", headers=self.auth(), catch_response=True, name="/v1/users"
+        ) as resp:
+            body = self._check(resp, 200)
+        if body:
+            self.user_ids = [u["id"] for u in body["items"]] or self.user_ids
+
+    @tag("frontend")
+    @task(3)
+    def search(self) -> None:
+        with self.client.get(
+            "/v1/users?q=lt&limit=20", headers=self.auth(), catch_response=True, name="/v1/users?q"
+        ) as resp:
+            self._check(resp, 200)
+
+    @tag("frontend")
+    @task(20)
+    def view_user(self) -> None:
+        uid = random.choice(self.user_ids)
+        with self.client.get(
+            f"/v1/users/{uid}", headers=self.auth(), catch_response=True, name="/v1/users/{id}"
+        ) as resp:
+            body = self._check(resp, 200)
+            if body and body["id"] != uid:
+                resp.failure(f"asked for {uid}, got {body['id']}")
+
+    @tag("frontend")
+    @task(5)
+    def me(self) -> None:
+        with self.client.get(
+            "/v1/me", headers=self.auth(), catch_response=True, name="/v1/me"
+        ) as resp:
+            self._check(resp, 200)
+
+    @tag("frontend")
+    @task(2)
+    def edit_profile(self) -> None:
+        with self.client.get(
+            f"/v1/users/{self.me}", headers=self.auth(), catch_response=True, name="/v1/users/{id}"
+        ) as resp:
+            self._check(resp, 200)
+            version = resp.headers.get("ETag", '"1"')
+        with self.client.patch(
+            f"/v1/users/{self.me}",
+            json={"profile": {"theme": random.choice(["dark", "light"]), "at": time.time()}},
+            headers={**self.auth(), "If-Match": version},
+            catch_response=True,
+            name="PATCH /v1/users/{id}",
+        ) as resp:
+            self._check(resp, 200, 412)  # 412: another tab won the race; the client re-reads
+
+    @tag("frontend")
+    @task(1)
+    def refresh(self) -> None:
+        with self.client.post(
+            "/v1/auth/refresh",
+            json={"refresh_token": self.refresh_token},
+            catch_response=True,
+            name="/v1/auth/refresh",
+        ) as resp:
+            body = self._check(resp, 200)
+        if body:
+            self.token, self.refresh_token = body["access_token"], body["refresh_token"]
+
+
+class AdminUser(SurgeUser):
+    """Creates users, grants and revokes roles, deletes users."""
+
+    weight = 1
+    wait_time = between(0.5, 2)
+
+    def on_start(self) -> None:
+        self.signup()
+
+    @tag("admin")
+    @task(3)
+    def create_user(self) -> None:
+        name = _unique("member")
+        with self.client.post(
+            "/v1/users",
+            json={"email": f"{name}@example.com", "username": name, "password": PASSWORD},
+            headers=self.auth(),
+            catch_response=True,
+            name="/v1/users [create]",
+        ) as resp:
+            body = self._check(resp, 201)
+        if body:
+            self.user_ids.append(body["id"])
+
+    @tag("admin")
+    @task(2)
+    def grant_and_revoke(self) -> None:
+        if len(self.user_ids) < 2:
+            return
+        uid = random.choice(self.user_ids[1:])
+        for method in ("PUT", "DELETE"):
+            with self.client.request(
+                method,
+                f"/v1/users/{uid}/roles/admin",
+                headers=self.auth(),
+                catch_response=True,
+                name=f"{method} /v1/users/{{id}}/roles/{{role}}",
+            ) as resp:
+                self._check(resp, 204)
+
+    @tag("admin")
+    @task(1)
+    def delete_user(self) -> None:
+        if len(self.user_ids) < 3:
+            return
+        uid = self.user_ids.pop()
+        with self.client.delete(
+            f"/v1/users/{uid}",
+            headers=self.auth(),
+            catch_response=True,
+            name="DELETE /v1/users/{id}",
+        ) as resp:
+            self._check(resp, 204)
+
+    @tag("admin")
+    @task(2)
+    def audit_the_list(self) -> None:
+        with self.client.get(
+            "/v1/users?status=deleted",
+            headers=self.auth(),
+            catch_response=True,
+            name="/v1/users?status",
+        ) as resp:
+            self._check(resp, 200)
+
+
+class EventClient(SurgeUser):
+    """Sends batches of analytics events, as a frontend SDK would."""
+
+    weight = 3
+    wait_time = between(0.2, 1)
+
+    def on_start(self) -> None:
+        self.signup()
+
+    @tag("events")
+    @task
+    def send_events(self) -> None:
+        n = random.choice([1, 10, 100])
+        events = [
+            {"name": random.choice(["page_view", "click", "signup_step"]), "props": {"i": i}}
+            for i in range(n)
+        ]
+        with self.client.post(
+            "/v1/events",
+            json={"events": events},
+            headers=self.auth(),
+            catch_response=True,
+            name="/v1/events",
+        ) as resp:
+            body = self._check(resp, 202)
+            if body and body.get("accepted") != n:
+                resp.failure(f"sent {n}, accepted {body.get('accepted')}")

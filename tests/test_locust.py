@@ -1,0 +1,92 @@
+"""Each locust scenario runs headless for a few seconds against a real server: zero failures."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server.runner import free_port
+
+from .conftest import ROOT, TEST_JWT_KEYS, Services
+
+
+@pytest.fixture
+def server_url(clean: Services) -> Iterator[str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": clean.dsn,
+        "REDIS_URL": clean.redis_url,
+        "REDIS_KEY_PREFIX": clean.redis_prefix,
+        "PORT": str(port),
+        "JWT_KEYS": TEST_JWT_KEYS,
+        "ACCESS_LOG": "false",
+        # every simulated user signs up from 127.0.0.1
+        "AUTH_RATE_LIMIT_PER_MINUTE": "100000",
+        "RATE_LIMIT_RATE": "100000",
+        "RATE_LIMIT_BURST": "100000",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "serve"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/readyz", timeout=2):
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        if proc.stderr:
+            proc.stderr.close()
+
+
+SCENARIO_CLASS = {"frontend": "FrontendUser", "admin": "AdminUser", "events": "EventClient"}
+SCENARIO_ENDPOINTS = {
+    "frontend": {"/v1/users", "/v1/users/{id}", "/v1/me"},
+    "admin": {"/v1/users [create]", "/v1/users?status"},
+    "events": {"/v1/events"},
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIO_ENDPOINTS))
+def test_scenario_runs_without_failures(server_url: str, scenario: str, tmp_path: Path) -> None:
+    prefix = tmp_path / scenario
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "locust", "-f", str(ROOT / "locustfile.py"), SCENARIO_CLASS[scenario],
+            "--headless", "--host", server_url, "--tags", scenario,
+            "-u", "6", "-r", "6", "-t", "4s", "--stop-timeout", "5",
+            "--csv", str(prefix), "--only-summary", "--loglevel", "WARNING",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    with open(f"{prefix}_stats.csv") as f:
+        rows = {r["Name"]: r for r in csv.DictReader(f)}
+    total = rows["Aggregated"]
+    assert int(total["Failure Count"]) == 0, Path(f"{prefix}_failures.csv").read_text()
+    ran = {name for name, r in rows.items() if int(r["Request Count"]) > 0}
+    assert ran & SCENARIO_ENDPOINTS[scenario], (sorted(ran), proc.stderr[-2000:])
+    assert proc.returncode == 0, proc.stderr[-2000:]
