@@ -1,7 +1,7 @@
 """Load scenarios for any Surge deployment.
 
     locust -f locustfile.py --host http://127.0.0.1:8080 --headless -u 50 -r 10 -t 1m --csv out
-    locust -f locustfile.py --host ... FrontendUser         # one scenario alone (or --tags frontend)
+    locust -f locustfile.py --host ... FrontendUser   # one scenario (or --tags frontend)
 
 Weights follow real traffic: mostly frontend users browsing, some event-sending clients, few
 admins. Every user signs up its own tenant on start (argon2 makes that deliberately slow), so

@@ -73,7 +73,8 @@ def test_scenario_runs_without_failures(server_url: str, scenario: str, tmp_path
     prefix = tmp_path / scenario
     proc = subprocess.run(
         [
-            sys.executable, "-m", "locust", "-f", str(ROOT / "locustfile.py"), SCENARIO_CLASS[scenario],
+            sys.executable, "-m", "locust",
+            "-f", str(ROOT / "locustfile.py"), SCENARIO_CLASS[scenario],
             "--headless", "--host", server_url, "--tags", scenario,
             "-u", "6", "-r", "6", "-t", "4s", "--stop-timeout", "5",
             "--csv", str(prefix), "--only-summary", "--loglevel", "WARNING",
