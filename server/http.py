@@ -32,7 +32,8 @@ def raw_json_response(
 
 def timestamp(dt: datetime) -> str:
     """RFC 3339 UTC with milliseconds: 2026-11-21T10:00:00.123Z."""
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    # isoformat is C code; strftime plus an f-string cost about twice as much per call.
+    return dt.astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def etag(version: int) -> str:

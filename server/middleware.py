@@ -11,7 +11,7 @@ import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import IO
+from typing import IO, Any
 
 import asyncpg
 import orjson
@@ -103,7 +103,11 @@ def context_middleware(access_log: AccessLog | None) -> web.middleware:  # type:
     return context
 
 
-_children: dict[tuple[str, str, int], object] = {}
+# prometheus_client's .labels() takes a lock and builds a key tuple on every call; the children
+# for a (method, route, status) never change, so look each up once. Bounded: routes are
+# templates and methods and statuses are few.
+_latency_children: dict[tuple[str, str], Any] = {}
+_request_children: dict[tuple[str, str, int], Any] = {}
 
 
 @web.middleware
@@ -117,9 +121,16 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         return resp
     finally:
         metrics.IN_FLIGHT.dec()
-        route = route_of(request)
-        metrics.LATENCY.labels(request.method, route).observe(time.perf_counter() - start)
-        metrics.REQUESTS.labels(request.method, route, str(status)).inc()
+        key = (request.method, route_of(request))
+        latency = _latency_children.get(key)
+        if latency is None:
+            latency = _latency_children[key] = metrics.LATENCY.labels(*key)
+        latency.observe(time.perf_counter() - start)
+        counter = _request_children.get((*key, status))
+        if counter is None:
+            counter = metrics.REQUESTS.labels(*key, str(status))
+            _request_children[(*key, status)] = counter
+        counter.inc()
 
 
 def shed_middleware(gate: FairGate) -> web.middleware:  # type: ignore[valid-type]
