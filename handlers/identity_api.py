@@ -205,7 +205,7 @@ LIST_PARAMS = [
     _query("cursor", {"type": "string"}, "next_cursor of the previous page"),
     _query(
         "q",
-        {"type": "string", "maxLength": 254},
+        {"type": "string", "minLength": 1, "maxLength": 254},
         "Case-insensitive literal prefix of username or email",
     ),
     _query(

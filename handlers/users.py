@@ -93,7 +93,9 @@ async def get_user(request: web.Request) -> web.Response:
 
 
 def _prefix_pattern(q: str) -> str:
-    escaped = q.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    # Lower-cased by PostgreSQL (lower($3)), like the column: Python and the database fold
+    # some characters (U+0130) differently.
+    escaped = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return escaped + "%"
 
 
@@ -106,6 +108,8 @@ async def list_users(request: web.Request) -> web.Response:
     errors = []
     if q is not None and not 1 <= len(q) <= 254:
         errors.append({"field": "q", "message": "must be 1 to 254 characters"})
+    elif q is not None and "\x00" in q:
+        errors.append({"field": "q", "message": "must not contain NUL characters"})
     if status is not None and status not in STATUSES:
         errors.append({"field": "status", "message": f"must be one of {', '.join(STATUSES)}"})
     if errors:
@@ -147,14 +151,22 @@ async def create_user(request: web.Request) -> web.Response:
     )
 
 
-async def _diagnose(con: Connection, p: Principal, user_id: uuid.UUID, version: int | None) -> None:
-    """Why a conditional UPDATE touched no row: 404, 403 or 412, in that order."""
+async def _diagnose(
+    con: Connection,
+    p: Principal,
+    user_id: uuid.UUID,
+    version: int | None,
+    raise_if_ok: bool = True,
+) -> None:
+    """Why a conditional UPDATE touched (or would touch) no row: 404, 403 or 412, in that order."""
     row = await users.get_user(con, p.tenant_id, user_id)
     if row is None or row["status"] == "deleted":
         raise NotFound("user")
     rbac.require_outranks_or_equals(p, row["roles"])
     if version is not None and row["version"] != version:
         raise PreconditionFailed(f"the user has changed (now version {row['version']})")
+    if raise_if_ok:  # the row is there and allowed: it changed between the UPDATE and now
+        raise PreconditionFailed("the user changed while this request ran; read it again")
 
 
 async def patch_user(request: web.Request) -> web.Response:
@@ -168,6 +180,7 @@ async def patch_user(request: web.Request) -> web.Response:
     async with request.app[PG].transaction() as con:
         if status is not None and status != "active":
             await users.lock_tenant(con, p.tenant_id)
+            await _diagnose(con, p, user_id, version, raise_if_ok=False)  # 404/403/412 before 409
             target = await users.get_user(con, p.tenant_id, user_id)
             if target is not None and "owner" in target["roles"] and target["status"] == "active":
                 rbac.require_not_last_owner(await users.count_active_owners(con, p.tenant_id))
@@ -177,7 +190,7 @@ async def patch_user(request: web.Request) -> web.Response:
         )  # fmt: skip
         if row is None:
             await _diagnose(con, p, user_id, version)
-            raise NotFound("user")  # pragma: no cover  (diagnose always raises)
+            raise NotFound("user")  # unreachable: _diagnose raises
         if status == "suspended":
             await tokens.revoke_user_tokens(con, p.tenant_id, user_id)
         view = await _record(con, p, request, "user.updated", row, changed=sorted(body))

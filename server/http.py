@@ -51,7 +51,7 @@ def if_match(request: web.Request) -> int | None:
     if raw.startswith("W/"):
         raw = raw[2:]
     value = raw.strip('"')
-    if not value.isdigit() or len(value) > 9:
+    if not (value.isascii() and value.isdigit()) or len(value) > 9:
         raise PreconditionFailed("If-Match does not match the current ETag")
     return int(value)
 
@@ -68,7 +68,7 @@ def query_limit(request: web.Request, default: int = 50, maximum: int = 200) -> 
     raw = request.query.get("limit")
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 4 or not 1 <= int(raw) <= maximum:
         raise ValidationFailed(
             [{"field": "limit", "message": f"must be an integer from 1 to {maximum}"}],
             "invalid query parameter",

@@ -87,4 +87,27 @@ async def read_json(request: web.Request, schema_name: str) -> dict[str, Any]:
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"malformed JSON: {exc.args[0] if exc.args else 'parse error'}") from None
     result: dict[str, Any] = validate(schema_name, data)
+    # PostgreSQL text and jsonb cannot hold NUL: name the field now instead of failing later.
+    if b"\\u0000" in raw:
+        path = _nul_path(result, "")
+        if path is not None:
+            raise ValidationFailed([{"field": path, "message": "must not contain NUL characters"}])
     return result
+
+
+def _nul_path(value: Any, path: str) -> str | None:
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if "\x00" in str(k):
+                return path  # a bad key: name the object that holds it
+            found = _nul_path(v, _join(path, str(k)))
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _nul_path(v, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None

@@ -52,7 +52,7 @@ SELECT id, tenant_id, email, username, status, roles, profile, version, created_
 FROM users
 WHERE tenant_id = $1
   AND ($2::uuid IS NULL OR id > $2)
-  AND ($3::text IS NULL OR lower(username) LIKE $3 OR lower(email) LIKE $3)
+  AND ($3::text IS NULL OR lower(username) LIKE lower($3) OR lower(email) LIKE lower($3))
   AND (CASE WHEN $4::text IS NULL THEN status <> 'deleted' ELSE status = $4 END)
 ORDER BY id
 LIMIT $5;

@@ -1,0 +1,371 @@
+"""GET /v1/users: keyset pagination (no duplicates or gaps while rows are inserted), the ?q=
+literal case-insensitive prefix filter, the ?status= filter, and the bounds of limit and cursor.
+
+Users are written straight to the table (no password hashing): listing is what is tested here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.app import create_app
+from server.config import Config
+from server.ids import uuid7
+from tests.helpers import Actor, signup
+
+T = TypeVar("T")
+_seq = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    username: str
+    email: str
+    status: str = "active"
+
+
+async def insert(
+    con: asyncpg.Connection, tenant_id: str, specs: list[tuple[str, str, str]]
+) -> list[Row]:
+    """(username, email, status) rows, in id order."""
+    rows = [Row(str(uuid7()), u, e, s) for u, e, s in specs]
+    await con.executemany(
+        "INSERT INTO users (tenant_id, id, email, username, password_hash, status)"
+        " VALUES ($1, $2, $3, $4, 'not-a-hash', $5)",
+        [(uuid.UUID(tenant_id), uuid.UUID(r.id), r.email, r.username, r.status) for r in rows],
+    )
+    return rows
+
+
+async def insert_named(con: asyncpg.Connection, tenant_id: str, prefix: str, n: int) -> list[Row]:
+    specs = []
+    for _ in range(n):
+        k = next(_seq)
+        specs.append((f"{prefix}{k}", f"{prefix}{k}@example.com", "active"))
+    return await insert(con, tenant_id, specs)
+
+
+async def get_page(client: TestClient, owner: Actor, **params: str) -> tuple[int, dict[str, Any]]:
+    resp = await client.get("/v1/users", params=params, headers=owner.headers)
+    body: dict[str, Any] = await resp.json(content_type=None)
+    if resp.status == 200:
+        assert resp.headers["Content-Type"] == "application/json"
+        assert body.keys() == {"items", "next_cursor"}
+    else:
+        assert resp.headers["Content-Type"] == "application/problem+json"
+        assert body["status"] == resp.status
+    return resp.status, body
+
+
+async def walk(
+    client: TestClient,
+    owner: Actor,
+    between: Callable[[int], Awaitable[None]] | None = None,
+    **params: str,
+) -> list[list[str]]:
+    """Every page's ids, following next_cursor to the end; `between(n)` runs after page n
+    whenever another page follows."""
+    pages: list[list[str]] = []
+    cursor = None
+    for _ in range(500):
+        query = dict(params, cursor=cursor) if cursor else params
+        status, page = await get_page(client, owner, **query)
+        assert status == 200, page
+        pages.append([u["id"] for u in page["items"]])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return pages
+        assert isinstance(cursor, str) and cursor
+        if between is not None:
+            await between(len(pages))
+    raise AssertionError("next_cursor never became null")
+
+
+def check_walk(pages: list[list[str]], limit: int, existing: set[str]) -> list[str]:
+    ids = [i for page in pages for i in page]
+    assert len(ids) == len(set(ids)), "a row appeared twice"
+    assert existing <= set(ids), f"rows skipped: {existing - set(ids)}"
+    assert ids == sorted(ids, key=uuid.UUID), "pages are not in id order"
+    assert all(len(p) == limit for p in pages[:-1]), [len(p) for p in pages]
+    assert 1 <= len(pages[-1]) <= limit or ids == [], "an empty page after a next_cursor"
+    return ids
+
+
+@pytest.fixture
+async def setup(aiohttp_client: Any, config: Config) -> Any:
+    client: TestClient = await aiohttp_client(create_app(config))
+    owner = await signup(client, "Pages")
+    con = await asyncpg.connect(config.database_url)
+    try:
+        yield client, owner, con
+    finally:
+        await con.close()
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 7, 200])
+async def test_walking_pages_while_rows_are_inserted(setup: Any, limit: int) -> None:
+    client, owner, con = setup
+    existing = {owner.id} | {r.id for r in await insert_named(con, owner.tenant_id, "old", 7)}
+    added: list[Row] = []
+
+    async def between(n: int) -> None:
+        if n <= 3:  # new rows arrive while the client pages
+            added.extend(await insert_named(con, owner.tenant_id, f"new{n}-", 2))
+
+    pages = await walk(client, owner, between, limit=str(limit))
+    ids = check_walk(pages, limit, existing)
+    assert set(ids) <= existing | {r.id for r in added}
+    if limit >= 8:
+        assert pages == [sorted(existing, key=uuid.UUID)]
+
+
+async def test_a_row_committed_late_behind_the_cursor_breaks_nothing(setup: Any) -> None:
+    """A transaction that took its id before the walk and commits during it lands behind the
+    cursor: it may be missed, but nothing repeats and no earlier row is lost."""
+    client, owner, con = setup
+    early_id = str(uuid7())  # taken now, committed only after the second page
+    await asyncio.sleep(0.005)  # UUIDv7 orders by the millisecond
+    existing = {owner.id} | {r.id for r in await insert_named(con, owner.tenant_id, "old", 5)}
+
+    async def between(n: int) -> None:
+        if n == 2:
+            await con.execute(
+                "INSERT INTO users (tenant_id, id, email, username, password_hash)"
+                " VALUES ($1, $2, 'late@example.com', 'late', 'x')",
+                uuid.UUID(owner.tenant_id),
+                uuid.UUID(early_id),
+            )
+            await insert_named(con, owner.tenant_id, "new", 1)
+
+    pages = await walk(client, owner, between, limit="2")
+    ids = check_walk(pages, 2, existing)
+    assert early_id < min(existing - {owner.id}, key=uuid.UUID)
+    assert early_id not in ids
+
+
+def b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def in_thread(loop: asyncio.AbstractEventLoop) -> Callable[[Coroutine[Any, Any, T]], T]:
+    """Run a coroutine on the test's loop from hypothesis' (synchronous) worker thread."""
+
+    def run(coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=30)
+
+    return run
+
+
+async def test_any_interleaving_of_pages_and_inserts(setup: Any) -> None:
+    """Each example pages over its own rows (a private ?q= prefix) of one tenant."""
+    client, owner, con = setup
+    run = in_thread(asyncio.get_running_loop())
+    examples = itertools.count(1)
+
+    @settings(max_examples=30, deadline=None)
+    @given(
+        limit=st.integers(1, 4),
+        initial=st.integers(0, 9),
+        inserts=st.lists(st.integers(0, 3), max_size=6),
+    )
+    def interleaving(limit: int, initial: int, inserts: list[int]) -> None:
+        prefix = f"ex{next(examples):03d}-"
+        existing = {r.id for r in run(insert_named(con, owner.tenant_id, prefix, initial))}
+
+        async def between(n: int) -> None:
+            if n <= len(inserts):
+                await insert_named(con, owner.tenant_id, prefix, inserts[n - 1])
+
+        pages = run(walk(client, owner, between, limit=str(limit), q=prefix))
+        check_walk(pages, limit, existing)
+
+    await asyncio.to_thread(interleaving)
+    assert next(examples) > 20  # hypothesis really ran its examples
+
+
+# username, email: q matches either, case-insensitively, as a literal prefix
+Q_USERS = [
+    ("a_b", "first@example.com"),
+    ("axb", "second@example.com"),
+    ("abc", "third@example.com"),
+    ("A_Upper", "fourth@example.com"),
+    ("pct", "a%c@example.com"),
+    ("lead", "_lead@example.com"),
+    ("bs", "a\\b@example.com"),
+    ("zed", "AXE@Example.com"),
+]
+Q_CASES = [
+    ("a_", {"a_b", "A_Upper"}),
+    ("A_", {"a_b", "A_Upper"}),
+    ("a_b", {"a_b"}),
+    ("a%", {"pct"}),
+    ("a%c", {"pct"}),
+    ("%", set()),
+    ("_", {"lead"}),
+    ("a\\", {"bs"}),
+    ("\\", set()),
+    ("a", {"a_b", "axb", "abc", "A_Upper", "pct", "bs", "zed"}),
+    ("ax", {"axb", "zed"}),
+    ("AXE@EXAMPLE.", {"zed"}),
+    ("ab", {"abc"}),
+    ("first@", {"a_b"}),
+    ("FIRST@EXAMPLE.COM", {"a_b"}),
+    ("b", {"bs"}),
+    ("x", set()),
+    ("a_b@", set()),
+    ("x" * 254, set()),
+]
+
+
+async def test_q_is_a_literal_case_insensitive_prefix(setup: Any) -> None:
+    client, owner, con = setup
+    rows = await insert(con, owner.tenant_id, [(u, e, "active") for u, e in Q_USERS])
+    name_of = {r.id: r.username for r in rows}
+    got, want = {}, {}
+    for q, usernames in Q_CASES:
+        status, page = await get_page(client, owner, q=q)
+        got[q] = (status, {name_of.get(u["id"], "owner") for u in page["items"]})
+        want[q] = (200, usernames)
+    assert got == want
+    # paging through a filtered list gives the same rows
+    pages = await walk(client, owner, limit="2", q="A")
+    assert {name_of[i] for p in pages for i in p} == dict(Q_CASES)["a"]
+
+    run = in_thread(asyncio.get_running_loop())
+    everyone = [*rows, Row(owner.id, owner.email.split("@")[0], owner.email)]
+
+    @settings(max_examples=30, deadline=None)
+    @given(st.text(alphabet="aAbBxX_%\\@.eEfF1", min_size=1, max_size=4))
+    def prefix(q: str) -> None:
+        status, page = run(get_page(client, owner, q=q, limit="200"))
+        expected = {
+            r.id
+            for r in everyone
+            if r.username.lower().startswith(q.lower()) or r.email.lower().startswith(q.lower())
+        }
+        assert (status, {u["id"] for u in page["items"]}) == (200, expected)
+
+    await asyncio.to_thread(prefix)
+
+
+async def test_status_filter(setup: Any) -> None:
+    client, owner, con = setup
+    statuses = ("active", "suspended", "deleted")
+    specs = [(f"s{i}-{s}", f"s{i}-{s}@example.com", s) for s in statuses for i in range(2)]
+    rows = await insert(con, owner.tenant_id, specs)
+    by_status = {s: {r.id for r in rows if r.status == s} for s in statuses}
+    by_status["active"].add(owner.id)
+    cases: list[tuple[dict[str, str], set[str]]] = [
+        ({}, by_status["active"] | by_status["suspended"]),  # default: everything but deleted
+        ({"status": "active"}, by_status["active"]),
+        ({"status": "suspended"}, by_status["suspended"]),
+        ({"status": "deleted"}, by_status["deleted"]),
+        ({"status": "suspended", "q": "S1-"}, {r.id for r in rows if r.username == "s1-suspended"}),
+        ({"status": "deleted", "q": "owner"}, set()),
+    ]
+    for params, expected in cases:
+        pages = await walk(client, owner, limit="2", **params)
+        ids = check_walk(pages, 2, expected)
+        assert set(ids) == expected, params
+        status_of = {r.id: r.status for r in rows} | {owner.id: "active"}
+        if "status" in params:
+            assert {status_of[i] for i in ids} <= {params["status"]}
+
+
+BAD_QUERIES: list[tuple[dict[str, str], str]] = [
+    ({"limit": "0"}, "limit"),
+    ({"limit": "201"}, "limit"),
+    ({"limit": "abc"}, "limit"),
+    ({"limit": "-1"}, "limit"),
+    ({"limit": "1.5"}, "limit"),
+    ({"limit": "1e2"}, "limit"),
+    ({"limit": ""}, "limit"),
+    ({"limit": " 5"}, "limit"),
+    ({"cursor": "garbage"}, "cursor"),
+    ({"cursor": "!!!!"}, "cursor"),
+    ({"cursor": "a"}, "cursor"),
+    ({"cursor": "é"}, "cursor"),
+    ({"cursor": "AAAAAAAAAAAAAAAAAAAA"}, "cursor"),  # 15 bytes
+    ({"cursor": "AAAAAAAAAAAAAAAAAAAAAAAA"}, "cursor"),  # 18 bytes
+    ({"status": "bogus"}, "status"),
+    ({"status": "DELETED"}, "status"),
+    ({"q": "x" * 255}, "q"),
+]
+
+
+async def test_bad_query_parameters_are_422_naming_the_parameter(setup: Any) -> None:
+    client, owner, _ = setup
+    got, want = {}, {}
+    for params, field in BAD_QUERIES:
+        status, problem = await get_page(client, owner, **params)
+        key = str(params)[:60]
+        got[key] = (status, problem.get("type"), [e["field"] for e in problem.get("errors", [])])
+        want[key] = (422, "/problems/validation", [field])
+        assert all(e["message"] for e in problem.get("errors", []))
+    assert got == want
+
+
+async def test_a_superscript_limit_is_422(setup: Any) -> None:
+    client, owner, _ = setup
+    status, problem = await get_page(client, owner, limit="\u00b2")
+    assert (status, problem["errors"][0]["field"]) == (422, "limit")
+
+
+async def test_a_nul_in_q_is_422_naming_q(setup: Any) -> None:
+    client, owner, _ = setup
+    status, problem = await get_page(client, owner, q="a\u0000")
+    assert status == 422
+    assert problem.get("errors") == [{"field": "q", "message": problem["errors"][0]["message"]}]
+
+
+async def test_limit_bounds_and_default(setup: Any) -> None:
+    client, owner, con = setup
+    await insert_named(con, owner.tenant_id, "many", 200)  # 201 users with the owner
+    got = {}
+    table = [("1", 1, True), ("007", 7, True), ("200", 200, True), (None, 50, True)]
+    for limit, size, more in table:
+        params = {"limit": limit} if limit else {}
+        status, page = await get_page(client, owner, **params)
+        got[limit] = (status, len(page["items"]), page["next_cursor"] is not None)
+        assert got[limit] == (200, size, more)
+    # the 201st row is the last page's only one
+    status, page = await get_page(client, owner, limit="200")
+    status, last = await get_page(client, owner, limit="200", cursor=page["next_cursor"])
+    assert (status, len(last["items"]), last["next_cursor"]) == (200, 1, None)
+
+
+async def test_any_cursor_is_a_page_or_a_422(setup: Any) -> None:
+    client, owner, con = setup
+    await insert_named(con, owner.tenant_id, "c", 3)
+    run = in_thread(asyncio.get_running_loop())
+
+    @settings(max_examples=30, deadline=None)
+    @given(st.text(max_size=30) | st.binary(min_size=16, max_size=16).map(b64))
+    def any_cursor(cursor: str) -> None:
+        status, body = run(get_page(client, owner, cursor=cursor, limit="2"))
+        if status == 422:
+            assert [e["field"] for e in body["errors"]] == ["cursor"]
+        else:
+            assert status == 200, body
+
+    await asyncio.to_thread(any_cursor)
+
+
+async def test_q_case_folding_matches_the_database_for_dotted_capital_i(setup: Any) -> None:
+    client, owner, con = setup
+    rows = await insert(con, owner.tenant_id, [("ipek", "İpek@example.com", "active")])
+    status, page = await get_page(client, owner, q="İp")
+    assert (status, [u["id"] for u in page["items"]]) == (200, [rows[0].id])
