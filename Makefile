@@ -20,6 +20,16 @@ test: $(STAMP)  ## the whole suite (what CI runs)
 migrate: $(STAMP)
 	$(BIN)/python -m server migrate
 
+bench: $(STAMP)  ## Surge vs bare aiohttp+asyncpg vs FastAPI+SQLAlchemy, side by side (~15 min)
+	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk; }
+	$(BIN)/python -m bench.seed
+	$(BIN)/python -m bench.run
+
+profile: $(STAMP)  ## py-spy flame graph of Surge under load: docs/profile-user.svg
+	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk; }
+	@test -f bench/data/ids.json || $(BIN)/python -m bench.seed
+	$(BIN)/python -m bench.profile --endpoint user
+
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from handlers import auth, identity_api, ops, users
+from handlers import analytics, auth, events, events_api, identity_api, ops, users
 
 assert identity_api.PATHS  # importing it registers the Auth and Users sections of /openapi.json
+assert events_api.PATHS  # and this the Events and analytics section
 
 routes = [
     web.get("/healthz", ops.healthz),
@@ -27,4 +28,7 @@ routes = [
     web.delete("/v1/users/{user_id}", users.delete_user),
     web.put("/v1/users/{user_id}/roles/{role}", users.grant_role),
     web.delete("/v1/users/{user_id}/roles/{role}", users.revoke_role),
+    web.post("/v1/events", events.post_events),
+    web.get("/v1/analytics/counts", analytics.get_counts),
+    web.get("/v1/analytics/live", analytics.live),
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 from redis.asyncio import Redis
@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 import handlers
 from db.gate import FairGate
 from db.pool import open_database
+from handlers import analytics, events, relay
 from handlers.passwords import Hasher
 from handlers.user_cache import UserCache
 from server import metrics
@@ -104,14 +105,24 @@ async def _limiter(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
+def _flushed_at_exit(access_log: AccessLog) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            access_log.flush()
+
+    return ctx
+
+
 def create_app(config: Config, *, access_log: AccessLog | None = None) -> web.Application:
     compile_all()
+    if access_log is None and config.access_log:
+        access_log = AccessLog()
     app = web.Application(
         client_max_size=config.max_body_bytes,
         middlewares=[
-            context_middleware(
-                access_log if access_log else AccessLog() if config.access_log else None
-            ),
+            context_middleware(access_log),
             metrics_middleware,
             shed_middleware(FairGate(config.max_in_flight, config.shed_queue_timeout_ms / 1000)),
             errors_middleware,
@@ -122,6 +133,19 @@ def create_app(config: Config, *, access_log: AccessLog | None = None) -> web.Ap
     app[CONFIG] = config
     app[LIFECYCLE] = Lifecycle()
     app[TOKENS] = TokenService.from_config(config)
+    if access_log is not None:
+        app.cleanup_ctx.append(_flushed_at_exit(access_log))  # first in, so closed last
     app.cleanup_ctx.extend([_postgres, _redis, _limiter, _hasher, _user_cache])
+    # After the pools: closed in reverse, the writer commits what is pending before they close.
+    app.cleanup_ctx.extend(
+        [
+            events.partitions_ctx,
+            events.counters_ctx,
+            events.writer_ctx,
+            analytics.live_ctx,
+            relay.relay_ctx,
+            relay.consumer_ctx,
+        ]
+    )
     app.router.add_routes(handlers.routes)
     return app

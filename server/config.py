@@ -190,6 +190,12 @@ class Config:
         False,
         "Take the client IP from X-Forwarded-For (only behind a trusted proxy)",
     )
+    migrate_on_start: bool = _setting(
+        "MIGRATE_ON_START",
+        _bool,
+        True,
+        "serve applies pending migrations first; false when a migration job does it (PgBouncer)",
+    )
     shutdown_grace_s: float = _setting(
         "SHUTDOWN_GRACE_S", _float(0, 3600), 10.0, "How long in-flight requests may finish on stop"
     )
@@ -227,6 +233,68 @@ class Config:
         "USER_CACHE_TTL_S", _int(0, 86_400), 60, "TTL of cached users; 0 turns the cache off"
     )
     enable_docs: bool = _setting("ENABLE_DOCS", _bool, True, "Serve /openapi.json and /docs")
+    # Group commit: 10 ms adds at most that much to a 202 and lets one COPY carry every event
+    # that arrived meanwhile (hundreds under load) instead of one transaction per request.
+    events_flush_ms: int = _setting(
+        "EVENTS_FLUSH_MS", _int(1, 10_000), 10, "Pending events are committed at least this often"
+    )
+    events_batch_size: int = _setting(
+        "EVENTS_BATCH_SIZE",
+        _int(1, 1_000_000),
+        1000,
+        "A COPY starts at once when this many events are pending",
+    )
+    # A pending event is ~300 bytes (a tuple, its props as bytes, name and user id strings):
+    # 50,000 keeps the worst case near 15 MB of the 100 MB RSS budget, and holds 64 clients
+    # posting 500 events each, or half a second of 100k events/s against a stalled database.
+    events_max_pending: int = _setting(
+        "EVENTS_MAX_PENDING",
+        _int(1000, 10_000_000),
+        50_000,
+        "Events accepted but not yet committed; past this POST /v1/events answers 503",
+    )
+    events_writers: int = _setting(
+        "EVENTS_WRITERS",
+        _int(1, 64),
+        2,
+        "Connections committing event batches at once (a pool of their own)",
+    )
+    events_retention_days: int = _setting(
+        "EVENTS_RETENTION_DAYS",
+        _int(1, 3650),
+        30,
+        "Days of events and 1-minute counts kept; older day partitions are dropped",
+    )
+    events_live_max_clients: int = _setting(
+        "EVENTS_LIVE_MAX_CLIENTS",
+        _int(1, 1_000_000),
+        1000,
+        "Open /v1/analytics/live streams per process; past this the endpoint answers 503",
+    )
+    outbox_relay: bool = _setting(
+        "OUTBOX_RELAY", _bool, True, "Relay outbox rows to the Redis stream from this process"
+    )
+    outbox_relay_batch: int = _setting(
+        "OUTBOX_RELAY_BATCH", _int(1, 100_000), 500, "Outbox rows published per relay round"
+    )
+    outbox_relay_poll_ms: int = _setting(
+        "OUTBOX_RELAY_POLL_MS",
+        _int(1, 600_000),
+        100,
+        "Pause between relay rounds when the outbox is drained",
+    )
+    outbox_stream_maxlen: int = _setting(
+        "OUTBOX_STREAM_MAXLEN",
+        _int(1000, 1_000_000_000),
+        1_000_000,
+        "Approximate length the outbox stream is trimmed to",
+    )
+    analytics_consumer: bool = _setting(
+        "ANALYTICS_CONSUMER",
+        _bool,
+        True,
+        "Count user.* outbox events into the analytics (consumer group 'analytics')",
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:

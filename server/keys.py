@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 from redis.asyncio import Redis
 
@@ -13,6 +15,10 @@ from server.principal import Principal
 from server.ratelimit import Limiter
 from server.state import Lifecycle
 
+if TYPE_CHECKING:  # these modules import this one
+    from handlers.analytics import LiveHub
+    from handlers.events import EventCounters, EventWriter
+
 CONFIG = web.AppKey("config", Config)
 PG = web.AppKey("pg", Database)
 PG_READ = web.AppKey("pg_read", Database)  # the replica pool, or PG itself when none is set
@@ -21,6 +27,9 @@ LIMITER: web.AppKey[Limiter] = web.AppKey("limiter")
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 HASHER = web.AppKey("hasher", Hasher)
 USER_CACHE = web.AppKey("user_cache", UserCache)
+EVENT_WRITER: web.AppKey[EventWriter] = web.AppKey("event_writer")
+EVENT_COUNTERS: web.AppKey[EventCounters] = web.AppKey("event_counters")
+LIVE_HUB: web.AppKey[LiveHub] = web.AppKey("live_hub")
 
 REQUEST_ID = web.RequestKey("request_id", str)
 # The verified access token's claims; None when the request carries no valid token.

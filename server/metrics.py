@@ -89,3 +89,64 @@ AUTH_FAILURES = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+
+EVENTS_INGESTED = Counter(
+    "surge_events_ingested_total", "Events committed by POST /v1/events", registry=REGISTRY
+)
+EVENTS_REFUSED = Counter(
+    "surge_events_refused_total",
+    "Events answered 503 without being written, by reason (full, error, closing)",
+    ["reason"],
+    registry=REGISTRY,
+)
+EVENTS_PENDING = Gauge(
+    "surge_events_pending", "Events accepted and not yet committed", registry=REGISTRY
+)
+EVENTS_FLUSH = Histogram(
+    "surge_events_flush_seconds",
+    "Time to commit one group of events (COPY + rollups + COMMIT)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+    registry=REGISTRY,
+)
+EVENTS_FLUSH_SIZE = Histogram(
+    "surge_events_flush_size",
+    "Events per group commit",
+    buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10_000, 25_000),
+    registry=REGISTRY,
+)
+EVENT_COUNTER_ERRORS = Counter(
+    "surge_event_counter_errors_total",
+    "Redis counter updates or reads that failed (PostgreSQL rollups still hold the counts)",
+    registry=REGISTRY,
+)
+EVENT_PARTITIONS = Counter(
+    "surge_event_partitions_total",
+    "Day partitions created or dropped by this process",
+    ["action"],
+    registry=REGISTRY,
+)
+LIVE_CLIENTS = Gauge(
+    "surge_analytics_live_clients", "Open /v1/analytics/live streams", registry=REGISTRY
+)
+OUTBOX_LAG = Gauge(
+    "surge_outbox_lag", "Outbox ids not yet relayed to the Redis stream", registry=REGISTRY
+)
+OUTBOX_LAG_SECONDS = Gauge(
+    "surge_outbox_lag_seconds",
+    "Age of the oldest outbox row not yet relayed (0 when caught up)",
+    registry=REGISTRY,
+)
+OUTBOX_RELAYED = Counter(
+    "surge_outbox_relayed_total", "Outbox rows published to the Redis stream", registry=REGISTRY
+)
+OUTBOX_RELAY_ERRORS = Counter(
+    "surge_outbox_relay_errors_total",
+    "Relay rounds that failed and were retried",
+    registry=REGISTRY,
+)
+STREAM_CONSUMED = Counter(
+    "surge_stream_consumed_total",
+    "Stream messages a consumer handled, by result (applied, duplicate, skipped)",
+    ["consumer", "result"],
+    registry=REGISTRY,
+)

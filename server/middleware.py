@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import re
@@ -50,8 +51,14 @@ PUBLIC_PATHS = frozenset(
 STREAM_PATHS = frozenset({"/v1/analytics/live"})
 
 
+# Request ids need to be unique, not unguessable: a random per-process prefix and a counter
+# cost a fraction of an os.urandom() system call per request.
+_RID_PREFIX = os.urandom(6).hex()
+_rid_counter = itertools.count()
+
+
 def new_request_id() -> str:
-    return os.urandom(12).hex()
+    return f"{_RID_PREFIX}{next(_rid_counter) & 0xFFFFFFFFFFFF:012x}"
 
 
 def route_of(request: web.Request) -> str:
@@ -64,10 +71,29 @@ def route_of(request: web.Request) -> str:
 
 
 class AccessLog:
-    """One JSON line per request, written straight to a binary stream (no logging overhead)."""
+    """One JSON line per request, without the logging module's overhead.
+
+    Lines collect in a buffer written out every FLUSH_S or at MAX_BUFFER bytes, and at
+    shutdown: with PYTHONUNBUFFERED (usual in containers) a write per request was one system
+    call per request, 9 % of a /healthz profile.
+    """
+
+    FLUSH_S = 0.5
+    MAX_BUFFER = 64 * 1024
 
     def __init__(self, stream: IO[bytes] | None = None) -> None:
         self.stream = stream if stream is not None else sys.stdout.buffer
+        self._buf = bytearray()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._buf:
+            self.stream.write(bytes(self._buf))
+            self.stream.flush()
+            self._buf.clear()
 
     def write(self, request: web.Request, status: int, duration: float) -> None:
         principal = request.get(PRINCIPAL)
@@ -82,7 +108,12 @@ class AccessLog:
             "request_id": request.get(REQUEST_ID),
             "tenant": str(principal.tenant_id) if principal is not None else None,
         }
-        self.stream.write(orjson.dumps(record) + b"\n")
+        self._buf += orjson.dumps(record)
+        self._buf += b"\n"
+        if len(self._buf) >= self.MAX_BUFFER:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.FLUSH_S, self.flush)
 
 
 def context_middleware(access_log: AccessLog | None) -> web.middleware:  # type: ignore[valid-type]

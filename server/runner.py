@@ -78,9 +78,9 @@ def run_serve(config: Config) -> None:
     config, services = resolve_services(config)
     try:
         assert config.database_url is not None
-        applied = uvloop.run(migrate(config.database_url))
-        for name in applied:
-            log.info("applied %s", name)
+        if config.migrate_on_start:
+            for name in uvloop.run(migrate(config.database_url)):
+                log.info("applied %s", name)
         uvloop.run(serve_app(config))
     finally:
         services.stop()

@@ -12,6 +12,8 @@ from typing import Any
 import jwt
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server.app import create_app
 from server.config import Config
@@ -236,3 +238,16 @@ async def test_refresh_tokens_are_stored_only_as_hashes(
     assert owner.refresh_token.encode() not in rows[0]["token_hash"]
     assert len(rows[0]["token_hash"]) == 32
     assert len(base64.urlsafe_b64decode(owner.refresh_token + "=")) == 32  # 256 bits
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_any_single_character_change_is_refused(data: st.DataObject) -> None:
+    ts = service()
+    token = ts.issue(uuid.uuid4(), uuid.uuid4(), ["member"])
+    i = data.draw(st.integers(0, len(token) - 1))
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_."
+    c = data.draw(st.sampled_from(alphabet).filter(lambda ch: ch != token[i]))
+    with pytest.raises(TokenError):
+        ts.verify(token[:i] + c + token[i + 1 :])
+    assert ts.verify(token).roles == {"member"}

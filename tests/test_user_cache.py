@@ -156,3 +156,41 @@ async def test_another_tenants_id_is_not_served_from_cache(
     b = await signup(client, "B")
     assert (await client.get(f"/v1/users/{a.id}", headers=a.headers)).status == 200  # cached for A
     assert (await client.get(f"/v1/users/{a.id}", headers=b.headers)).status == 404
+
+
+async def test_gets_in_one_iteration_leave_as_one_mget(config: Config) -> None:
+    from handlers.user_cache import GetBatcher
+
+    r = aioredis.Redis.from_url(config.redis_url or "")
+    prefix = config.redis_key_prefix
+    await r.set(prefix + "a", b"1:A")
+    await r.set(prefix + "b", b"2:B")
+    batcher = GetBatcher(r)
+    calls: list[list[str]] = []
+    original = r.mget
+
+    async def counting(keys: list[str]) -> Any:
+        calls.append(list(keys))
+        return await original(keys)
+
+    r.mget = counting  # type: ignore[method-assign]
+    try:
+        values = await asyncio.gather(*(batcher.get(prefix + k) for k in "abca"))
+        assert values == [b"1:A", b"2:B", None, b"1:A"]
+        assert calls == [[prefix + k for k in "abca"]]
+        assert await batcher.get(prefix + "b") == b"2:B"  # a lone get is its own batch
+        assert len(calls) == 2
+    finally:
+        await r.aclose()
+
+
+async def test_a_failed_mget_fails_every_waiter(config: Config) -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from handlers.user_cache import GetBatcher
+
+    r = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    batcher = GetBatcher(r)
+    results = await asyncio.gather(batcher.get("x"), batcher.get("y"), return_exceptions=True)
+    assert all(isinstance(x, RedisConnectionError) for x in results)
+    await r.aclose()

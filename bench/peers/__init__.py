@@ -1,0 +1,1 @@
+"""Servers built the way other stacks teach, measured beside Surge."""

@@ -1,0 +1,156 @@
+"""OpenAPI paths and schemas of the Events and analytics section. EventBatch is also the
+validator that names the offending field when POST /v1/events refuses a body."""
+
+from __future__ import annotations
+
+from handlers.events import MAX_EVENTS, MAX_PROPS_BYTES, MAX_PROPS_KEYS, NAME_RE, TS_RE, UUID_RE
+from server.openapi import Json, op, ref, register
+
+EVENT_NAME = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 64,
+    "pattern": f"^{NAME_RE}$",
+    "description": "A letter, then letters, digits, `_ . : -`; e.g. `page_view`, `checkout.paid`",
+}
+
+SCHEMAS: Json = {
+    "Event": {
+        "type": "object",
+        "required": ["name"],
+        "additionalProperties": False,
+        "properties": {
+            "name": EVENT_NAME,
+            "ts": {
+                "type": "string",
+                "format": "date-time",
+                "pattern": f"^{TS_RE}$",
+                "description": "RFC 3339 with an offset, within 24 hours of now; default: now",
+            },
+            "user_id": {"type": ["string", "null"], "pattern": f"^{UUID_RE}$"},
+            "props": {
+                "type": "object",
+                "maxProperties": MAX_PROPS_KEYS,
+                "description": f"Free-form JSON object, at most {MAX_PROPS_BYTES} bytes serialised",
+            },
+        },
+    },
+    "EventBatch": {
+        "type": "object",
+        "required": ["events"],
+        "additionalProperties": False,
+        "properties": {
+            "events": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": MAX_EVENTS,
+                "items": ref("Event"),
+            }
+        },
+    },
+    "EventsAccepted": {
+        "type": "object",
+        "required": ["accepted"],
+        "properties": {
+            "accepted": {"type": "integer", "description": "Events committed (all of the batch)"}
+        },
+    },
+    "EventCounts": {
+        "type": "object",
+        "required": ["buckets"],
+        "properties": {
+            "buckets": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["ts", "count"],
+                    "properties": {
+                        "ts": {"type": "string", "format": "date-time"},
+                        "count": {"type": "integer"},
+                    },
+                },
+            }
+        },
+    },
+}
+
+
+def _query(name: str, schema: Json, description: str, required: bool = False) -> Json:
+    return {
+        "name": name,
+        "in": "query",
+        "required": required,
+        "schema": schema,
+        "description": description,
+    }
+
+
+COUNT_PARAMS = [
+    _query("name", EVENT_NAME, "The event name to count", required=True),
+    _query(
+        "from",
+        {"type": "string", "format": "date-time"},
+        "Start (RFC 3339), rounded down to its bucket; default: 60 buckets before `to`",
+    ),
+    _query(
+        "to",
+        {"type": "string", "format": "date-time"},
+        "End (RFC 3339, exclusive), rounded up to its bucket; default: now",
+    ),
+    _query(
+        "bucket",
+        {"type": "string", "enum": ["1m", "1h", "1d"], "default": "1m"},
+        "Bucket size, aligned to UTC; at most 1440 buckets per request",
+    ),
+]
+
+PATHS: Json = {
+    "/v1/events": {
+        "post": op(
+            "Ingest 1..1000 analytics events; answered once they are committed",
+            "events",
+            {
+                "202": {
+                    "description": "Committed",
+                    "content": {"application/json": {"schema": ref("EventsAccepted")}},
+                }
+            },
+            body="EventBatch",
+        )
+    },
+    "/v1/analytics/counts": {
+        "get": op(
+            "Counts of one event name per minute, hour or day (every bucket, zeros included)",
+            "events",
+            {
+                "200": {
+                    "description": "The buckets, oldest first",
+                    "content": {"application/json": {"schema": ref("EventCounts")}},
+                },
+                "422": {
+                    "description": "Bad query parameter",
+                    "content": {"application/problem+json": {"schema": ref("Problem")}},
+                },
+            },
+            params=COUNT_PARAMS,
+        )
+    },
+    "/v1/analytics/live": {
+        "get": op(
+            "Server-Sent Events: each second, the caller's tenant's event counts by name",
+            "events",
+            {
+                "200": {
+                    "description": (
+                        'A stream of `event: counts` messages, data `{"ts": "<second>", '
+                        '"counts": {"<name>": n}}`, one per second until the client leaves '
+                        "or the server drains"
+                    ),
+                    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                }
+            },
+        )
+    },
+}
+
+register(PATHS, SCHEMAS)

@@ -1,0 +1,283 @@
+"""The alert rules and the dashboard against real Prometheus tools (Debian's `prometheus`).
+
+promtool checks the config and the rules and runs their unit tests; then a real Surge process
+and a real Prometheus scraping it every second: the target is up, the core metrics are there,
+every rule evaluates without error, and every dashboard query runs without error (an empty
+answer is fine for a metric whose feature has not landed yet; an error is not).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.runner import free_port
+
+from .conftest import ROOT, TEST_JWT_KEYS, Services
+from .test_deploy import DASHBOARD, DEPLOY, RULE_TESTS, RULES, dashboard_panels, load_yaml, missing
+
+PROMETHEUS_DIR = DEPLOY / "prometheus"
+# Metrics a freshly started Surge exports before any particular request path has run.
+CORE_METRICS = {
+    "surge_http_requests_total",
+    "surge_http_request_duration_seconds_bucket",
+    "surge_http_requests_in_flight",
+    "surge_shed_total",
+    "surge_ratelimit_fallback_total",
+    "surge_db_pool_timeouts_total",
+    "surge_db_pool_size",
+    "surge_db_pool_idle",
+    "surge_db_pool_max",
+    "surge_db_pool_in_use",
+    "surge_db_pool_waiting",
+    "surge_auth_failures_total",
+}
+# Grafana's variables as the dashboard opens by default.
+VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__interval": "15s",
+    "$__range": "5m",
+    "$instance": ".*",
+    "$job": "surge",
+}
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        missing(name, "apt-get install prometheus")
+    return path
+
+
+def run(*args: str) -> None:
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_promtool_checks_the_config_and_the_rules() -> None:
+    promtool = tool("promtool")
+    run(promtool, "check", "config", str(PROMETHEUS_DIR / "prometheus.yml"))
+    run(promtool, "check", "rules", str(RULES))
+
+
+def test_promtool_unit_tests_of_the_alerts() -> None:
+    run(tool("promtool"), "test", "rules", str(RULE_TESTS))
+
+
+# ---------------------------------------------------------------- live
+
+
+def _get(url: str, timeout: float = 5) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _wait(what: str, check: Any, timeout: float, proc: subprocess.Popen[bytes], log: Path) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+        except (OSError, ValueError):
+            pass
+        if proc.poll() is not None:
+            pytest.fail(f"{what}: the process exited\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout} s\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def surge(clean: Services, tmp_path: Path) -> Iterator[str]:
+    """A real `python -m server serve` on a free port; yields host:port."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": clean.dsn,
+        "REDIS_URL": clean.redis_url,
+        "REDIS_KEY_PREFIX": clean.redis_prefix,
+        "PORT": str(port),
+        "JWT_KEYS": TEST_JWT_KEYS,
+        "ACCESS_LOG": "false",
+    }
+    log = tmp_path / "surge.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "serve"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait("surge ready", lambda: _get(base + "/readyz")["status"] == "ready", 30, proc, log)
+        # traffic, so requests, latency and auth-failure series exist
+        for path in ("/healthz", "/v1/me", "/v1/users", "/nope"):
+            with contextlib.suppress(urllib.error.HTTPError):
+                urllib.request.urlopen(base + path, timeout=5).close()
+        refresh = urllib.request.Request(
+            base + "/v1/auth/refresh",
+            data=b'{"refresh_token": "not-a-token"}',
+            headers={"Content-Type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(refresh, timeout=5)
+        assert refused.value.code == 401
+        yield f"127.0.0.1:{port}"
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture
+def prometheus(surge: str, tmp_path: Path) -> Iterator[str]:
+    """A real Prometheus scraping `surge` every second with the shipped config and rules;
+    yields its base URL."""
+    binary = tool("prometheus")
+    config = load_yaml(PROMETHEUS_DIR / "prometheus.yml")
+    config["global"] |= {
+        "scrape_interval": "1s",
+        "scrape_timeout": "1s",
+        "evaluation_interval": "1s",
+    }
+    (job,) = config["scrape_configs"]
+    job["static_configs"] = [{"targets": [surge]}]
+    # the shipped rules, evaluated every second instead of every 15-30 s
+    rules = load_yaml(RULES)
+    for group in rules["groups"]:
+        group["interval"] = "1s"
+    (tmp_path / "rules.yml").write_text(json.dumps(rules))  # JSON is YAML
+    config["rule_files"] = [str(tmp_path / "rules.yml")]
+    (tmp_path / "prometheus.yml").write_text(json.dumps(config))
+    port = free_port()
+    log = tmp_path / "prometheus.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait("prometheus ready", lambda: urllib.request.urlopen(base + "/-/ready"), 30, proc, log)
+        # up, then enough samples for rate() over the scrape history
+        query = urllib.parse.quote('count_over_time(up{job="surge"}[1m]) >= 3 and up == 1')
+
+        def scraped() -> Any:
+            return _get(f"{base}/api/v1/query?query={query}")["data"]["result"]
+
+        _wait("surge scraped", scraped, 30, proc, log)
+        yield base
+    finally:
+        _stop(proc)
+
+
+def _query(base: str, expr: str, *, instant: bool) -> dict[str, Any]:
+    if instant:
+        url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    else:
+        now = time.time()
+        params = {"query": expr, "start": now - 60, "end": now, "step": 2}
+        url = f"{base}/api/v1/query_range?" + urllib.parse.urlencode(params)
+    try:
+        answer: dict[str, Any] = _get(url)
+    except urllib.error.HTTPError as exc:
+        answer = json.loads(exc.read())
+    return answer
+
+
+def _substitute(expr: str) -> str:
+    for name, value in sorted(VARIABLES.items(), key=lambda kv: -len(kv[0])):
+        expr = expr.replace(name, value)
+    return expr
+
+
+def test_prometheus_scrapes_surge_and_every_rule_and_panel_evaluates(prometheus: str) -> None:
+    base = prometheus
+    targets = _get(f"{base}/api/v1/targets")["data"]["activeTargets"]
+    assert [(t["labels"]["job"], t["health"]) for t in targets] == [("surge", "up")]
+
+    names = _query(base, 'group by (__name__) ({job="surge"})', instant=True)
+    present = {r["metric"]["__name__"] for r in names["data"]["result"]}
+    assert present >= CORE_METRICS, f"missing: {CORE_METRICS - present}"
+
+    # every rule loaded and evaluated without error (rules run every second here)
+    def rules_evaluated() -> list[dict[str, Any]]:
+        groups = _get(f"{base}/api/v1/rules")["data"]["groups"]
+        found = [r for g in groups for r in g["rules"]]
+        return found if all(r["lastEvaluation"] > "2000" for r in found) else []
+
+    deadline = time.monotonic() + 15
+    while not (evaluated := rules_evaluated()):
+        assert time.monotonic() < deadline, "the rules were not evaluated"
+        time.sleep(0.3)
+    shipped = [r for g in load_yaml(RULES)["groups"] for r in g["rules"]]
+    assert len(evaluated) == len(shipped)
+    broken = [(r["name"], r.get("lastError")) for r in evaluated if r["health"] != "ok"]
+    assert not broken
+    firing = {a["labels"]["alertname"] for a in _get(f"{base}/api/v1/alerts")["data"]["alerts"]}
+    assert not firing & {"SurgeInstanceDown", "SurgeAllInstancesDown"}
+
+    # every dashboard query, as Grafana would send it
+    errors = []
+    answers = {}
+    for panel in dashboard_panels():
+        for target in panel["targets"]:
+            expr = _substitute(target["expr"])
+            assert "$" not in expr, f"{panel['title']}: unsubstituted variable in {expr}"
+            answer = _query(base, expr, instant=bool(target.get("instant")))
+            if answer["status"] != "success":
+                errors.append((panel["title"], expr, answer.get("error")))
+            answers[panel["title"]] = answer
+    assert not errors
+    # and the panels over metrics that exist now show data
+    for title in ("Instances up", "Request rate by route", "p99 by route", "Pool connections"):
+        assert answers[title]["data"]["result"], f"{title}: no data"
+
+    # the dashboard's variables find the job and the instance
+    for variable in json.loads(DASHBOARD.read_text())["templating"]["list"]:
+        if variable["type"] != "query":
+            continue
+        query = _substitute(variable["query"]["query"])
+        match, label = query.removeprefix("label_values(").removesuffix(")").rsplit(", ", 1)
+        url = f"{base}/api/v1/label/{label}/values?" + urllib.parse.urlencode({"match[]": match})
+        values = _get(url)["data"]
+        expected = "surge" if label == "job" else prometheus_target(targets)
+        assert expected in values, (variable["name"], values)
+
+
+def prometheus_target(targets: list[dict[str, Any]]) -> str:
+    (target,) = targets
+    instance: str = target["labels"]["instance"]
+    return instance
