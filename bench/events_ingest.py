@@ -18,8 +18,8 @@ PostgreSQL and Redis run unpinned on the same machine, so on a two-core host the
 cores with the server and wrk: the absolute figures are this machine's, the ratio is the point.
 Results are printed as JSON and written into docs/EVENTS.md between its bench markers.
 
-    python -m bench.events_ingest [--seconds 10] [--warmup 3] [--batches 1,100,1000]
-        [--servers surge,baseline] [--wait-quiet 120] [--no-docs]
+    python -m bench.events_ingest [--rounds 3] [--seconds 10] [--warmup 3]
+        [--batches 1,100,1000] [--servers surge,baseline] [--wait-quiet 120] [--no-docs]
 """
 
 from __future__ import annotations
@@ -359,6 +359,9 @@ def run_one(
         script = tmp / "events.lua"
         connections = CONNECTIONS.get(batch, 64)
         wrk(port, warmup, connections, script, bodies, token)
+        # The warm-up's connections close with requests still in flight, which the server
+        # finishes anyway: let them, or the measured run starts with twice the load.
+        time.sleep(1.0)
         # Throughput is what PostgreSQL received while wrk ran: with 1000-event requests a
         # request can take longer than a short run, so counting wrk's answers would not do.
         rows_before = asyncio.run(count_rows())
@@ -395,32 +398,51 @@ def run_one(
     }
 
 
-def table(results: list[dict[str, Any]]) -> str:
-    rows = [
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (batch, server): the median run by events per CPU-second, with the range
+    of that figure and every run's non-2xx answers added up."""
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["batch"], r["server"]), []).append(r)
+    rows = []
+    for group in groups.values():
+        ranked = sorted(group, key=lambda r: r["events_per_cpu_s"] or 0)
+        row = dict(ranked[len(ranked) // 2])
+        row["rounds"] = len(group)
+        row["per_cpu_min"] = ranked[0]["events_per_cpu_s"] or 0
+        row["per_cpu_max"] = ranked[-1]["events_per_cpu_s"] or 0
+        row["non_2xx"] = sum(r["non_2xx"] for r in group)
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
         "| events/request | connections | server | events/s | server CPU | events per CPU-second "
-        "| req/s | p50 ms | p99 ms | non-2xx | peak RSS MB |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| (range) | req/s | p50 ms | p99 ms | non-2xx | peak RSS MB |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in results:
-        per_cpu = f"{r['events_per_cpu_s']:,.0f}" if r["events_per_cpu_s"] else "-"
-        rows.append(
+    for r in rows:
+        lines.append(
             f"| {r['batch']} | {r['connections']} | {r['server']} | {r['events_per_s']:,.0f} | "
-            f"{r['server_cpu_share']:.0%} | {per_cpu} | {r['requests_per_s']:,.0f} | "
+            f"{r['server_cpu_share']:.0%} | {r['events_per_cpu_s'] or 0:,.0f} | "
+            f"{r['per_cpu_min']:,.0f}-{r['per_cpu_max']:,.0f} | {r['requests_per_s']:,.0f} | "
             f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['non_2xx']} | {r['peak_rss_mb']:.0f} |"
         )
-    return "\n".join(rows)
+    return "\n".join(lines)
 
 
-def write_doc(results: list[dict[str, Any]], command: str, seconds: int) -> None:
+def write_doc(runs: list[dict[str, Any]], command: str, seconds: int, rounds: int) -> None:
     text = DOC.read_text()
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    busiest = max(r["busy_before"] for r in results)
+    busiest = max(r["busy_before"] for r in runs)
     block = (
         f"{START}\n"
         f"Measured {when} on {platform.machine()}, {os.cpu_count()} CPUs, Python "
-        f"{platform.python_version()}, {seconds} s per run; the busiest core was {busiest:.0%} "
-        f"busy just before a run started:\n\n"
-        f"```sh\n{command}\n```\n\n{table(results)}\n{END}"
+        f"{platform.python_version()}: {rounds} rounds of {seconds} s per row, the median round "
+        f"shown (by events per CPU-second, with the range over the rounds); the busiest core "
+        f"was {busiest:.0%} busy just before a run started.\n\n"
+        f"```sh\n{command}\n```\n\n{table(summarise(runs))}\n{END}"
     )
     if START in text:
         text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _m: block, text, flags=re.S)
@@ -432,6 +454,7 @@ def write_doc(results: list[dict[str, Any]], command: str, seconds: int) -> None
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.events_ingest")
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--servers", default="surge,baseline")
@@ -453,20 +476,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{tool} is needed", file=sys.stderr)
             return 2
     asyncio.run(prepare_database())
-    results = []
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "events.lua").write_text(_LUA)
-        for batch in [int(b) for b in args.batches.split(",")]:
-            for server in args.servers.split(","):
-                result = run_one(
-                    server, batch, args.seconds, args.warmup, Path(tmp), args.wait_quiet
-                )
-                print(json.dumps(result), flush=True)
-                results.append(result)
-    print(table(results))
+        # Rounds outermost: drift on a shared machine spreads over every row instead of
+        # landing on one.
+        for _round in range(args.rounds):
+            for batch in [int(b) for b in args.batches.split(",")]:
+                for server in args.servers.split(","):
+                    result = run_one(
+                        server, batch, args.seconds, args.warmup, Path(tmp), args.wait_quiet
+                    )
+                    print(json.dumps(result), flush=True)
+                    runs.append(result)
+    print(table(summarise(runs)))
     if not args.no_docs:
         command = "python -m bench.events_ingest " + " ".join(argv or sys.argv[1:])
-        write_doc(results, command.strip(), args.seconds)
+        write_doc(runs, command.strip(), args.seconds, args.rounds)
     return 0
 
 

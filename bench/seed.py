@@ -29,8 +29,8 @@ from bench.common import (
     TENANTS,
     USERS_PER_TENANT,
 )
+from db.ids import uuid7
 from db.migrate import migrate
-from server.ids import uuid7
 
 # Every seeded user can log in with this password (for the locust scenarios); the hash is
 # computed once per seed run, so its cost does not scale with the user count.

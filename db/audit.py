@@ -8,6 +8,7 @@ from uuid import UUID
 from asyncpg import Record
 
 from db import queries
+from db.ids import uuid7
 from db.pool import Executor
 
 _Q = queries.load("audit.sql")
@@ -35,6 +36,7 @@ async def record_event(
         request_id,
         details,
         payload,
+        uuid7(),
     )
 
 

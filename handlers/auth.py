@@ -17,11 +17,11 @@ from aiohttp import web
 from asyncpg import Connection
 
 from db import audit, tokens, users
+from db.ids import parse_uuid, uuid7
 from handlers.users import user_body, user_view
 from server import metrics
 from server.errors import TooManyRequests, Unauthorized
 from server.http import json_response, timestamp
-from server.ids import parse_uuid, uuid7
 from server.keys import CONFIG, HASHER, LIMITER, PG, RATELIMIT_HEADERS, REQUEST_ID, USER_CACHE
 from server.middleware import client_ip
 from server.tokens import TOKENS

@@ -135,14 +135,17 @@ class UserCache:
         try:
             entry = await load()
             fut.set_result(entry)
+            # Still registered while the fill is written: a request arriving now joins the
+            # finished flight instead of querying again before the entry lands in Redis.
+            if entry is not None:
+                await self.store(tenant_id, user_id, *entry)
         except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()  # mark retrieved: waiters (if any) get it; nobody else must
+            if not fut.done():
+                fut.set_exception(exc)
+                fut.exception()  # mark retrieved: waiters (if any) get it; nobody else must
             raise
         finally:
             del self._inflight[key]
-        if entry is not None:
-            await self.store(tenant_id, user_id, *entry)
         return entry
 
     async def store(self, tenant_id: UUID, user_id: UUID, version: int, body: bytes) -> None:

@@ -10,6 +10,7 @@ from aiohttp import web
 from asyncpg import Connection, Record
 
 from db import audit, tokens, users
+from db.ids import uuid7
 from handlers import rbac
 from server.errors import NotFound, PreconditionFailed, ValidationFailed
 from server.http import (
@@ -23,7 +24,6 @@ from server.http import (
     raw_json_response,
     timestamp,
 )
-from server.ids import uuid7
 from server.keys import HASHER, PG, PG_READ, REQUEST_ID, USER_CACHE
 from server.principal import Principal
 from server.validation import read_json

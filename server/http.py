@@ -12,8 +12,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from db.ids import parse_uuid
 from server.errors import NotFound, PreconditionFailed, PreconditionRequired, ValidationFailed
-from server.ids import parse_uuid
 
 JSON = "application/json"
 

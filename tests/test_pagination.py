@@ -20,9 +20,9 @@ from aiohttp.test_utils import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from db.ids import uuid7
 from server.app import create_app
 from server.config import Config
-from server.ids import uuid7
 from tests.helpers import Actor, signup
 
 T = TypeVar("T")

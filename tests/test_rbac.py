@@ -17,9 +17,9 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
+from db.ids import uuid7
 from server.app import create_app
 from server.config import Config
-from server.ids import uuid7
 from tests.helpers import PASSWORD, Actor, add_user, login, signup
 
 ROLES = ("owner", "admin", "member")  # also the column order of every grid below

@@ -14,9 +14,9 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
+from db.ids import uuid7
 from server.app import create_app
 from server.config import Config
-from server.ids import uuid7
 from tests.helpers import PASSWORD, Actor, add_user, signup
 
 # (method, path suffix, body, If-Match): every endpoint that takes a user id
