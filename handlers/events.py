@@ -594,4 +594,8 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
         finally:
             await app[EVENT_WRITER].close()
     finally:
-        await pool.close()
+        closing = asyncio.ensure_future(pool.close())
+        done, _ = await asyncio.wait({closing}, timeout=config.shutdown_grace_s)
+        if not done:
+            pool.terminate()
+            closing.cancel()

@@ -343,10 +343,12 @@ class _Worker:
 
     async def close(self, grace_s: float) -> None:
         self.stop.set()
-        try:
-            await asyncio.wait_for(self.task, grace_s)  # cancels it past the grace
-        except TimeoutError:
+        # asyncio.wait never waits past its timeout (wait_for would wait for the cancellation).
+        done, _ = await asyncio.wait({self.task}, timeout=grace_s)
+        if not done:
             log.warning("%s did not stop within %.1fs; cancelled", self.name, grace_s)
+            self.task.cancel()
+            await asyncio.wait({self.task}, timeout=1.0)
 
 
 async def relay_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
@@ -16,15 +17,7 @@ from handlers.user_cache import UserCache
 from server import metrics
 from server.config import Config
 from server.keys import CONFIG, HASHER, LIFECYCLE, LIMITER, PG, PG_READ, REDIS, USER_CACHE
-from server.middleware import (
-    AccessLog,
-    auth_middleware,
-    context_middleware,
-    errors_middleware,
-    metrics_middleware,
-    ratelimit_middleware,
-    shed_middleware,
-)
+from server.middleware import AccessLog, pipeline
 from server.ratelimit import LocalLimiter, RedisLimiter
 from server.state import Lifecycle
 from server.tokens import TOKENS, TokenService
@@ -79,7 +72,8 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await app[REDIS].aclose()
+        closing = asyncio.ensure_future(app[REDIS].aclose())
+        await asyncio.wait({closing}, timeout=2.0)
 
 
 async def _hasher(app: web.Application) -> AsyncIterator[None]:
@@ -122,12 +116,10 @@ def create_app(config: Config, *, access_log: AccessLog | None = None) -> web.Ap
     app = web.Application(
         client_max_size=config.max_body_bytes,
         middlewares=[
-            context_middleware(access_log),
-            metrics_middleware,
-            shed_middleware(FairGate(config.max_in_flight, config.shed_queue_timeout_ms / 1000)),
-            errors_middleware,
-            ratelimit_middleware,
-            auth_middleware,
+            pipeline(
+                access_log,
+                FairGate(config.max_in_flight, config.shed_queue_timeout_ms / 1000),
+            )
         ],
     )
     app[CONFIG] = config

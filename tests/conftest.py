@@ -135,6 +135,7 @@ def config(clean: Services) -> Config:
         auth_rate_limit_per_minute=10_000,
         # hashing at OWASP cost is slow; tests of the hash itself use the real parameters
         hash_concurrency=2,
+        shutdown_grace_s=3,
     )
 
 
