@@ -141,3 +141,16 @@ def config(clean: Services) -> Config:
 
 def configured(config: Config, **changes: object) -> Config:
     return replace(config, **changes)  # type: ignore[arg-type]
+
+
+def server_env(services: Services, port: int, **overrides: str) -> dict[str, str]:
+    """The environment of a real `python -m server serve` subprocess on this session's services."""
+    return {
+        **os.environ,
+        "DATABASE_URL": services.dsn,
+        "REDIS_URL": services.redis_url,
+        "REDIS_KEY_PREFIX": services.redis_prefix,
+        "PORT": str(port),
+        "JWT_KEYS": TEST_JWT_KEYS,
+        **overrides,
+    }

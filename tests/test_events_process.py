@@ -4,7 +4,6 @@ last answer, restart, count."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -16,22 +15,18 @@ import asyncpg
 
 from server.runner import free_port
 
-from .conftest import ROOT, TEST_JWT_KEYS, Services
+from .conftest import ROOT, Services, server_env
 
 
 def start(services: Services, port: int) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "DATABASE_URL": services.dsn,
-        "REDIS_URL": services.redis_url,
-        "REDIS_KEY_PREFIX": services.redis_prefix,
-        "PORT": str(port),
-        "JWT_KEYS": TEST_JWT_KEYS,
-        "ACCESS_LOG": "false",
-        "RATE_LIMIT_BURST": "100000",
-        "RATE_LIMIT_RATE": "100000",
-        "HASH_CONCURRENCY": "2",
-    }
+    env = server_env(
+        services,
+        port,
+        ACCESS_LOG="false",
+        RATE_LIMIT_BURST="100000",
+        RATE_LIMIT_RATE="100000",
+        HASH_CONCURRENCY="2",
+    )
     return subprocess.Popen(
         [sys.executable, "-m", "server", "serve"],
         cwd=ROOT,

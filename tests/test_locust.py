@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
 import sys
 import time
@@ -15,25 +14,21 @@ import pytest
 
 from server.runner import free_port
 
-from .conftest import ROOT, TEST_JWT_KEYS, Services
+from .conftest import ROOT, Services, server_env
 
 
 @pytest.fixture
 def server_url(clean: Services) -> Iterator[str]:
     port = free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": clean.dsn,
-        "REDIS_URL": clean.redis_url,
-        "REDIS_KEY_PREFIX": clean.redis_prefix,
-        "PORT": str(port),
-        "JWT_KEYS": TEST_JWT_KEYS,
-        "ACCESS_LOG": "false",
+    env = server_env(
+        clean,
+        port,
+        ACCESS_LOG="false",
         # every simulated user signs up from 127.0.0.1
-        "AUTH_RATE_LIMIT_PER_MINUTE": "100000",
-        "RATE_LIMIT_RATE": "100000",
-        "RATE_LIMIT_BURST": "100000",
-    }
+        AUTH_RATE_LIMIT_PER_MINUTE="100000",
+        RATE_LIMIT_RATE="100000",
+        RATE_LIMIT_BURST="100000",
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "serve"],
         cwd=ROOT,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,19 +10,12 @@ import urllib.request
 
 from server.runner import free_port
 
-from .conftest import ROOT, TEST_JWT_KEYS, Services
+from .conftest import ROOT, Services, server_env
 
 
 def test_serve_then_sigterm_exits_cleanly(clean: Services) -> None:
     port = free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": clean.dsn,
-        "REDIS_URL": clean.redis_url,
-        "REDIS_KEY_PREFIX": clean.redis_prefix,
-        "PORT": str(port),
-        "JWT_KEYS": TEST_JWT_KEYS,
-    }
+    env = server_env(clean, port)
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "serve"],
         cwd=ROOT,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import pytest
 
 from server.runner import free_port
 
-from .conftest import ROOT, TEST_JWT_KEYS, Services
+from .conftest import ROOT, Services, server_env
 from .test_deploy import DASHBOARD, DEPLOY, RULE_TESTS, RULES, dashboard_panels, load_yaml, missing
 
 PROMETHEUS_DIR = DEPLOY / "prometheus"
@@ -115,15 +114,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 def surge(clean: Services, tmp_path: Path) -> Iterator[str]:
     """A real `python -m server serve` on a free port; yields host:port."""
     port = free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": clean.dsn,
-        "REDIS_URL": clean.redis_url,
-        "REDIS_KEY_PREFIX": clean.redis_prefix,
-        "PORT": str(port),
-        "JWT_KEYS": TEST_JWT_KEYS,
-        "ACCESS_LOG": "false",
-    }
+    env = server_env(clean, port, ACCESS_LOG="false")
     log = tmp_path / "surge.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
