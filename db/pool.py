@@ -87,38 +87,14 @@ class Database:
         async with self.connection() as con, con.transaction(isolation=isolation):
             yield con
 
-    # The one-statement methods spell out what connection() does: they are every read's path,
-    # and the generator-based context manager cost a measurable share of a request.
     async def fetch(self, query: str, *args: Any) -> list[Record]:
-        gate, pool = self.gate, self.pool
-        try:
-            await gate.acquire()
-        except TimeoutError:
-            raise PoolTimeout from None
-        try:
-            con = await pool.acquire()
-            try:
-                result: list[Record] = await con.fetch(query, *args)
-                return result
-            finally:
-                await pool.release(con)
-        finally:
-            gate.release()
+        async with self.connection() as con:
+            result: list[Record] = await con.fetch(query, *args)
+            return result
 
     async def fetchrow(self, query: str, *args: Any) -> Record | None:
-        gate, pool = self.gate, self.pool
-        try:
-            await gate.acquire()
-        except TimeoutError:
-            raise PoolTimeout from None
-        try:
-            con = await pool.acquire()
-            try:
-                return await con.fetchrow(query, *args)
-            finally:
-                await pool.release(con)
-        finally:
-            gate.release()
+        async with self.connection() as con:
+            return await con.fetchrow(query, *args)
 
     async def fetchval(self, query: str, *args: Any) -> Any:
         async with self.connection() as con:

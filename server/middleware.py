@@ -142,9 +142,9 @@ def pipeline(access_log: AccessLog | None, shed_gate: FairGate) -> Middleware:
 
     request id + access log -> metrics -> shed -> errors -> rate limit -> auth -> handler.
 
-    Six aiohttp middlewares cost six coroutine frames and aiohttp's wrapper per request; /healthz
-    profiled at about 1.8x the bare baseline's CPU with them. Each stage is still one small
-    function below; this only calls them without a frame per stage.
+    One aiohttp middleware instead of six saves a coroutine frame and aiohttp's wrapper per stage
+    per request; in the side-by-side bench the difference stayed within the noise (see
+    docs/PERFORMANCE.md's notes). Each stage is still one small function below.
     """
 
     @web.middleware
