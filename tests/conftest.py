@@ -11,11 +11,16 @@ own Redis key prefix; every test that touches them starts from empty tables and 
 from __future__ import annotations
 
 import asyncio
+import faulthandler
+import gc
 import os
 import secrets
+import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import FrameType
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -28,6 +33,36 @@ from server.devservices import EmbeddedServices, tcp_reachable
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_JWT_KEYS = "k2:" + "t" * 40 + ",k1:" + "o" * 40
+
+
+# A test (with its fixtures' teardown) that runs longer than this is hung: the watchdog prints
+# every asyncio task's stack and every thread's, then fails the test instead of hanging CI.
+HANG_S = float(os.environ.get("SURGE_TEST_HANG_S", "120"))
+
+
+def _dump_tasks() -> None:
+    out = sys.__stderr__ or sys.stderr
+    for obj in gc.get_objects():
+        if isinstance(obj, asyncio.AbstractEventLoop) and not obj.is_closed():
+            for task in asyncio.all_tasks(obj):
+                print(f"--- {task!r}", file=out)
+                task.print_stack(file=out)
+    faulthandler.dump_traceback(file=out, all_threads=True)
+
+
+@pytest.fixture(autouse=True)
+def _hang_watchdog(request: pytest.FixtureRequest) -> Iterator[None]:
+    def on_alarm(signum: int, frame: FrameType | None) -> None:
+        _dump_tasks()
+        raise TimeoutError(f"{request.node.nodeid} hung for {HANG_S:.0f} s (task dump on stderr)")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, HANG_S)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @dataclass(frozen=True)
