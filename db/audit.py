@@ -40,6 +40,30 @@ async def record_event(
     )
 
 
+async def record_audit(
+    pg: Executor,
+    tenant_id: UUID,
+    actor_id: UUID | None,
+    action: str,
+    target_type: str,
+    target_id: UUID | None,
+    request_id: str | None,
+    details: dict[str, Any],
+) -> None:
+    """An audit row only (no outbox event), in the caller's transaction."""
+    await pg.execute(
+        _Q["record_audit"],
+        tenant_id,
+        actor_id,
+        action,
+        target_type,
+        target_id,
+        request_id,
+        details,
+        uuid7(),
+    )
+
+
 async def list_audit(
     pg: Executor, tenant_id: UUID, before: UUID | None, limit: int
 ) -> list[Record]:

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from handlers import analytics, auth, events, events_api, identity_api, ops, users
+from handlers import (
+    analytics,
+    auth,
+    events,
+    events_api,
+    identity_api,
+    ops,
+    orders,
+    payments_api,
+    users,
+    webhooks,
+)
 
 assert identity_api.PATHS  # importing it registers the Auth and Users sections of /openapi.json
 assert events_api.PATHS  # and this the Events and analytics section
+assert payments_api.PATHS  # and this the Catalog, orders, payments section
 
 routes = [
     web.get("/healthz", ops.healthz),
@@ -31,4 +43,14 @@ routes = [
     web.post("/v1/events", events.post_events),
     web.get("/v1/analytics/counts", analytics.get_counts),
     web.get("/v1/analytics/live", analytics.live),
+    web.get("/v1/products", orders.list_products),
+    web.post("/v1/products", orders.create_product),
+    web.get("/v1/products/{product_id}", orders.get_product),
+    web.get("/v1/orders", orders.list_orders),
+    web.post("/v1/orders", orders.create_order),
+    web.get("/v1/orders/{order_id}", orders.get_order),
+    web.post("/v1/orders/{order_id}/pay", orders.pay_order),
+    web.post("/v1/orders/{order_id}/cancel", orders.cancel_order),
+    web.post("/v1/webhooks/payments", webhooks.payments_webhook),
+    web.get("/v1/audit", orders.list_audit),
 ]

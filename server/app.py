@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 import handlers
 from db.gate import FairGate
 from db.pool import open_database
-from handlers import analytics, events, relay
+from handlers import analytics, events, order_saga, relay
 from handlers.passwords import Hasher
 from handlers.user_cache import UserCache
 from server import metrics
@@ -137,6 +137,7 @@ def create_app(config: Config, *, access_log: AccessLog | None = None) -> web.Ap
             analytics.live_ctx,
             relay.relay_ctx,
             relay.consumer_ctx,
+            order_saga.payments_ctx,
         ]
     )
     app.router.add_routes(handlers.routes)

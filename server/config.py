@@ -296,6 +296,66 @@ class Config:
         "Count user.* outbox events into the analytics (consumer group 'analytics')",
     )
 
+    # -- payments (the provider is reached only through these) --
+    payments_url: str | None = _setting(
+        "PAYMENTS_URL",
+        _url("http", "https"),
+        None,
+        "Payment provider base URL; unset: `make run` starts the fake provider (bench/)",
+    )
+    payments_api_key: str | None = _setting(
+        "PAYMENTS_API_KEY", _nonempty, None, "Bearer key for calls to the provider", secret=True
+    )
+    payments_webhook_secret: str | None = _setting(
+        "PAYMENTS_WEBHOOK_SECRET",
+        _nonempty,
+        None,
+        "Webhook signing secret; during rotation 'new,old' (both verify)",
+        secret=True,
+    )
+    payments_timeout_s: float = _setting(
+        "PAYMENTS_TIMEOUT_S", _float(0.05, 120), 5.0, "Longest one provider call may take"
+    )
+    payments_retries: int = _setting(
+        "PAYMENTS_RETRIES",
+        _int(0, 10),
+        3,
+        "Retries of a retryable provider failure (connection, 5xx, 429), with backoff and jitter",
+    )
+    payments_backoff_ms: int = _setting(
+        "PAYMENTS_BACKOFF_MS", _int(1, 60_000), 200, "First retry delay; doubles per retry"
+    )
+    payments_breaker_failures: int = _setting(
+        "PAYMENTS_BREAKER_FAILURES",
+        _int(1, 1000),
+        5,
+        "Consecutive provider failures that open the circuit breaker",
+    )
+    payments_breaker_reset_s: float = _setting(
+        "PAYMENTS_BREAKER_RESET_S",
+        _float(0.01, 3600),
+        30.0,
+        "How long the breaker stays open before one half-open probe",
+    )
+    payments_saga_lease_s: float = _setting(
+        "PAYMENTS_SAGA_LEASE_S",
+        _float(0.1, 3600),
+        30.0,
+        "A saga whose process stopped renewing it this long is resumed by another",
+    )
+    payments_saga_attempts: int = _setting(
+        "PAYMENTS_SAGA_ATTEMPTS",
+        _int(1, 1000),
+        8,
+        "Rounds of retries a saga step gets before it compensates (void, release stock)",
+    )
+    webhook_tolerance_s: int = _setting(
+        "WEBHOOK_TOLERANCE_S",
+        _int(1, 86_400),
+        300,
+        "Webhook signatures older (or newer) than this are refused",
+    )
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
         env = os.environ if env is None else env
@@ -322,6 +382,11 @@ class Config:
             raise ConfigError("RATE_LIMIT_BURST", "must be at least 1")
         if self.jwt_keys:
             parse_jwt_keys(self.jwt_keys)
+        if self.payments_url and not (self.payments_api_key and self.payments_webhook_secret):
+            raise ConfigError(
+                "PAYMENTS_API_KEY" if not self.payments_api_key else "PAYMENTS_WEBHOOK_SECRET",
+                "must be set when PAYMENTS_URL is",
+            )
 
     def __repr__(self) -> str:
         shown = []

@@ -11,9 +11,11 @@ import atexit
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ class EmbeddedServices:
     _pg: object | None = None
     _redis: subprocess.Popen[bytes] | None = None
     _redis_sock: Path | None = None
+    _provider: subprocess.Popen[bytes] | None = None
     started: list[str] = field(default_factory=list)
 
     # --- PostgreSQL -------------------------------------------------------------------------
@@ -151,7 +154,44 @@ class EmbeddedServices:
             proc.kill()
             proc.wait()
 
+    # --- the fake payment provider ----------------------------------------------------------
+    def start_fake_provider(self, webhook_url: str) -> tuple[str, str, str]:
+        """bench/fake_provider.py on a free port with fresh secrets: (url, api key, secret).
+
+        Development only: it keeps its ledger in memory and signs with a throwaway secret."""
+        api_key, webhook_secret = secrets.token_urlsafe(24), secrets.token_urlsafe(32)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self._provider = subprocess.Popen(
+            [sys.executable, "-m", "bench.fake_provider", "--port", str(port),
+             "--webhook-url", webhook_url],
+            env={**os.environ, "PAYMENTS_API_KEY": api_key,
+                 "PAYMENTS_WEBHOOK_SECRET": webhook_secret},
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while not tcp_reachable("127.0.0.1", port, timeout=0.2):
+            if self._provider.poll() is not None or time.monotonic() > deadline:
+                raise DevServiceError("the fake payment provider did not start")
+            time.sleep(0.05)
+        self.started.append("fake payment provider")
+        log.info("fake payment provider running at http://127.0.0.1:%d (PAYMENTS_URL unset)", port)
+        return f"http://127.0.0.1:{port}", api_key, webhook_secret
+
+    def stop_fake_provider(self) -> None:
+        proc, self._provider = self._provider, None
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
     def stop(self) -> None:
+        self.stop_fake_provider()
         self.stop_redis()
         self.stop_postgres()
 

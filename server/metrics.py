@@ -150,3 +150,26 @@ STREAM_CONSUMED = Counter(
     ["consumer", "result"],
     registry=REGISTRY,
 )
+PAYMENTS_BREAKER_STATE = Gauge(
+    "surge_payments_breaker_state",
+    "The payment provider's circuit breaker: 0 closed, 1 half-open, 2 open",
+    registry=REGISTRY,
+)
+PAYMENTS_CALLS = Counter(
+    "surge_payments_calls_total",
+    "Calls to the payment provider, by operation and outcome",
+    ["op", "outcome"],
+    registry=REGISTRY,
+)
+PAYMENTS_SAGAS = Counter(
+    "surge_payments_sagas_total",
+    "Pay sagas that ended, by result (paid, payment_failed, refunded, voided)",
+    ["result"],
+    registry=REGISTRY,
+)
+WEBHOOKS = Counter(
+    "surge_payments_webhooks_total",
+    "Provider webhooks received, by result (applied, duplicate, ignored, bad_signature)",
+    ["result"],
+    registry=REGISTRY,
+)

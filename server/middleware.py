@@ -262,6 +262,7 @@ def _problem_for(request: web.Request, exc: Exception) -> web.Response:
 # Unique constraints whose violation is a client's 409, with what to tell the client.
 CONSTRAINT_DETAILS = {
     "users_tenant_email_key": "a user with this email already exists in this tenant",
+    "products_tenant_sku_key": "a product with this sku already exists in this tenant",
 }
 
 _HTTP_DETAILS = {

@@ -21,14 +21,23 @@ from server.keys import LIFECYCLE
 log = logging.getLogger("surge")
 
 
-def resolve_services(config: Config, *, redis: bool = True) -> tuple[Config, EmbeddedServices]:
-    """Start embedded PostgreSQL / Redis for whichever URL is unset; return the completed config."""
+def resolve_services(
+    config: Config, *, redis: bool = True, payments: bool = False
+) -> tuple[Config, EmbeddedServices]:
+    """Start embedded PostgreSQL / Redis (and with `payments`, the fake payment provider) for
+    whichever URL is unset; return the completed config."""
     services = EmbeddedServices(Path(config.data_dir))
     try:
         if config.database_url is None:
             config = dataclasses.replace(config, database_url=services.start_postgres())
         if redis and config.redis_url is None:
             config = dataclasses.replace(config, redis_url=services.start_redis())
+        if payments and config.payments_url is None:
+            webhook = f"http://127.0.0.1:{config.port}/v1/webhooks/payments"
+            url, key, secret = services.start_fake_provider(webhook)
+            config = dataclasses.replace(
+                config, payments_url=url, payments_api_key=key, payments_webhook_secret=secret
+            )
     except BaseException:
         services.stop()
         raise
@@ -75,7 +84,12 @@ async def serve_app(
 
 
 def run_serve(config: Config) -> None:
-    config, services = resolve_services(config)
+    # The fake provider stands in only on a development machine (no DATABASE_URL either): a
+    # deployment that forgot PAYMENTS_URL refuses payments (503) instead of faking them.
+    dev = config.database_url is None
+    config, services = resolve_services(config, payments=dev)
+    if config.payments_url is None:
+        log.warning("PAYMENTS_URL is unset: POST /v1/orders/{id}/pay answers 503")
     try:
         assert config.database_url is not None
         if config.migrate_on_start:

@@ -86,6 +86,14 @@ async def read_json(request: web.Request, schema_name: str) -> dict[str, Any]:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"malformed JSON: {exc.args[0] if exc.args else 'parse error'}") from None
+    # Card data never enters Surge (PCI DSS scope stays with the payment provider): refused
+    # before validation, so not even an error message repeats it.
+    if _DIGIT_RUN.search(raw):
+        path = _card_path(data, "")
+        if path is not None:
+            raise ValidationFailed(
+                [{"field": path, "message": CARD_MESSAGE}], "the request contains card data"
+            )
     result: dict[str, Any] = validate(schema_name, data)
     # PostgreSQL text and jsonb cannot hold NUL: name the field now instead of failing later.
     if b"\\u0000" in raw:
@@ -93,6 +101,52 @@ async def read_json(request: web.Request, schema_name: str) -> dict[str, Any]:
         if path is not None:
             raise ValidationFailed([{"field": path, "message": "must not contain NUL characters"}])
     return result
+
+
+CARD_MESSAGE = "looks like a card number; send the payment provider's token instead"
+# 13 to 19 digits in a row, or grouped the way cards are printed (4-4-4-4[-3], Amex 4-6-5)
+# with spaces or dashes. Not any digits with dashes: a UUID like 00000000-0000-0000-... is no card.
+_DIGIT_RUN = re.compile(rb"\d{4}[ -]?\d{4}")  # cheap pre-filter over the raw body
+_CARD = re.compile(
+    r"(?<!\d)(?:\d{13,19}|\d{4}([ -])\d{4}\1\d{4}\1\d{1,7}|\d{4}([ -])\d{6}\2\d{4,5})(?!\d)"
+)
+
+
+def luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def looks_like_card(value: str) -> bool:
+    for match in _CARD.finditer(value):
+        digits = match.group().replace(" ", "").replace("-", "")
+        if 13 <= len(digits) <= 19 and luhn_ok(digits):
+            return True
+    return False
+
+
+def _card_path(value: Any, path: str) -> str | None:
+    """The path of the first string or integer that passes for a card number, else None."""
+    if isinstance(value, str):
+        return path if looks_like_card(value) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return path if looks_like_card(str(abs(value))) else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = _card_path(v, _join(path, str(k)))
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _card_path(v, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _nul_path(value: Any, path: str) -> str | None:

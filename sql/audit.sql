@@ -17,3 +17,9 @@ FROM audit_log
 WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id < $2)
 ORDER BY id DESC
 LIMIT $3;
+
+-- name: record_audit
+-- An audit row alone, for state changes nobody outside needs to hear about (order.paying,
+-- payment.authorized, ...). Same parameters as record_event without the outbox payload.
+INSERT INTO audit_log (id, tenant_id, actor_id, action, target_type, target_id, request_id, details)
+VALUES ($8, $1, $2, $3, $4, $5, $6, $7);

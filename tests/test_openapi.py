@@ -44,7 +44,8 @@ def test_operations_document_answers(method: str, path: str) -> None:
         assert {"400", "413", "422"} <= codes
         name = op["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
         schema = resolved_schema(name)
-        assert schema["additionalProperties"] is False
+        # Bodies we validate refuse unknown fields; a provider's events may grow new ones.
+        assert schema.get("additionalProperties") is (path == "/v1/webhooks/payments" or False)
 
 
 def test_every_schema_compiles() -> None:

@@ -62,13 +62,16 @@ CREATE TABLE payments (
     authorization_id text,                      -- the provider's id, once authorized
     outcome          text,                      -- why it failed or was compensated
     attempts         integer NOT NULL DEFAULT 0,
+    -- The process running the saga holds it until lease_until and renews it at every step; a
+    -- saga whose lease ran out (its process died) is picked up by any replica.
+    lease_until      timestamptz,
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant_id, order_id),
     FOREIGN KEY (tenant_id, order_id) REFERENCES orders (tenant_id, id) ON DELETE CASCADE
 );
--- Start-up recovery scans the sagas still in flight.
-CREATE INDEX payments_in_flight ON payments (updated_at)
+-- Start-up recovery and the sweeper scan the sagas still in flight.
+CREATE INDEX payments_in_flight ON payments (lease_until)
     WHERE step IN ('authorizing', 'capturing', 'voiding', 'refunding');
 CREATE UNIQUE INDEX payments_authorization ON payments (authorization_id)
     WHERE authorization_id IS NOT NULL;

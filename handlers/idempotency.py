@@ -1,0 +1,129 @@
+"""Idempotency-Key for POST /v1/orders and POST /v1/orders/{id}/pay (API.md, Conventions).
+
+The first request with a key claims it (a row in idempotency_keys with the request's
+fingerprint) and stores its response in the same transaction as the change it reports, so a
+crash can never leave the change without the stored answer, nor the answer without the change.
+A replay within 24 h gets the stored status and body back (`Idempotent-Replayed: true`); the
+same key with another request is 422; a replay while the first still runs is 409. A request
+that fails before changing anything frees its key, so the client's retry runs again. Keys are
+per caller (tenant and user), like Stripe's per account.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import orjson
+from aiohttp import web
+from asyncpg import Connection
+
+from db import payments
+from handlers import rbac
+from server.errors import Conflict, ValidationFailed
+from server.keys import PG
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+HEADER = "Idempotency-Key"
+# A first request that has not finished after this long died with its process: its key may
+# be taken over (the change it was making rolled back with it).
+ABANDONED_S = 60.0
+STORED_HEADERS = ("Location", "ETag")
+
+
+@dataclass
+class Scope:
+    tenant_id: UUID
+    user_id: UUID
+    key: str
+    completed: bool = field(default=False)
+
+    async def complete(self, con: Connection, response: web.Response) -> None:
+        """Store the response; call inside the transaction that makes the change."""
+        assert isinstance(response.body, bytes)
+        headers = {h: response.headers[h] for h in STORED_HEADERS if h in response.headers}
+        await payments.complete_idempotency_key(
+            con, self.tenant_id, self.user_id, self.key, response.status, response.body, headers
+        )
+        self.completed = True
+
+
+SCOPE = web.RequestKey("idempotency_scope", Scope)
+
+
+async def store_with(con: Connection, request: web.Request, response: web.Response) -> None:
+    """If the request carried a key, store its response in the caller's transaction."""
+    scope = request.get(SCOPE)
+    if scope is not None:
+        await scope.complete(con, response)
+
+
+def _fingerprint(request: web.Request, raw: bytes) -> bytes:
+    try:  # the same JSON with other whitespace or key order is the same request
+        canonical = orjson.dumps(orjson.loads(raw), option=orjson.OPT_SORT_KEYS) if raw else b""
+    except orjson.JSONDecodeError:
+        canonical = raw
+    h = hashlib.sha256()
+    h.update(f"{request.method} {request.path}\n".encode())
+    h.update(canonical)
+    return h.digest()
+
+
+def _check_key(key: str) -> None:
+    if not 1 <= len(key) <= 255 or not key.isascii() or not key.isprintable():
+        raise ValidationFailed(
+            [{"field": HEADER, "message": "must be 1 to 255 printable ASCII characters"}],
+            "invalid Idempotency-Key header",
+        )
+
+
+def idempotent(handler: Handler) -> Handler:
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        key = request.headers.get(HEADER)
+        if key is None:
+            return await handler(request)
+        _check_key(key)
+        p = rbac.caller(request)
+        pg = request.app[PG]
+        fingerprint = _fingerprint(request, await request.read())
+        row = await payments.claim_idempotency_key(
+            pg, p.tenant_id, p.user_id, key, fingerprint, ABANDONED_S
+        )
+        if not row["claimed"]:
+            if not hmac.compare_digest(row["fingerprint"], fingerprint):
+                raise ValidationFailed(
+                    [{"field": HEADER, "message": "was already used with a different request"}],
+                    "this Idempotency-Key belongs to another request",
+                )
+            if row["response_status"] is None:
+                raise Conflict("a request with this Idempotency-Key is still being processed")
+            return _replay(row["response_status"], row["response_body"], row["response_headers"])
+        scope = Scope(p.tenant_id, p.user_id, key)
+        request[SCOPE] = scope
+        try:
+            response = await handler(request)
+        except BaseException:
+            if not scope.completed:
+                await payments.drop_idempotency_key(pg, p.tenant_id, p.user_id, key)
+            raise
+        if not scope.completed:
+            # Answers that changed nothing (an order already settled) are stored on their own.
+            if isinstance(response, web.Response) and 200 <= response.status < 300:
+                async with pg.transaction() as con:
+                    await scope.complete(con, response)
+            else:
+                await payments.drop_idempotency_key(pg, p.tenant_id, p.user_id, key)
+        return response
+
+    return wrapper
+
+
+def _replay(status: int, body: bytes, headers: dict[str, Any] | None) -> web.Response:
+    out = {str(k): str(v) for k, v in (headers or {}).items()}
+    out["Idempotent-Replayed"] = "true"
+    return web.Response(body=body, status=status, headers=out, content_type="application/json")

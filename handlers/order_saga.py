@@ -1,0 +1,470 @@
+"""The pay saga: authorize → capture → paid; a decline or a permanent failure compensates
+(void the authorization, release the stock) and ends `payment_failed`.
+
+Its state lives in PostgreSQL (`payments.step`), written before and after every provider
+call, never only in memory:
+
+    authorizing ─► capturing ─► captured                    order paid
+        │              │
+        │ declined     └ rejected / gave up ─► voiding ─► voided   order payment_failed
+        └ or gave up ─► failed                                      (stock released)
+    captured ─► refunding ─► refunded                       order cancelled (stock released)
+
+Every provider call carries an idempotency key derived from (order id, step), so a step run
+twice (a retry after a lost answer, a saga resumed after a crash, a second replica) is
+answered from the provider's record and never charges twice.
+
+A saga is run by whichever process holds its lease (`payments.lease_until`), renewed at every
+step. A process that stops (crash, deploy) stops renewing; the sweeper in every process picks
+up sagas whose lease ran out, and at start-up that is every saga its predecessor left.
+
+The same transitions serve the provider's webhooks. They are conditional UPDATEs from the
+states that may precede them, so whichever of the saga and a webhook comes first moves the
+order, the other finds nothing to move, and an old event can never move an order backwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+from uuid import UUID
+
+from aiohttp import web
+from asyncpg import Connection, Record
+
+from db import audit, orders, payments
+from db.pool import Database
+from handlers.payments_client import (
+    BreakerOpen,
+    CircuitBreaker,
+    Declined,
+    PaymentsClient,
+    ProviderError,
+    Rejected,
+    Unavailable,
+)
+from server import metrics
+from server.config import Config
+from server.http import timestamp
+from server.keys import CONFIG, PAYMENTS, PG
+
+log = logging.getLogger("surge.payments")
+
+SWEEP_BATCH = 100
+CANCELLED = "cancelled"  # the outcome of a payment compensated because its order was cancelled
+MAX_STEP_PAUSE_S = 30.0
+
+
+def order_view(row: Record, items: list[Record], payment: Record | None = None) -> dict[str, Any]:
+    if payment is not None:
+        step, outcome = payment["step"], payment["outcome"]
+    else:
+        step = row.get("payment_step")
+        outcome = row.get("payment_outcome")
+    return {
+        "id": str(row["id"]),
+        "tenant_id": str(row["tenant_id"]),
+        "user_id": str(row["user_id"]),
+        "status": row["status"],
+        "items": [
+            {
+                "product_id": str(i["product_id"]),
+                "quantity": i["quantity"],
+                "unit_price_cents": i["unit_price_cents"],
+            }
+            for i in items
+        ],
+        "total_cents": row["total_cents"],
+        "currency": row["currency"],
+        "payment": None if step is None else {"status": step, "failure_code": outcome},
+        "version": row["version"],
+        "created_at": timestamp(row["created_at"]),
+        "updated_at": timestamp(row["updated_at"]),
+    }
+
+
+async def load_order_view(
+    con: Connection | Database, tenant_id: UUID, order_id: UUID
+) -> dict[str, Any] | None:
+    row = await orders.get_order(con, tenant_id, order_id)
+    if row is None:
+        return None
+    return order_view(row, await orders.items_of_orders(con, tenant_id, [order_id]))
+
+
+def reference(tenant_id: UUID, order_id: UUID) -> str:
+    return f"{tenant_id}:{order_id}"
+
+
+def parse_reference(ref: object) -> tuple[UUID, UUID] | None:
+    if not isinstance(ref, str):
+        return None
+    tenant, _, order = ref.partition(":")
+    try:
+        return UUID(tenant), UUID(order)
+    except ValueError:
+        return None
+
+
+# -- transitions: each one transaction, each conditional, shared by the saga and webhooks --
+
+
+async def _announce(
+    con: Connection,
+    order: Record,
+    action: str,
+    payment: Record | None,
+    request_id: str | None,
+    actor_id: UUID | None = None,
+    **details: Any,
+) -> None:
+    items = await orders.items_of_orders(con, order["tenant_id"], [order["id"]])
+    view = order_view(order, items, payment)
+    await audit.record_event(
+        con, order["tenant_id"], actor_id, action, "order", order["id"], request_id, details, view
+    )
+
+
+async def authorized(
+    con: Connection, tenant_id: UUID, order_id: UUID, authorization_id: str, source: str
+) -> bool:
+    moved = await payments.move_payment(
+        con, tenant_id, order_id, ["authorizing"], "capturing", authorization_id=authorization_id
+    )
+    if moved is not None:
+        await audit.record_audit(
+            con, tenant_id, None, "payment.authorized", "order", order_id, None,
+            {"authorization_id": authorization_id, "source": source},
+        )  # fmt: skip
+    return moved is not None
+
+
+async def paid(
+    con: Connection, tenant_id: UUID, order_id: UUID, authorization_id: str | None, source: str
+) -> bool:
+    moved = await payments.move_payment(
+        con, tenant_id, order_id, ["authorizing", "capturing"], "captured",
+        authorization_id=authorization_id,
+    )  # fmt: skip
+    if moved is None:
+        return False
+    order = await orders.move_order(con, tenant_id, order_id, ["paying"], "paid")
+    if order is not None:
+        await _announce(con, order, "order.paid", moved, None, source=source)
+        metrics.PAYMENTS_SAGAS.labels("paid").inc()
+    return True
+
+
+async def failed(
+    con: Connection,
+    tenant_id: UUID,
+    order_id: UUID,
+    from_steps: list[str],
+    to_step: str,
+    outcome: str,
+    source: str,
+    authorization_id: str | None = None,
+) -> bool:
+    """The payment ended without money moving: the order fails and its stock comes back."""
+    moved = await payments.move_payment(
+        con, tenant_id, order_id, from_steps, to_step,
+        authorization_id=authorization_id, outcome=outcome,
+    )  # fmt: skip
+    if moved is None:
+        return False
+    # A payment voided because the customer cancelled ends the order cancelled, not failed.
+    to_state = "cancelled" if outcome == CANCELLED else "payment_failed"
+    order = await orders.move_order(con, tenant_id, order_id, ["paying"], to_state)
+    if order is not None:
+        await orders.release_stock(con, tenant_id, order_id)
+        await _announce(con, order, f"order.{to_state}", moved, None, reason=outcome, source=source)
+        metrics.PAYMENTS_SAGAS.labels(to_state).inc()
+    else:
+        await audit.record_audit(
+            con, tenant_id, None, f"payment.{to_step}", "order", order_id, None,
+            {"reason": outcome, "source": source},
+        )  # fmt: skip
+    return True
+
+
+async def compensate(
+    con: Connection,
+    tenant_id: UUID,
+    order_id: UUID,
+    from_steps: list[str],
+    to_step: str,
+    outcome: str,
+    source: str,
+) -> bool:
+    """Money may have moved at the provider: void (or refund) it before the order fails."""
+    moved = await payments.move_payment(
+        con, tenant_id, order_id, from_steps, to_step, outcome=outcome
+    )
+    if moved is not None:
+        await audit.record_audit(
+            con, tenant_id, None, f"payment.{to_step}", "order", order_id, None,
+            {"reason": outcome, "source": source},
+        )  # fmt: skip
+    return moved is not None
+
+
+async def refunded(con: Connection, tenant_id: UUID, order_id: UUID, source: str) -> bool:
+    moved = await payments.move_payment(con, tenant_id, order_id, ["refunding"], "refunded")
+    if moved is None:
+        return False
+    order = await orders.move_order(con, tenant_id, order_id, ["paid"], "cancelled")
+    if order is not None:
+        await orders.release_stock(con, tenant_id, order_id)
+        await _announce(con, order, "order.cancelled", moved, None, refunded=True, source=source)
+        metrics.PAYMENTS_SAGAS.labels("refunded").inc()
+        return True
+    # A refund that compensated a capture nobody wanted (the saga had given up): the order
+    # failed, and now no money is held either.
+    to_state = "cancelled" if moved["outcome"] == CANCELLED else "payment_failed"
+    order = await orders.move_order(con, tenant_id, order_id, ["paying"], to_state)
+    if order is not None:
+        await orders.release_stock(con, tenant_id, order_id)
+        await _announce(con, order, f"order.{to_state}", moved, None, source=source)
+    return True
+
+
+class SagaRunner:
+    """Runs the sagas this process holds the lease of, and sweeps up abandoned ones."""
+
+    def __init__(self, pg: Database, client: PaymentsClient | None, config: Config) -> None:
+        self.pg = pg
+        self.client = client
+        self.lease_s = config.payments_saga_lease_s
+        self.max_attempts = config.payments_saga_attempts
+        self.backoff_s = config.payments_backoff_ms / 1000
+        self.tasks: dict[tuple[UUID, UUID], asyncio.Task[None]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def breaker(self) -> CircuitBreaker | None:
+        return None if self.client is None else self.client.breaker
+
+    def start(
+        self, tenant_id: UUID, order_id: UUID, *, owned: bool = False
+    ) -> asyncio.Task[None] | None:
+        """Run the saga unless this process already does. `owned`: the caller's transaction
+        took the lease (a new payment or a refund), so renew it instead of waiting it out."""
+        if self.client is None or self._closing:
+            return None
+        key = (tenant_id, order_id)
+        task = self.tasks.get(key)
+        if task is not None and not task.done():
+            return task
+        task = asyncio.create_task(self._run(tenant_id, order_id, owned), name=f"saga {order_id}")
+        self.tasks[key] = task
+        task.add_done_callback(
+            lambda t: self.tasks.pop(key, None) if self.tasks.get(key) is t else None
+        )
+        return task
+
+    async def _run(self, tenant_id: UUID, order_id: UUID, owned: bool) -> None:
+        assert self.client is not None
+        client = self.client
+        attempts = 0
+        renew = owned
+        try:
+            while True:
+                row = await payments.claim_payment(
+                    self.pg, tenant_id, order_id, self.lease_s, renew=renew
+                )
+                if row is None:
+                    return  # settled, or another process holds it
+                renew = True
+                step = row["step"]
+                try:
+                    await self._step(client, row)
+                    attempts = 0
+                except Unavailable as exc:
+                    attempts += 1
+                    if attempts >= self.max_attempts and step in ("authorizing", "capturing"):
+                        await self._give_up(row, exc)
+                        attempts = 0
+                        continue
+                    pause = self._pause(attempts, exc)
+                    log.warning(
+                        "saga %s: %s failed (%s); retrying in %.1fs", order_id, step, exc, pause
+                    )
+                    await asyncio.sleep(pause)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug or a database outage: the lease runs out and the sweeper tries again.
+            log.exception("saga %s stopped; it resumes when its lease runs out", order_id)
+
+    def _pause(self, attempts: int, exc: Exception) -> float:
+        if isinstance(exc, BreakerOpen):
+            pause = exc.retry_after_s + random.uniform(0, 0.1)
+        else:
+            pause = random.uniform(0, self.backoff_s * 2 ** min(attempts, 10))
+        # Renewed before every step, the lease must outlast the pause.
+        return min(pause, MAX_STEP_PAUSE_S, self.lease_s / 2)
+
+    async def _step(self, client: PaymentsClient, row: Record) -> None:
+        tenant_id, order_id, step = row["tenant_id"], row["order_id"], row["step"]
+        auth_id = row["authorization_id"]
+        source = "saga"
+        if step == "authorizing":
+            try:
+                result = await client.authorize(
+                    row["amount_cents"], row["currency"], row["payment_method"],
+                    reference(tenant_id, order_id), f"{order_id}:authorize",
+                )  # fmt: skip
+            except (Declined, Rejected) as exc:
+                async with self.pg.transaction() as con:
+                    await failed(
+                        con, tenant_id, order_id, ["authorizing"], "failed", exc.code, source
+                    )
+                return
+            async with self.pg.transaction() as con:
+                await authorized(con, tenant_id, order_id, str(result["id"]), source)
+        elif step == "capturing":
+            try:
+                await client.capture(auth_id, f"{order_id}:capture")
+            except (Declined, Rejected) as exc:
+                async with self.pg.transaction() as con:
+                    await compensate(
+                        con, tenant_id, order_id, ["capturing"], "voiding", exc.code, source
+                    )
+                return
+            async with self.pg.transaction() as con:
+                await paid(con, tenant_id, order_id, None, source)
+        elif step == "voiding":
+            try:
+                await client.void(auth_id, f"{order_id}:void")
+            except (Declined, Rejected) as exc:
+                # Refused: it was captured after all (a capture whose answer we lost). Refund.
+                async with self.pg.transaction() as con:
+                    await compensate(
+                        con, tenant_id, order_id, ["voiding"], "refunding", exc.code, source
+                    )
+                return
+            async with self.pg.transaction() as con:
+                await failed(
+                    con,
+                    tenant_id,
+                    order_id,
+                    ["voiding"],
+                    "voided",
+                    row["outcome"] or "voided",
+                    source,
+                )
+                metrics.PAYMENTS_SAGAS.labels("voided").inc()
+        elif step == "refunding":
+            try:
+                await client.refund(auth_id, f"{order_id}:refund")
+            except (Declined, Rejected) as exc:
+                log.error(
+                    "saga %s: the provider refused the refund (%s); needs a human",
+                    order_id,
+                    exc.code,
+                )
+                async with self.pg.transaction() as con:
+                    await payments.move_payment(
+                        con,
+                        tenant_id,
+                        order_id,
+                        ["refunding"],
+                        "failed",
+                        outcome=f"refund_{exc.code}",
+                    )
+                    await audit.record_audit(
+                        con, tenant_id, None, "payment.refund_refused", "order", order_id, None,
+                        {"code": exc.code},
+                    )  # fmt: skip
+                return
+            async with self.pg.transaction() as con:
+                await refunded(con, tenant_id, order_id, source)
+
+    async def _give_up(self, row: Record, exc: ProviderError) -> None:
+        tenant_id, order_id = row["tenant_id"], row["order_id"]
+        outcome = "provider_unavailable"
+        async with self.pg.transaction() as con:
+            if row["step"] == "authorizing":
+                # Whether the provider authorized is unknown. If it did, its webhook finds the
+                # payment failed and the webhook handler voids the authorization.
+                await failed(con, tenant_id, order_id, ["authorizing"], "failed", outcome, "saga")
+            else:
+                await compensate(
+                    con, tenant_id, order_id, ["capturing"], "voiding", outcome, "saga"
+                )
+        log.error(
+            "saga %s: gave up on %s after %d rounds (%s)",
+            order_id,
+            row["step"],
+            self.max_attempts,
+            exc,
+        )
+
+    # -- sweeping and shutdown --
+
+    async def sweep(self) -> int:
+        """Start every saga whose lease ran out (at start-up: all that were left mid-way)."""
+        rows = await payments.stale_payments(self.pg, SWEEP_BATCH)
+        for r in rows:
+            self.start(r["tenant_id"], r["order_id"])
+        return len(rows)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+                await payments.prune_idempotency_keys(self.pg)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("saga sweep failed; trying again")
+            await asyncio.sleep(max(self.lease_s / 2, 0.05))
+
+    def start_sweeper(self) -> None:
+        if self.client is not None:
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="saga sweeper")
+
+    async def close(self, grace_s: float = 5.0) -> None:
+        self._closing = True
+        interrupted = list(self.tasks)
+        running = [t for t in [self._sweeper, *self.tasks.values()] if t is not None]
+        for t in running:
+            t.cancel()
+        if running:
+            await asyncio.wait(running, timeout=grace_s)
+        # Hand the interrupted sagas over at once instead of after their lease.
+        for tenant_id, order_id in interrupted:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(payments.release_payment(self.pg, tenant_id, order_id), 2.0)
+
+
+async def payments_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    client = None
+    if config.payments_url:
+        assert config.payments_api_key is not None
+        client = PaymentsClient(
+            config.payments_url,
+            config.payments_api_key,
+            timeout_s=config.payments_timeout_s,
+            retries=config.payments_retries,
+            backoff_s=config.payments_backoff_ms / 1000,
+            breaker=CircuitBreaker(
+                config.payments_breaker_failures, config.payments_breaker_reset_s
+            ),
+        )
+        await client.start()
+    runner = SagaRunner(app[PG], client, config)
+    app[PAYMENTS] = runner
+    runner.start_sweeper()
+    try:
+        yield
+    finally:
+        await runner.close()
+        if client is not None:
+            await client.close()

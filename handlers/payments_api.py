@@ -1,0 +1,341 @@
+"""OpenAPI paths and schemas of the Catalog, orders, payments section (request schemas are the
+validators)."""
+
+from __future__ import annotations
+
+from handlers.identity_api import UUID_PATTERN
+from server.openapi import Json, op, ref, register
+
+STR_UUID = {"type": "string", "format": "uuid"}
+DATE = {"type": "string", "format": "date-time"}
+CURRENCY = {"type": "string", "pattern": "^[A-Z]{3}$", "description": "ISO 4217, e.g. USD"}
+ORDER_STATUS = {
+    "type": "string",
+    "enum": ["pending", "paying", "paid", "payment_failed", "cancelled"],
+}
+PAYMENT_STATUS = {
+    "type": "string",
+    "enum": [
+        "authorizing",
+        "capturing",
+        "captured",
+        "voiding",
+        "voided",
+        "refunding",
+        "refunded",
+        "failed",
+    ],
+}
+
+
+def _obj(required: list[str], props: Json) -> Json:
+    return {
+        "type": "object",
+        "required": required,
+        "properties": props,
+        "additionalProperties": False,
+    }
+
+
+def _page(item: str) -> Json:
+    return {
+        "type": "object",
+        "required": ["items", "next_cursor"],
+        "properties": {
+            "items": {"type": "array", "items": ref(item)},
+            "next_cursor": {"type": ["string", "null"]},
+        },
+    }
+
+
+SCHEMAS: Json = {
+    "CreateProductRequest": _obj(
+        ["sku", "name", "price_cents", "currency", "stock"],
+        {
+            "sku": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": r"^\S+$"},
+            "name": {"type": "string", "minLength": 1, "maxLength": 200},
+            "price_cents": {"type": "integer", "minimum": 0, "maximum": 100_000_000_000},
+            "currency": CURRENCY,
+            "stock": {"type": "integer", "minimum": 0, "maximum": 1_000_000_000},
+        },
+    ),
+    "Product": {
+        "type": "object",
+        "required": ["id", "tenant_id", "sku", "name", "price_cents", "currency", "stock"],
+        "properties": {
+            "id": STR_UUID,
+            "tenant_id": STR_UUID,
+            "sku": {"type": "string"},
+            "name": {"type": "string"},
+            "price_cents": {"type": "integer"},
+            "currency": CURRENCY,
+            "stock": {"type": "integer", "description": "Available after reservations"},
+            "version": {"type": "integer"},
+            "created_at": DATE,
+            "updated_at": DATE,
+        },
+    },
+    "ProductPage": _page("Product"),
+    "CreateOrderRequest": _obj(
+        ["items"],
+        {
+            "items": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 100,
+                "items": _obj(
+                    ["product_id", "quantity"],
+                    {
+                        "product_id": {"type": "string", "pattern": UUID_PATTERN},
+                        "quantity": {"type": "integer", "minimum": 1, "maximum": 1000},
+                    },
+                ),
+            }
+        },
+    ),
+    "PayOrderRequest": _obj(
+        ["payment_method"],
+        {
+            "payment_method": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 255,
+                "pattern": r"^[A-Za-z0-9_.:-]+$",
+                "description": "The provider's payment method token (never card data)",
+            }
+        },
+    ),
+    "OrderItem": {
+        "type": "object",
+        "required": ["product_id", "quantity", "unit_price_cents"],
+        "properties": {
+            "product_id": STR_UUID,
+            "quantity": {"type": "integer"},
+            "unit_price_cents": {"type": "integer"},
+        },
+    },
+    "Order": {
+        "type": "object",
+        "required": ["id", "tenant_id", "user_id", "status", "items", "total_cents", "currency"],
+        "properties": {
+            "id": STR_UUID,
+            "tenant_id": STR_UUID,
+            "user_id": STR_UUID,
+            "status": ORDER_STATUS,
+            "items": {"type": "array", "items": ref("OrderItem")},
+            "total_cents": {"type": "integer"},
+            "currency": CURRENCY,
+            "payment": {
+                "type": ["object", "null"],
+                "properties": {
+                    "status": PAYMENT_STATUS,
+                    "failure_code": {"type": ["string", "null"]},
+                },
+            },
+            "version": {"type": "integer"},
+            "created_at": DATE,
+            "updated_at": DATE,
+        },
+    },
+    "OrderPage": _page("Order"),
+    "AuditEntry": {
+        "type": "object",
+        "required": ["id", "action", "target_type", "created_at"],
+        "properties": {
+            "id": STR_UUID,
+            "actor_id": {"type": ["string", "null"], "format": "uuid"},
+            "action": {"type": "string", "description": "e.g. order.created, payment.authorized"},
+            "target_type": {"type": "string"},
+            "target_id": {"type": ["string", "null"], "format": "uuid"},
+            "request_id": {"type": ["string", "null"]},
+            "details": {"type": "object"},
+            "created_at": DATE,
+        },
+    },
+    "AuditPage": _page("AuditEntry"),
+    "PaymentWebhookEvent": {
+        "type": "object",
+        "required": ["id", "type", "data"],
+        "additionalProperties": True,
+        "properties": {
+            "id": {"type": "string", "description": "Unique per event; repeats are ignored"},
+            "type": {
+                "type": "string",
+                "enum": [
+                    "authorization.authorized",
+                    "authorization.declined",
+                    "authorization.captured",
+                    "authorization.voided",
+                    "authorization.refunded",
+                ],
+            },
+            "created": {"type": "integer"},
+            "data": {
+                "type": "object",
+                "required": ["authorization_id"],
+                "properties": {
+                    "authorization_id": {"type": "string"},
+                    "reference": {"type": "string", "description": "<tenant_id>:<order_id>"},
+                    "amount": {"type": "integer"},
+                    "currency": CURRENCY,
+                    "status": {"type": "string"},
+                },
+            },
+        },
+    },
+}
+
+
+def _json(desc: str, schema: Json, **headers: str) -> Json:
+    out: Json = {"description": desc, "content": {"application/json": {"schema": schema}}}
+    if headers:
+        out["headers"] = {
+            k: {"schema": {"type": "string"}, "description": v} for k, v in headers.items()
+        }
+    return out
+
+
+def _problem(desc: str) -> Json:
+    return {
+        "description": desc,
+        "content": {"application/problem+json": {"schema": ref("Problem")}},
+    }
+
+
+def _path(name: str) -> Json:
+    return {"name": name, "in": "path", "required": True, "schema": STR_UUID}
+
+
+def _query(name: str, schema: Json, description: str) -> Json:
+    return {"name": name, "in": "query", "schema": schema, "description": description}
+
+
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    "description": "Replays within 24 h return the stored answer (with Idempotent-Replayed: true);"
+    " the same key with another body is 422; a replay while the first runs is 409",
+}
+PAGE_PARAMS = [
+    _query("limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}, "Page size"),
+    _query("cursor", {"type": "string"}, "next_cursor of the previous page"),
+]
+FORBIDDEN = _problem("This needs the admin or owner role")
+NOT_FOUND = _problem("No such order in your tenant")
+UNAVAILABLE = _problem("The payment provider is unavailable (circuit open): see Retry-After")
+
+PATHS: Json = {
+    "/v1/products": {
+        "get": op(
+            "List the tenant's products",
+            "catalog",
+            {"200": _json("A page", ref("ProductPage"))},
+            params=PAGE_PARAMS,
+        ),
+        "post": op(
+            "Create a product (admin)",
+            "catalog",
+            {
+                "201": _json("Created", ref("Product"), Location="/v1/products/{id}"),
+                "403": FORBIDDEN,
+                "409": _problem("The sku is taken in this tenant"),
+            },
+            body="CreateProductRequest",
+        ),
+    },
+    "/v1/products/{product_id}": {
+        "get": op(
+            "A product; stock is what is still available after reservations",
+            "catalog",
+            {"200": _json("The product", ref("Product")), "404": _problem("No such product")},
+            params=[_path("product_id")],
+        )
+    },
+    "/v1/orders": {
+        "get": op(
+            "List the tenant's orders",
+            "orders",
+            {"200": _json("A page", ref("OrderPage"))},
+            params=[*PAGE_PARAMS, _query("status", ORDER_STATUS, "Only orders in this state")],
+        ),
+        "post": op(
+            "Create an order; its stock is reserved at once",
+            "orders",
+            {
+                "201": _json("Created, pending", ref("Order"), Location="/v1/orders/{id}"),
+                "409": _problem("Not enough stock, or the Idempotency-Key is in use"),
+            },
+            body="CreateOrderRequest",
+            params=[IDEMPOTENCY_KEY],
+        ),
+    },
+    "/v1/orders/{order_id}": {
+        "get": op(
+            "An order",
+            "orders",
+            {"200": _json("The order", ref("Order"), ETag='"<version>"'), "404": NOT_FOUND},
+            params=[_path("order_id")],
+        )
+    },
+    "/v1/orders/{order_id}/pay": {
+        "post": op(
+            "Pay an order: starts the pay saga (authorize, capture)",
+            "orders",
+            {
+                "202": _json("The saga runs; poll the order", ref("Order")),
+                "200": _json("Already settled (paid or payment_failed)", ref("Order")),
+                "404": NOT_FOUND,
+                "409": _problem("Cancelled, or the Idempotency-Key is in use"),
+                "503": UNAVAILABLE,
+            },
+            body="PayOrderRequest",
+            params=[_path("order_id"), IDEMPOTENCY_KEY],
+        )
+    },
+    "/v1/orders/{order_id}/cancel": {
+        "post": op(
+            "Cancel an order: releases its stock, refunds a captured payment",
+            "orders",
+            {
+                "200": _json("Cancelled", ref("Order")),
+                "202": _json("Cancelled once the refund completes", ref("Order")),
+                "404": NOT_FOUND,
+                "409": _problem("The payment is in progress"),
+            },
+            params=[_path("order_id")],
+        )
+    },
+    "/v1/webhooks/payments": {
+        "post": op(
+            "Payment provider events, signed with Surge-Signature",
+            "payments",
+            {
+                "200": _json("Received (also for an event id seen before)", {"type": "object"}),
+                "400": _problem("Bad or stale signature, or not an event"),
+            },
+            body="PaymentWebhookEvent",
+            auth=False,
+            params=[
+                {
+                    "name": "Surge-Signature",
+                    "in": "header",
+                    "required": True,
+                    "schema": {"type": "string"},
+                    "description": 't=<unix>,v1=<hex HMAC-SHA256 of "t.body">',
+                }
+            ],
+        )
+    },
+    "/v1/audit": {
+        "get": op(
+            "The tenant's audit log, newest first (admin)",
+            "audit",
+            {"200": _json("A page", ref("AuditPage")), "403": FORBIDDEN},
+            params=PAGE_PARAMS,
+        )
+    },
+}
+
+register(PATHS, SCHEMAS)

@@ -1,0 +1,162 @@
+"""POST /v1/webhooks/payments: the provider tells us what happened to an authorization.
+
+`Surge-Signature: t=<unix>,v1=<hex>` where hex = HMAC-SHA256(secret, "<t>." + raw body). The
+signature is checked over the raw bytes before anything is parsed, against every configured
+secret (PAYMENTS_WEBHOOK_SECRET="new,old" while a rotation is under way), with constant-time
+comparisons, and refused when `t` is more than WEBHOOK_TOLERANCE_S away from now (replays of
+a captured request stop working after that). A valid event whose id was processed before is
+acknowledged and ignored; the state changes are the saga's own conditional transitions, so an
+event arriving late or out of order never moves an order backwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+from typing import Any
+from uuid import UUID
+
+import orjson
+from aiohttp import web
+
+from db import payments
+from handlers import order_saga
+from server import metrics
+from server.errors import BadRequest, ServiceUnavailable
+from server.http import json_response
+from server.keys import CONFIG, PAYMENTS, PG
+
+log = logging.getLogger("surge.payments")
+
+
+def expected_signature(secret: str, timestamp: str, body: bytes) -> str:
+    mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    return mac.hexdigest()
+
+
+def verify_signature(
+    header: str | None, body: bytes, secrets: list[str], tolerance_s: int, now: float
+) -> None:
+    """Raises BadRequest unless one v1 signature in the header matches one secret."""
+    if not header or len(header) > 1024:
+        raise BadRequest("missing Surge-Signature header")
+    timestamp = None
+    signatures = []
+    for part in header.split(","):
+        name, _, value = part.strip().partition("=")
+        if name == "t":
+            timestamp = value
+        elif name == "v1":
+            signatures.append(value)
+    if timestamp is None or not (timestamp.isascii() and timestamp.isdigit()) or not signatures:
+        raise BadRequest("malformed Surge-Signature header")
+    if abs(now - int(timestamp)) > tolerance_s:
+        raise BadRequest("the signature's timestamp is outside the tolerance")
+    matched = False
+    for secret in secrets:  # no early exit: the time spent does not depend on which one matched
+        expected = expected_signature(secret, timestamp, body)
+        for sig in signatures:
+            matched |= hmac.compare_digest(expected, sig)
+    if not matched:
+        raise BadRequest("the signature does not match")
+
+
+def _event(body: bytes) -> tuple[str, str, dict[str, Any]]:
+    try:
+        event = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest("malformed JSON") from None
+    data = event.get("data") if isinstance(event, dict) else None
+    event_id = event.get("id") if isinstance(event, dict) else None
+    event_type = event.get("type") if isinstance(event, dict) else None
+    if not (
+        isinstance(event_id, str)
+        and 1 <= len(event_id) <= 255
+        and isinstance(event_type, str)
+        and len(event_type) <= 100
+        and isinstance(data, dict)
+        and isinstance(data.get("authorization_id"), str)
+    ):
+        raise BadRequest("not a payment event")
+    return event_id, event_type, data
+
+
+async def payments_webhook(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    if not config.payments_webhook_secret:
+        raise ServiceUnavailable("payments are not configured on this server", retry_after=60)
+    body = await request.read()
+    secrets = [s.strip() for s in config.payments_webhook_secret.split(",") if s.strip()]
+    try:
+        verify_signature(
+            request.headers.get("Surge-Signature"), body, secrets, config.webhook_tolerance_s,
+            time.time(),
+        )  # fmt: skip
+    except BadRequest:
+        metrics.WEBHOOKS.labels("bad_signature").inc()
+        raise
+    event_id, event_type, data = _event(body)
+    result = await apply_event(request.app, event_id, event_type, data)
+    metrics.WEBHOOKS.labels(result).inc()
+    return json_response({"received": True, "result": result})
+
+
+async def apply_event(
+    app: web.Application, event_id: str, event_type: str, data: dict[str, Any]
+) -> str:
+    """'applied', 'duplicate' or 'ignored' (nothing to change: unknown, late or out of order)."""
+    pg = app[PG]
+    auth_id: str = data["authorization_id"]
+    found = order_saga.parse_reference(data.get("reference"))
+    payment = None
+    if found is not None:
+        payment = await payments.get_payment(pg, *found)
+    if payment is None:
+        payment = await payments.payment_by_authorization(pg, auth_id)
+    tenant_id: UUID | None = None if payment is None else payment["tenant_id"]
+    order_id: UUID | None = None if payment is None else payment["order_id"]
+    kick = False
+    async with pg.transaction() as con:
+        if not await payments.insert_webhook_event(con, event_id, event_type, tenant_id, order_id):
+            return "duplicate"
+        if payment is None or tenant_id is None or order_id is None:
+            return "ignored"
+        known = payment["authorization_id"]
+        if known is not None and known != auth_id:
+            log.warning("webhook %s names authorization %s, order has %s", event_id, auth_id, known)
+            return "ignored"
+        source = f"webhook {event_id}"
+        moved = False
+        if event_type == "authorization.authorized":
+            moved = await order_saga.authorized(con, tenant_id, order_id, auth_id, source)
+            if not moved and payment["step"] == "failed" and known is None:
+                # The saga gave up on an authorization that happened after all: void it.
+                moved = await _late_authorization(con, tenant_id, order_id, auth_id, source)
+            kick = moved
+        elif event_type == "authorization.captured":
+            moved = await order_saga.paid(con, tenant_id, order_id, auth_id, source)
+        elif event_type in ("authorization.declined", "authorization.voided"):
+            declined = event_type == "authorization.declined"
+            moved = await order_saga.failed(
+                con, tenant_id, order_id,
+                ["authorizing"] if declined else ["authorizing", "voiding"],
+                "failed" if declined else "voided",
+                payment["outcome"] or event_type.removeprefix("authorization."),
+                source, auth_id,
+            )  # fmt: skip
+        elif event_type == "authorization.refunded":
+            moved = await order_saga.refunded(con, tenant_id, order_id, source)
+    if kick:
+        app[PAYMENTS].start(tenant_id, order_id)
+    return "applied" if moved else "ignored"
+
+
+async def _late_authorization(
+    con: Any, tenant_id: UUID, order_id: UUID, auth_id: str, source: str
+) -> bool:
+    moved = await payments.move_payment(
+        con, tenant_id, order_id, ["failed"], "voiding", authorization_id=auth_id
+    )
+    return moved is not None
