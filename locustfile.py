@@ -70,7 +70,10 @@ class SurgeUser(FastHttpUser):
 
 
 class FrontendUser(SurgeUser):
-    """Signs up, logs in, browses and searches users, edits its profile, refreshes its token."""
+    """Signs up, logs in, browses and searches users, edits its profile, refreshes its token,
+    orders and pays (tag `shop` runs only that)."""
+
+    product_id: str | None = None
 
     weight = 6
     wait_time = between(0.1, 0.5)
@@ -86,6 +89,54 @@ class FrontendUser(SurgeUser):
             body = self._check(resp, 200)
         if body:
             self.token, self.refresh_token = body["access_token"], body["refresh_token"]
+        # The signed-up user owns its tenant, so it can stock a product to order.
+        with self.client.post(
+            "/v1/products",
+            json={
+                "sku": _unique("sku"),
+                "name": "Load-test mug",
+                "price_cents": random.randint(100, 5000),
+                "currency": "EUR",
+                "stock": 1_000_000,
+            },
+            headers=self.auth(),
+            catch_response=True,
+            name="/v1/products [create]",
+        ) as resp:
+            product = self._check(resp, 201)
+        self.product_id = product["id"] if product else None
+
+    @tag("frontend", "shop")
+    @task(3)
+    def order_and_pay(self) -> None:
+        """Create an order, pay it (202 while the saga runs), look at it; keys make retries safe."""
+        if self.product_id is None:
+            return
+        with self.client.post(
+            "/v1/orders",
+            json={"items": [{"product_id": self.product_id, "quantity": random.randint(1, 3)}]},
+            headers={**self.auth(), "Idempotency-Key": _unique("order")},
+            catch_response=True,
+            name="/v1/orders",
+        ) as resp:
+            order = self._check(resp, 201)
+        if not order:
+            return
+        with self.client.post(
+            f"/v1/orders/{order['id']}/pay",
+            json={"payment_method": random.choice(["pm_card_visa"] * 9 + ["pm_card_declined"])},
+            headers={**self.auth(), "Idempotency-Key": _unique("pay")},
+            catch_response=True,
+            name="/v1/orders/{id}/pay",
+        ) as resp:
+            self._check(resp, 202, 200)
+        with self.client.get(
+            f"/v1/orders/{order['id']}",
+            headers=self.auth(),
+            catch_response=True,
+            name="/v1/orders/{id}",
+        ) as resp:
+            self._check(resp, 200)
 
     @tag("frontend")
     @task(10)

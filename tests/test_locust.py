@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 import time
@@ -12,18 +13,44 @@ from pathlib import Path
 
 import pytest
 
+from server.devservices import tcp_reachable
 from server.runner import free_port
 
 from .conftest import ROOT, Services, server_env
 
 
 @pytest.fixture
-def server_url(clean: Services) -> Iterator[str]:
+def provider_url() -> Iterator[str]:
+    """The fake payment provider as its own process, as a deployment would see a real one."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.fake_provider", "--port", str(port)],
+        cwd=ROOT,
+        env={**os.environ, "PAYMENTS_API_KEY": "lt_key", "PAYMENTS_WEBHOOK_SECRET": "lt_secret"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not tcp_reachable("127.0.0.1", port, timeout=0.2):
+            assert proc.poll() is None and time.monotonic() < deadline, "fake provider died"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def server_url(clean: Services, provider_url: str) -> Iterator[str]:
     port = free_port()
     env = server_env(
         clean,
         port,
         ACCESS_LOG="false",
+        PAYMENTS_URL=provider_url,
+        PAYMENTS_API_KEY="lt_key",
+        PAYMENTS_WEBHOOK_SECRET="lt_secret",
         # every simulated user signs up from 127.0.0.1
         AUTH_RATE_LIMIT_PER_MINUTE="100000",
         RATE_LIMIT_RATE="100000",
@@ -57,7 +84,7 @@ def server_url(clean: Services) -> Iterator[str]:
 
 SCENARIO_CLASS = {"frontend": "FrontendUser", "admin": "AdminUser", "events": "EventClient"}
 SCENARIO_ENDPOINTS = {
-    "frontend": {"/v1/users", "/v1/users/{id}", "/v1/me"},
+    "frontend": {"/v1/users", "/v1/users/{id}", "/v1/me", "/v1/orders", "/v1/orders/{id}/pay"},
     "admin": {"/v1/users [create]", "/v1/users?status"},
     "events": {"/v1/events"},
 }
@@ -85,4 +112,6 @@ def test_scenario_runs_without_failures(server_url: str, scenario: str, tmp_path
     assert int(total["Failure Count"]) == 0, Path(f"{prefix}_failures.csv").read_text()
     ran = {name for name, r in rows.items() if int(r["Request Count"]) > 0}
     assert ran & SCENARIO_ENDPOINTS[scenario], (sorted(ran), proc.stderr[-2000:])
+    if scenario == "frontend":  # the shop journey ran too, and paid without failures
+        assert {"/v1/orders", "/v1/orders/{id}/pay", "/v1/orders/{id}"} <= ran, sorted(ran)
     assert proc.returncode == 0, proc.stderr[-2000:]
