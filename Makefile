@@ -24,6 +24,7 @@ bench: $(STAMP)  ## Surge vs bare aiohttp+asyncpg vs FastAPI+SQLAlchemy, side by
 	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(BIN)/python -m bench.seed
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.soak  # RSS over 60 s under load: <= 100 MB, <= 5 % growth
 
 profile: $(STAMP)  ## py-spy flame graph of Surge under load: docs/profile-user.svg
 	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk; }
