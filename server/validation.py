@@ -122,7 +122,12 @@ def luhn_ok(digits: str) -> bool:
     return total % 10 == 0
 
 
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
 def looks_like_card(value: str) -> bool:
+    if "-" in value:  # ids are not cards, whatever digits they happen to hold
+        value = _UUID.sub(" ", value)
     for match in _CARD.finditer(value):
         digits = match.group().replace(" ", "").replace("-", "")
         if 13 <= len(digits) <= 19 and luhn_ok(digits):
