@@ -18,6 +18,7 @@ from server.state import Lifecycle
 if TYPE_CHECKING:  # these modules import this one
     from handlers.analytics import LiveHub
     from handlers.events import EventCounters, EventWriter
+    from server.tracing import Tracing
 
 CONFIG = web.AppKey("config", Config)
 PG = web.AppKey("pg", Database)
@@ -30,6 +31,7 @@ USER_CACHE = web.AppKey("user_cache", UserCache)
 EVENT_WRITER: web.AppKey[EventWriter] = web.AppKey("event_writer")
 EVENT_COUNTERS: web.AppKey[EventCounters] = web.AppKey("event_counters")
 LIVE_HUB: web.AppKey[LiveHub] = web.AppKey("live_hub")
+TRACING: web.AppKey[Tracing] = web.AppKey("tracing")  # only when OTEL_EXPORTER_OTLP_ENDPOINT is set
 
 REQUEST_ID = web.RequestKey("request_id", str)
 # The verified access token's claims; None when the request carries no valid token.
