@@ -202,7 +202,7 @@ def pipeline(
                 raise
             except Exception as exc:
                 resp = _problem_for(request, exc)
-                if span is not None:
+                if span is not None and resp.status >= 500:
                     span.error(exc)
             finally:
                 if gated:

@@ -22,8 +22,9 @@ import asyncio
 import os
 import re
 import socket
-from collections.abc import AsyncIterator, Iterator, Mapping, MutableMapping
-from contextlib import contextmanager
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, MutableMapping
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -125,6 +126,7 @@ class Tracing:
         self.provider = TracerProvider(
             resource=resource,
             sampler=ParentBased(TraceIdRatioBased(config.otel_traces_sampler_arg)),
+            shutdown_on_exit=False,  # stop() does it, bounded; an atexit hook would not be
         )
         # Queue size, batch size and delay follow OTEL_BSP_*; headers, timeout, compression
         # and certificates follow OTEL_EXPORTER_OTLP_* (read by the SDK itself).
@@ -137,11 +139,7 @@ class Tracing:
     async def flush(self, timeout_s: float = 5.0) -> bool:
         """Export every ended span now (tests; the processor otherwise sends every 5 s)."""
         assert self.provider is not None
-        provider = self.provider
-        fut = asyncio.get_running_loop().run_in_executor(
-            None, provider.force_flush, int(timeout_s * 1000)
-        )
-        return bool(await fut)
+        return bool(await _in_thread(self.provider.force_flush, int(timeout_s * 1000)))
 
     async def stop(self, grace_s: float = 5.0) -> None:
         global _tracer
@@ -150,9 +148,10 @@ class Tracing:
         provider, self.provider, self.tracer = self.provider, None, None
         if provider is None:
             return
-        # shutdown() exports what is queued with blocking HTTP: in a thread, bounded, so a
-        # collector that does not answer cannot hang the process's exit.
-        closing = asyncio.get_running_loop().run_in_executor(None, provider.shutdown)
+        # shutdown() exports what is queued with blocking HTTP (and retries for up to
+        # OTEL_EXPORTER_OTLP_TIMEOUT): in a daemon thread, waited for at most grace_s, so a
+        # collector that does not answer cannot hold up the process's exit.
+        closing = asyncio.ensure_future(_in_thread(provider.shutdown))
         await asyncio.wait({closing}, timeout=grace_s)
 
     def start_request(self, request: web.Request, route: str, rid: str) -> ServerSpan:
@@ -180,6 +179,34 @@ class Tracing:
             yield
         finally:
             await self.stop()
+
+
+async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) in a daemon thread of its own: unlike the loop's default executor, one still
+    running at exit does not keep the process alive."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def run() -> None:
+        result, error = None, None
+        try:
+            result = fn(*args)
+        except BaseException as exc:
+            error = exc
+        with suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+            loop.call_soon_threadsafe(_settle, fut, result, error)
+
+    threading.Thread(target=run, name="surge-otel-flush", daemon=True).start()
+    return await fut
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
 
 
 def tracer_of(app: web.Application) -> Tracer | None:

@@ -10,6 +10,7 @@ import asyncio
 import gzip
 import io
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -336,3 +337,25 @@ async def test_shutdown_flushes_spans_still_queued(aiohttp_server: Any, config: 
     await runner.cleanup()
     assert [s.name for s in sink.trace(TRACE_ID)] == ["GET /healthz"]
     assert tracing._tracer is None
+
+
+async def test_a_collector_that_is_down_neither_fails_requests_nor_holds_up_exit(
+    config: Config,
+) -> None:
+    from server.runner import free_port
+
+    app = create_app(
+        configured(config, otel_exporter_otlp_endpoint=f"http://127.0.0.1:{free_port()}")
+    )
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert (await reader.read()).startswith(b"HTTP/1.1 200")
+    writer.close()
+    started = time.monotonic()
+    await runner.cleanup()  # the exporter retries for 10 s; Surge waits for it 5 s at most
+    assert time.monotonic() - started < 7
