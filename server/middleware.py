@@ -164,10 +164,10 @@ def pipeline(
         if rid is None or _RID.fullmatch(rid) is None:
             rid = new_request_id()
         request[REQUEST_ID] = rid
+        span = None if tracing is None else tracing.start_request(request, route_of(request), rid)
         start = time.perf_counter()
         metrics.IN_FLIGHT.inc()
         status = 499  # the client went away before an answer
-        span = None if tracing is None else tracing.start_request(request, route_of(request), rid)
         try:
             path = request.path
             gated = path not in OPS_PATHS and path not in STREAM_PATHS
