@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import asyncpg
 import orjson
@@ -25,6 +25,9 @@ from asyncpg import Connection, Record
 from asyncpg.pool import Pool
 
 from db.gate import FairGate, GateTimeout
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 Isolation = Literal["read_committed", "repeatable_read", "serializable"]
 
@@ -138,7 +141,15 @@ async def open_database(
     command_timeout: float,
     statement_cache_size: int = 1024,
     name: str = "primary",
+    tracer: Tracer | None = None,
 ) -> Database:
+    # Tracing swaps in a connection class that opens a span per statement (db/traced.py); without
+    # it the pool runs asyncpg's own class and tracing costs nothing here.
+    extra: dict[str, Any] = {}
+    if tracer is not None:
+        from db.traced import connection_class
+
+        extra["connection_class"] = connection_class(tracer, name)
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min(min_size, max_size),
@@ -151,6 +162,7 @@ async def open_database(
         # Idle connections are closed after 5 minutes so a quiet replica gives back its slots.
         max_inactive_connection_lifetime=300.0,
         server_settings={"application_name": f"surge-{name}"},
+        **extra,
     )
     assert pool is not None
     return Database(pool, FairGate(max_size, acquire_timeout), name)

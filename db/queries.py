@@ -4,6 +4,9 @@ The format is aiosql's: a `-- name: verb_noun` line starts a block, the comment 
 after it document the statement, and the block runs to the next `-- name:`. Code reads
 `Q["get_user"]`; because the string is the same on every call, asyncpg's per-connection
 statement cache prepares it once per connection.
+
+`load` also records every statement's text under its name in `NAMES`, so tracing can name a
+statement's span after it (`get_user`) from the SQL string alone, never from its parameters.
 """
 
 from __future__ import annotations
@@ -16,6 +19,11 @@ SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 
 _NAME = re.compile(r"^--\s*name:\s*(?P<name>\S*)\s*$")
 _VALID_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+# SQL text -> statement name, for every statement load() has read. Tracing looks the query up
+# here; the text is the very string object the caller passes, so the lookup is a hash compare.
+NAMES: dict[str, str] = {}
 
 
 class QueryError(Exception):
@@ -75,4 +83,15 @@ def parse(text: str, source: str = "<string>") -> Queries:
 
 def load(filename: str, directory: Path = SQL_DIR) -> Queries:
     path = directory / filename
-    return parse(path.read_text(encoding="utf-8"), source=filename)
+    queries = parse(path.read_text(encoding="utf-8"), source=filename)
+    NAMES.update({sql: name for name, sql in queries.items()})
+    return queries
+
+
+def name_of(sql: str) -> str:
+    """The statement's `-- name:`, else its first keyword (BEGIN, COMMIT, an ad hoc SELECT)."""
+    name = NAMES.get(sql)
+    if name is None:
+        head = sql.lstrip().split(None, 1)
+        name = head[0].rstrip(";").upper() if head else "SQL"
+    return name

@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 
 from server import metrics
+from server.tracing import client_span
 
 CLOSED, HALF_OPEN, OPEN = 0, 1, 2
 MAX_RETRY_AFTER_S = 30.0
@@ -166,17 +167,18 @@ class PaymentsClient:
                 metrics.PAYMENTS_CALLS.labels(op, "breaker_open").inc()
                 raise BreakerOpen(self.breaker.retry_after())
             retry_after = 0.0
+            url = self.base_url + path
+            headers = {**self._headers, "Idempotency-Key": key}
             try:
-                async with self._session.post(
-                    self.base_url + path,
-                    data=orjson.dumps(body),
-                    headers={**self._headers, "Idempotency-Key": key},
-                    timeout=self._timeout,
-                ) as resp:
-                    status = resp.status
-                    raw = await resp.read()
-                    if status == 429:
-                        retry_after = _retry_after(resp.headers.get("Retry-After"))
+                with client_span(f"payments.{op}", headers, url=url) as span:
+                    async with self._session.post(
+                        url, data=orjson.dumps(body), headers=headers, timeout=self._timeout
+                    ) as resp:
+                        status = resp.status
+                        span.set_status(status)
+                        raw = await resp.read()
+                        if status == 429:
+                            retry_after = _retry_after(resp.headers.get("Retry-After"))
             except asyncio.CancelledError:
                 self.breaker.release()
                 raise

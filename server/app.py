@@ -16,11 +16,12 @@ from handlers.passwords import Hasher
 from handlers.user_cache import UserCache
 from server import metrics
 from server.config import Config
-from server.keys import CONFIG, HASHER, LIFECYCLE, LIMITER, PG, PG_READ, REDIS, USER_CACHE
+from server.keys import CONFIG, HASHER, LIFECYCLE, LIMITER, PG, PG_READ, REDIS, TRACING, USER_CACHE
 from server.middleware import AccessLog, pipeline
 from server.ratelimit import LocalLimiter, RedisLimiter
 from server.state import Lifecycle
 from server.tokens import TOKENS, TokenService
+from server.tracing import Tracing, instrument_redis, tracer_of
 from server.validation import compile_all
 
 
@@ -33,6 +34,7 @@ async def _postgres(app: web.Application) -> AsyncIterator[None]:
         "acquire_timeout": config.pg_acquire_timeout_ms / 1000,
         "command_timeout": config.pg_command_timeout_s,
         "statement_cache_size": config.pg_statement_cache_size,
+        "tracer": tracer_of(app),
     }
     app[PG] = await open_database(config.database_url, name="primary", **pool_args)  # type: ignore[arg-type]
     metrics.POOLS.sources["primary"] = app[PG].stats
@@ -69,6 +71,8 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     assert config.redis_url is not None, "REDIS_URL is resolved before the app starts"
     app[REDIS] = redis_client(config.redis_url)
+    if (tracer := tracer_of(app)) is not None:
+        instrument_redis(app[REDIS], tracer)
     try:
         yield
     finally:
@@ -113,12 +117,14 @@ def create_app(config: Config, *, access_log: AccessLog | None = None) -> web.Ap
     compile_all()
     if access_log is None and config.access_log:
         access_log = AccessLog()
+    tracing = Tracing(config) if config.otel_exporter_otlp_endpoint else None
     app = web.Application(
         client_max_size=config.max_body_bytes,
         middlewares=[
             pipeline(
                 access_log,
                 FairGate(config.max_in_flight, config.shed_queue_timeout_ms / 1000),
+                tracing,
             )
         ],
     )
@@ -127,6 +133,9 @@ def create_app(config: Config, *, access_log: AccessLog | None = None) -> web.Ap
     app[TOKENS] = TokenService.from_config(config)
     if access_log is not None:
         app.cleanup_ctx.append(_flushed_at_exit(access_log))  # first in, so closed last
+    if tracing is not None:  # before the pools: they trace with it; flushed after they close
+        app[TRACING] = tracing
+        app.cleanup_ctx.append(tracing.ctx)
     app.cleanup_ctx.extend([_postgres, _redis, _limiter, _hasher, _user_cache])
     # After the pools: closed in reverse, the writer commits what is pending before they close.
     app.cleanup_ctx.extend(

@@ -355,6 +355,23 @@ class Config:
         300,
         "Webhook signatures older (or newer) than this are refused",
     )
+    # Tracing is off unless a collector is named: then every request, SQL statement and Redis
+    # call is a span, exported over OTLP/HTTP in batches by a background thread (server/tracing.py).
+    otel_exporter_otlp_endpoint: str | None = _setting(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        _url("http", "https"),
+        None,
+        "OTLP/HTTP collector base URL (spans go to <url>/v1/traces); unset: tracing off",
+    )
+    otel_service_name: str = _setting(
+        "OTEL_SERVICE_NAME", _nonempty, "surge", "service.name of every exported span"
+    )
+    otel_traces_sampler_arg: float = _setting(
+        "OTEL_TRACES_SAMPLER_ARG",
+        _float(0.0, 1.0),
+        1.0,
+        "Share of new traces recorded; an incoming traceparent's sampled flag is always followed",
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:

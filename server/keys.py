@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # these modules import this one
     from handlers.analytics import LiveHub
     from handlers.events import EventCounters, EventWriter
     from handlers.order_saga import SagaRunner
+    from server.tracing import Tracing
 
 CONFIG = web.AppKey("config", Config)
 PG = web.AppKey("pg", Database)
@@ -32,6 +33,7 @@ EVENT_WRITER: web.AppKey[EventWriter] = web.AppKey("event_writer")
 EVENT_COUNTERS: web.AppKey[EventCounters] = web.AppKey("event_counters")
 LIVE_HUB: web.AppKey[LiveHub] = web.AppKey("live_hub")
 PAYMENTS: web.AppKey[SagaRunner] = web.AppKey("payments")
+TRACING: web.AppKey[Tracing] = web.AppKey("tracing")  # only when OTEL_EXPORTER_OTLP_ENDPOINT is set
 
 REQUEST_ID = web.RequestKey("request_id", str)
 # The verified access token's claims; None when the request carries no valid token.

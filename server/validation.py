@@ -86,15 +86,16 @@ async def read_json(request: web.Request, schema_name: str) -> dict[str, Any]:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"malformed JSON: {exc.args[0] if exc.args else 'parse error'}") from None
-    # Card data never enters Surge (PCI DSS scope stays with the payment provider): refused
-    # before validation, so not even an error message repeats it.
+    # Validation messages name fields and rules, never values, so a card number in a field of
+    # the wrong shape is already refused without being repeated.
+    result: dict[str, Any] = validate(schema_name, data)
+    # Card data never enters Surge (PCI DSS scope stays with the payment provider).
     if _DIGIT_RUN.search(raw):
-        path = _card_path(data, "")
+        path = _card_path(result, "")
         if path is not None:
             raise ValidationFailed(
                 [{"field": path, "message": CARD_MESSAGE}], "the request contains card data"
             )
-    result: dict[str, Any] = validate(schema_name, data)
     # PostgreSQL text and jsonb cannot hold NUL: name the field now instead of failing later.
     if b"\\u0000" in raw:
         path = _nul_path(result, "")
