@@ -8,7 +8,7 @@ from functools import cache
 
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from server import metrics
 from server.keys import LIFECYCLE, PG, REDIS
@@ -52,7 +52,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    resp = web.Response(body=generate_latest(metrics.REGISTRY))
+    resp = web.Response(body=metrics.exposition())
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return resp
 
