@@ -354,7 +354,7 @@ class Supervisor:
                 log.error("worker %s (pid %s) did not stop in time: killing it", slot, proc.pid)
                 proc.kill()
                 code = proc.wait()
-            bad = bad or code != 0
+            bad = bad or code not in (0, -signal.SIGTERM)  # TERM before its handler: starting
             self._reap(slot, proc, code)
         log.info("supervisor stopped")
         return bad
