@@ -76,7 +76,10 @@ def _url(*schemes: str) -> Callable[[str], str]:
             raise ValueError(f"malformed URL ({exc})") from None
         if parts.scheme not in schemes:
             raise ValueError(f"expected a {' or '.join(schemes)} URL")
-        if not parts.hostname and "host=" not in parts.query:
+        if parts.scheme == "unix":  # redis over a Unix socket (the embedded one, a sidecar)
+            if not parts.path:
+                raise ValueError("the URL names no socket path")
+        elif not parts.hostname and "host=" not in parts.query:
             raise ValueError("the URL names no host")
         return value
 

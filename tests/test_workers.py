@@ -26,6 +26,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from server.config import Config, ConfigError
 from server.runner import free_port
 
 from .conftest import ROOT, Services, _create_database, _drop_database, server_env, with_database
@@ -218,3 +219,16 @@ def test_sigterm_drains_every_worker_and_exits_0(instance: Instance) -> None:
     for pid in workers:
         assert not Path(f"/proc/{pid}").exists()
     assert not instance.metrics_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [("unix:///srv/surge/redis.sock", None), ("unix://", "the URL names no socket path")],
+)
+def test_workers_accept_the_embedded_redis_socket_url(url: str, problem: str | None) -> None:
+    """The supervisor hands embedded Redis to its workers as REDIS_URL=unix://<socket>."""
+    if problem is None:
+        assert Config.from_env({"REDIS_URL": url}).redis_url == url
+    else:
+        with pytest.raises(ConfigError, match=problem):
+            Config.from_env({"REDIS_URL": url})
