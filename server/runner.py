@@ -199,6 +199,20 @@ def run_migrate(config: Config) -> list[str]:
         services.stop()
 
 
+def _remove_orphaned_metrics_dirs() -> None:
+    """Metrics directories of supervisors that were killed before they could remove their own."""
+    for path in Path(tempfile.gettempdir()).glob("surge-metrics-*-*"):
+        pid = path.name.split("-")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 class StartupError(Exception):
     """Start-up cannot go on; the message is the one line to print."""
 
@@ -302,7 +316,8 @@ class Supervisor:
 
     def run(self) -> int:
         reserved = self._reserve_port()
-        self.metrics_dir = tempfile.mkdtemp(prefix="surge-metrics-")
+        _remove_orphaned_metrics_dirs()
+        self.metrics_dir = tempfile.mkdtemp(prefix=f"surge-metrics-{os.getpid()}-")
         previous = {
             sig: signal.signal(sig, self._signal) for sig in (signal.SIGTERM, signal.SIGINT)
         }

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -94,6 +95,8 @@ def ready(url: str) -> bool:
 
 @pytest.fixture(scope="module")
 def instance(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instance]:
+    orphan = Path(tempfile.gettempdir()) / "surge-metrics-999999999-x"  # a dead supervisor's
+    orphan.mkdir(exist_ok=True)
     name = f"surge_workers_{os.getpid()}"
     asyncio.run(_create_database(services.admin_dsn, name))
     dsn = with_database(services.admin_dsn, name)
@@ -118,6 +121,11 @@ def instance(services: Services, tmp_path_factory: pytest.TempPathFactory) -> It
             proc.kill()
             proc.wait()
         asyncio.run(_drop_database(services.admin_dsn, name))
+
+
+def test_a_killed_supervisors_metrics_directory_is_removed(instance: Instance) -> None:
+    assert not (Path(tempfile.gettempdir()) / "surge-metrics-999999999-x").exists()
+    assert instance.metrics_dir.name.startswith(f"surge-metrics-{instance.proc.pid}-")
 
 
 def test_migrations_run_once_in_the_supervisor(instance: Instance) -> None:
