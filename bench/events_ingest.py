@@ -195,6 +195,7 @@ def surge_env(port: int) -> dict[str, str]:
         "REDIS_URL": REDIS_URL,
         "REDIS_KEY_PREFIX": "surgeevbench:",
         "PORT": str(port),
+        "WORKERS": "1",  # one process, measured by its pid
         "JWT_KEYS": JWT_KEYS,
         "ACCESS_TOKEN_TTL_S": "86400",
         "ACCESS_LOG": "false",

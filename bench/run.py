@@ -163,6 +163,7 @@ def make_servers(jwt_secret: str) -> dict[str, Server]:
             {
                 "HOST": "127.0.0.1",
                 "PORT": "8201",
+                "WORKERS": "1",  # one process pinned to one core, measured by its pid
                 "DATABASE_URL": DATABASE_URL,
                 "REDIS_URL": REDIS_URL,
                 "REDIS_KEY_PREFIX": REDIS_KEY_PREFIX,

@@ -4,6 +4,12 @@ Each file runs in its own transaction and is recorded with its SHA-256. The whol
 PostgreSQL advisory lock on a dedicated connection, so replicas starting together apply each
 file once (the others wait, then find nothing to do). A file edited after it was applied
 stops the run: the schema would no longer match what the files say.
+
+Two roles: migrations run as the schema owner; with a runtime role named, the run ends by
+granting that role the DML rights the server needs on every table, sequence and function of
+the schema (present and, through default privileges, future), and nothing else: it cannot
+create, alter, drop or truncate. When nothing is pending the run issues no DDL at all, so a
+server connected as the runtime role can still start with MIGRATE_ON_START.
 """
 
 from __future__ import annotations
@@ -68,14 +74,19 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 """
 
 
-async def migrate(dsn: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
-    """Apply what is pending; return the file names applied."""
+async def migrate(
+    dsn: str, directory: Path = MIGRATIONS_DIR, *, runtime_role: str | None = None
+) -> list[str]:
+    """Apply what is pending, then grant `runtime_role` its rights; return the files applied."""
     migrations = discover(directory)
     con = await asyncpg.connect(dsn)
     try:
         await con.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
         try:
-            return await _apply(con, migrations)
+            done = await _apply(con, migrations)
+            if runtime_role is not None:
+                await grant_runtime_role(con, runtime_role)
+            return done
         finally:
             await con.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
     finally:
@@ -83,8 +94,11 @@ async def migrate(dsn: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
 
 
 async def _apply(con: asyncpg.Connection, migrations: list[Migration]) -> list[str]:
-    await con.execute(_CREATE_TABLE)
-    rows = await con.fetch("SELECT version, name, checksum FROM schema_migrations")
+    rows = []
+    if await con.fetchval("SELECT to_regclass('schema_migrations') IS NULL"):
+        await con.execute(_CREATE_TABLE)
+    else:
+        rows = await con.fetch("SELECT version, name, checksum FROM schema_migrations")
     applied = {r["version"]: r for r in rows}
     for mig in migrations:
         row = applied.get(mig.version)
@@ -108,6 +122,48 @@ async def _apply(con: asyncpg.Connection, migrations: list[Migration]) -> list[s
         log.info("applied migration %s", mig.filename)
         done.append(mig.filename)
     return done
+
+
+# {schema} and {role} are quoted identifiers. schema_migrations stays read-only to the role.
+_GRANTS = """
+GRANT USAGE ON SCHEMA {schema} TO {role};
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {role};
+REVOKE INSERT, UPDATE, DELETE ON {schema}.schema_migrations FROM {role};
+GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {schema} TO {role};
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {schema} TO {role};
+ALTER DEFAULT PRIVILEGES IN SCHEMA {schema}
+    GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {role};
+ALTER DEFAULT PRIVILEGES IN SCHEMA {schema} GRANT USAGE, SELECT ON SEQUENCES TO {role};
+ALTER DEFAULT PRIVILEGES IN SCHEMA {schema} GRANT EXECUTE ON FUNCTIONS TO {role};
+"""
+
+
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+async def grant_runtime_role(con: asyncpg.Connection, role: str) -> None:
+    """Give `role` DML rights on everything in the current schema, now and for objects the
+    migrating role creates later (new tables, day partitions). Idempotent."""
+    row = await con.fetchrow(
+        "SELECT current_user AS me, current_schema() AS schema,"
+        " (SELECT rolsuper FROM pg_roles WHERE rolname = $1) AS super",
+        role,
+    )
+    assert row is not None
+    if row["super"] is None:
+        raise MigrationError(
+            f"DATABASE_RUNTIME_ROLE: role {role!r} does not exist (docs/DEPLOY.md shows how to "
+            "create it)"
+        )
+    if row["me"] == role:
+        log.info("migrations run as the runtime role %s: no grants to make", role)
+        return
+    if row["super"]:
+        log.warning("DATABASE_RUNTIME_ROLE %s is a superuser: grants cannot restrict it", role)
+    async with con.transaction():
+        await con.execute(_GRANTS.format(schema=_quote(row["schema"]), role=_quote(role)))
+    log.info("granted DML rights on schema %s to %s", row["schema"], role)
 
 
 async def applied_versions(dsn: str) -> list[int]:

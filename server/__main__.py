@@ -20,6 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="apply migrations, then serve HTTP until SIGTERM")
     serve.add_argument("--host", help="overrides HOST")
     serve.add_argument("--port", type=int, help="overrides PORT")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="processes sharing the port (overrides WORKERS; default: one per usable core)",
+    )
+    serve.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)  # set by the supervisor
     sub.add_parser("migrate", help="apply pending migrations and exit")
     sub.add_parser("env", help="print every environment variable with its default")
     args = parser.parse_args(argv)
@@ -46,8 +52,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _run(args, config, runner)
+    except ConfigError as exc:  # found at start-up: an unreadable certificate, say
+        print(f"surge: invalid configuration: {exc}", file=sys.stderr)
+        return 2
     except MigrationError as exc:
         print(f"surge: migrations refused: {exc}", file=sys.stderr)
+        return 1
+    except runner.StartupError as exc:
+        print(f"surge: {exc}", file=sys.stderr)
         return 1
 
 
@@ -58,8 +70,13 @@ def _run(args: argparse.Namespace, config: Config, runner: ModuleType) -> int:
             config = dataclasses.replace(config, host=args.host)
         if args.port is not None:
             config = dataclasses.replace(config, port=args.port)
-        runner.run_serve(config)
-        return 0
+        if args.workers is not None:
+            if not 1 <= args.workers <= 1024:
+                print("surge: --workers must be between 1 and 1024", file=sys.stderr)
+                return 2
+            config = dataclasses.replace(config, workers=args.workers)
+        code: int = runner.run_serve(config, worker_of=args.worker_of)
+        return code
     if args.command == "migrate":
         applied = runner.run_migrate(config)
         print(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -75,7 +76,10 @@ def _url(*schemes: str) -> Callable[[str], str]:
             raise ValueError(f"malformed URL ({exc})") from None
         if parts.scheme not in schemes:
             raise ValueError(f"expected a {' or '.join(schemes)} URL")
-        if not parts.hostname and "host=" not in parts.query:
+        if parts.scheme == "unix":  # redis over a Unix socket (the embedded one, a sidecar)
+            if not parts.path:
+                raise ValueError("the URL names no socket path")
+        elif not parts.hostname and "host=" not in parts.query:
             raise ValueError("the URL names no host")
         return value
 
@@ -90,6 +94,13 @@ def _nonempty(raw: str) -> str:
     if not raw.strip():
         raise ValueError("must not be empty")
     return raw.strip()
+
+
+def _identifier(raw: str) -> str:
+    value = raw.strip()
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", value):
+        raise ValueError(f"expected a PostgreSQL role name (letters, digits, _), got {raw!r}")
+    return value
 
 
 def _setting(
@@ -198,6 +209,35 @@ class Config:
     )
     shutdown_grace_s: float = _setting(
         "SHUTDOWN_GRACE_S", _float(0, 3600), 10.0, "How long in-flight requests may finish on stop"
+    )
+    # Production: processes, TLS on the listener, the two database roles.
+    workers: int = _setting(
+        "WORKERS",
+        _int(0, 1024),
+        0,
+        "Processes serving the port (SO_REUSEPORT) under one supervisor; 0: one per usable core",
+    )
+    tls_cert_file: str | None = _setting(
+        "TLS_CERT_FILE",
+        _nonempty,
+        None,
+        "PEM certificate chain: serve HTTPS (with TLS_KEY_FILE); unset: plain HTTP",
+    )
+    tls_key_file: str | None = _setting(
+        "TLS_KEY_FILE", _nonempty, None, "PEM private key of TLS_CERT_FILE", secret=True
+    )
+    database_migration_url: str | None = _setting(
+        "DATABASE_MIGRATION_URL",
+        _url(*_PG),
+        None,
+        "PostgreSQL URL of the schema owner, for migrations; unset: DATABASE_URL",
+        secret=True,
+    )
+    database_runtime_role: str | None = _setting(
+        "DATABASE_RUNTIME_ROLE",
+        _identifier,
+        None,
+        "Role the server connects as: migrations grant it DML rights only; unset: no grants",
     )
     access_log: bool = _setting("ACCESS_LOG", _bool, True, "One JSON line per request on stdout")
     log_level: str = _setting(
@@ -393,6 +433,11 @@ class Config:
         return config
 
     def check(self) -> None:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            missing = "TLS_KEY_FILE" if self.tls_key_file is None else "TLS_CERT_FILE"
+            raise ConfigError(
+                missing, "TLS_CERT_FILE and TLS_KEY_FILE are set together or not at all"
+            )
         if self.pg_pool_min > self.pg_pool_max:
             raise ConfigError("PG_POOL_MIN", f"must not exceed PG_POOL_MAX ({self.pg_pool_max})")
         if self.rate_limit_burst < 1:

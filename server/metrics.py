@@ -1,12 +1,24 @@
-"""The Prometheus metrics Surge exports, all in one registry."""
+"""The Prometheus metrics Surge exports, all in one registry.
+
+With `serve --workers N` (N > 1) the supervisor gives every worker PROMETHEUS_MULTIPROC_DIR, a
+directory of its own: prometheus-client then keeps each value in a memory-mapped file per
+process, and /metrics on any worker reads them all (MultiProcessCollector), so one scrape
+reports the whole instance. Counters and histograms are summed over live and dead workers;
+each gauge says how its workers' values combine (`multiprocess_mode`, ignored with one process).
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+
+# Read once, as prometheus-client itself does when it is imported.
+MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -24,7 +36,12 @@ LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
     registry=REGISTRY,
 )
-IN_FLIGHT = Gauge("surge_http_requests_in_flight", "Requests being handled now", registry=REGISTRY)
+IN_FLIGHT = Gauge(
+    "surge_http_requests_in_flight",
+    "Requests being handled now",
+    multiprocess_mode="livesum",
+    registry=REGISTRY,
+)
 SHED = Counter(
     "surge_shed_total", "Requests refused with 503 because the process was full", registry=REGISTRY
 )
@@ -46,23 +63,30 @@ POOL_TIMEOUTS = Counter(
 )
 
 
+_POOL_GAUGES = {
+    "size": ("surge_db_pool_size", "Open connections"),
+    "idle": ("surge_db_pool_idle", "Idle connections"),
+    "max": ("surge_db_pool_max", "Pool capacity"),
+    "in_use": ("surge_db_pool_in_use", "Connections handed out"),
+    "waiting": ("surge_db_pool_waiting", "Requests queued for a connection"),
+}
+
+
 class PoolCollector(Collector):
-    """Pool gauges read at scrape time, so the request path pays nothing for them."""
+    """Pool gauges read at scrape time, so the request path pays nothing for them.
+
+    A collector only sees its own process; with several workers, publish() copies the stats
+    into multiprocess gauges (summed over live workers) instead: the runner calls it every
+    second and /metrics right before reading, so the other workers' figures are <= 1 s old."""
 
     def __init__(self) -> None:
         self.sources: dict[str, Callable[[], dict[str, int]]] = {}
+        self._shared: dict[str, Gauge] = {}
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         families = {
-            "size": GaugeMetricFamily("surge_db_pool_size", "Open connections", labels=["pool"]),
-            "idle": GaugeMetricFamily("surge_db_pool_idle", "Idle connections", labels=["pool"]),
-            "max": GaugeMetricFamily("surge_db_pool_max", "Pool capacity", labels=["pool"]),
-            "in_use": GaugeMetricFamily(
-                "surge_db_pool_in_use", "Connections handed out", labels=["pool"]
-            ),
-            "waiting": GaugeMetricFamily(
-                "surge_db_pool_waiting", "Requests queued for a connection", labels=["pool"]
-            ),
+            key: GaugeMetricFamily(name, doc, labels=["pool"])
+            for key, (name, doc) in _POOL_GAUGES.items()
         }
         for name, stats in list(self.sources.items()):
             values = stats()
@@ -72,6 +96,17 @@ class PoolCollector(Collector):
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
         return []
+
+    def publish(self) -> None:
+        if not self._shared:
+            self._shared = {
+                key: Gauge(name, doc, ["pool"], multiprocess_mode="livesum", registry=None)
+                for key, (name, doc) in _POOL_GAUGES.items()
+            }
+        for name, stats in list(self.sources.items()):
+            values = stats()
+            for key, gauge in self._shared.items():
+                gauge.labels(name).set(values[key])
 
 
 POOLS = PoolCollector()
@@ -100,7 +135,10 @@ EVENTS_REFUSED = Counter(
     registry=REGISTRY,
 )
 EVENTS_PENDING = Gauge(
-    "surge_events_pending", "Events accepted and not yet committed", registry=REGISTRY
+    "surge_events_pending",
+    "Events accepted and not yet committed",
+    multiprocess_mode="livesum",
+    registry=REGISTRY,
 )
 EVENTS_FLUSH = Histogram(
     "surge_events_flush_seconds",
@@ -126,14 +164,22 @@ EVENT_PARTITIONS = Counter(
     registry=REGISTRY,
 )
 LIVE_CLIENTS = Gauge(
-    "surge_analytics_live_clients", "Open /v1/analytics/live streams", registry=REGISTRY
+    "surge_analytics_live_clients",
+    "Open /v1/analytics/live streams",
+    multiprocess_mode="livesum",
+    registry=REGISTRY,
 )
+# Every worker measures the same database-wide lag: the largest live reading is the answer.
 OUTBOX_LAG = Gauge(
-    "surge_outbox_lag", "Outbox ids not yet relayed to the Redis stream", registry=REGISTRY
+    "surge_outbox_lag",
+    "Outbox ids not yet relayed to the Redis stream",
+    multiprocess_mode="livemax",
+    registry=REGISTRY,
 )
 OUTBOX_LAG_SECONDS = Gauge(
     "surge_outbox_lag_seconds",
     "Age of the oldest outbox row not yet relayed (0 when caught up)",
+    multiprocess_mode="livemax",
     registry=REGISTRY,
 )
 OUTBOX_RELAYED = Counter(
@@ -153,6 +199,7 @@ STREAM_CONSUMED = Counter(
 PAYMENTS_BREAKER_STATE = Gauge(
     "surge_payments_breaker_state",
     "The payment provider's circuit breaker: 0 closed, 1 half-open, 2 open",
+    multiprocess_mode="max",  # several workers: the instance shows its most open breaker
     registry=REGISTRY,
 )
 PAYMENTS_CALLS = Counter(
@@ -173,3 +220,17 @@ WEBHOOKS = Counter(
     ["result"],
     registry=REGISTRY,
 )
+
+
+_INSTANCE: CollectorRegistry | None = None
+if MULTIPROC_DIR is not None:
+    _INSTANCE = CollectorRegistry()
+    MultiProcessCollector(_INSTANCE, MULTIPROC_DIR)  # type: ignore[no-untyped-call]
+
+
+def exposition() -> bytes:
+    """The /metrics body: this process's registry, or with several workers the whole instance."""
+    if _INSTANCE is None:
+        return generate_latest(REGISTRY)
+    POOLS.publish()
+    return generate_latest(_INSTANCE)

@@ -187,5 +187,6 @@ def server_env(services: Services, port: int, **overrides: str) -> dict[str, str
         "REDIS_KEY_PREFIX": services.redis_prefix,
         "PORT": str(port),
         "JWT_KEYS": TEST_JWT_KEYS,
+        "WORKERS": "1",  # today's single process; tests of the supervisor ask for more
         **overrides,
     }
