@@ -296,7 +296,7 @@ async def test_off_builds_nothing_and_logs_the_incoming_trace_id(
     assert "traceparent" not in traced.headers
     assert TRACING not in client.app
     assert tracing.tracer_of(client.app) is None
-    assert client.app[PG].pool._connection_class is asyncpg.Connection
+    assert client.app[PG].connection_class is asyncpg.Connection
     assert "execute_command" not in vars(client.app[REDIS])
     assert not any(t.name.startswith("OtelBatch") for t in threading.enumerate())
     headers = {"Accept": "application/json"}
