@@ -8,6 +8,7 @@ scalar fields by key; only fields that load something have a resolver here.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
@@ -249,6 +250,52 @@ async def _users(
     return _connection(nodes, [r["id"] for r in rows], first)
 
 
+def _wanted(info: Info) -> set[str]:
+    """Every field name asked for under this field (through fragments too)."""
+    names: set[str] = set()
+    spread: set[str] = set()
+
+    def visit(selection_set: SelectionSetNode) -> None:
+        for sel in selection_set.selections:
+            if isinstance(sel, FieldNode):
+                names.add(sel.name.value)
+                if sel.selection_set is not None:
+                    visit(sel.selection_set)
+            elif isinstance(sel, InlineFragmentNode):
+                visit(sel.selection_set)
+            elif isinstance(sel, FragmentSpreadNode) and sel.name.value not in spread:
+                spread.add(sel.name.value)
+                visit(info.fragments[sel.name.value].selection_set)
+
+    for node in info.field_nodes:
+        if node.selection_set is not None:
+            visit(node.selection_set)
+    return names
+
+
+async def _hydrate(ctx: Context, orders: list[Node], wanted: set[str]) -> None:
+    """Attach the users, lines and products the query asks for to a list of orders, in one
+    batched statement per kind, before graphql-core walks them.
+
+    Resolving them field by field with awaitables works too (the loaders batch either way),
+    but graphql-core then completes every nested value asynchronously: five times the CPU per
+    page in the bench. With everything attached, the whole subtree completes synchronously."""
+    loaders = ctx.loaders
+    users = [loaders.users.load(o["_user_id"]) for o in orders] if "user" in wanted else []
+    items = [loaders.items.load(o["_id"]) for o in orders] if "items" in wanted else []
+    got_users = await asyncio.gather(*users)
+    got_items: list[list[Node]] = await asyncio.gather(*items)
+    for order, user in zip(orders, got_users, strict=False):
+        order["user"] = user
+    for order, lines in zip(orders, got_items, strict=False):
+        order["items"] = lines
+    if got_items and "product" in wanted:
+        lines = [line for order_lines in got_items for line in order_lines]
+        products = await asyncio.gather(*(loaders.products.load(i["_product_id"]) for i in lines))
+        for line, product in zip(lines, products, strict=True):
+            line["product"] = product
+
+
 async def _orders(
     _root: None,
     info: Info,
@@ -259,6 +306,7 @@ async def _orders(
     ctx = info.context
     rows = await list_orders(ctx.pg, ctx.tenant_id, _after(after), status, first + 1)
     nodes = [order_node(r) for r in rows]
+    await _hydrate(ctx, nodes[:first], _wanted(info))
     return _connection(nodes, [r["id"] for r in rows], first)
 
 
@@ -268,29 +316,13 @@ async def _order(_root: None, info: Info, id: str) -> Node:
     node = None if order_id is None else await ctx.loaders.orders.load(order_id)
     if node is None:
         raise not_found("order")
+    await _hydrate(ctx, [node], _wanted(info))
     return node  # type: ignore[no-any-return]
 
 
-def _order_user(order: Node, info: Info) -> Awaitable[Any]:
-    ctx = info.context
-    return ctx.loaders.users.load(order["_user_id"])
-
-
-def _order_items(order: Node, info: Info, first: int | None = None) -> Any:
-    ctx = info.context
-    lines = ctx.loaders.items.load(order["_id"])
-    if first is None:
-        return lines
-
-    async def some() -> list[Node]:
-        return (await lines)[:first]  # type: ignore[no-any-return]
-
-    return some()
-
-
-def _item_product(item: Node, info: Info) -> Awaitable[Any]:
-    ctx = info.context
-    return ctx.loaders.products.load(item["_product_id"])
+def _order_items(order: Node, info: Info, first: int | None = None) -> list[Node]:
+    lines: list[Node] = order["items"]  # attached by _hydrate
+    return lines if first is None else lines[:first]
 
 
 def build() -> GraphQLSchema:
@@ -301,9 +333,7 @@ def build() -> GraphQLSchema:
         ("Query", "users"): _users,
         ("Query", "orders"): _orders,
         ("Query", "order"): _order,
-        ("Order", "user"): _order_user,
         ("Order", "items"): _order_items,
-        ("OrderItem", "product"): _item_product,
     }
     for (type_name, field_name), resolve in resolvers.items():
         object_type = schema.type_map[type_name]
