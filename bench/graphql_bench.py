@@ -15,6 +15,11 @@ shipped); wrk runs pinned to CPU 1, 64 connections, alternating rounds:
   rest_list  GET /v1/orders?limit=50 alone (orders with their lines, no users or products)
 
     python -m bench.graphql_bench [--rounds 3] [--seconds 10] [--libs] [--libs-only]
+
+--libs needs the two libraries Surge did not pick, which are not in the lock:
+`.venv/bin/pip install ariadne==1.1.1 strawberry-graphql==0.341.2` (uninstall them after).
+Needs PostgreSQL at BENCH_DATABASE_URL (an admin database; default postgres on 127.0.0.1:5432),
+Redis at BENCH_REDIS_URL, wrk and taskset. Figures: docs/PERFORMANCE.md (notes, GraphQL).
 """
 
 from __future__ import annotations

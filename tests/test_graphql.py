@@ -660,3 +660,18 @@ async def test_generated_queries_never_produce_a_5xx(aiohttp_client: Any, config
 
     await asyncio.to_thread(never_5xx)
     assert 200 in statuses and {400, 422} & set(statuses)  # both kinds were really sent
+
+
+def test_the_readme_examples_are_valid_queries() -> None:
+    from graphql import parse, validate
+
+    from handlers.graphql_schema import SCHEMA
+
+    from .conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## GraphQL") : readme.index("## Performance")]
+    queries = re.findall(r'"query": "([^"]+)"', section)
+    assert len(queries) == 2
+    for query in queries:
+        assert validate(SCHEMA, parse(query)) == []
