@@ -9,6 +9,8 @@ from handlers import (
     auth,
     events,
     events_api,
+    graphql,
+    graphql_api,
     identity_api,
     ops,
     orders,
@@ -20,6 +22,7 @@ from handlers import (
 assert identity_api.PATHS  # importing it registers the Auth and Users sections of /openapi.json
 assert events_api.PATHS  # and this the Events and analytics section
 assert payments_api.PATHS  # and this the Catalog, orders, payments section
+assert graphql_api.PATHS  # and this the GraphQL section
 
 routes = [
     web.get("/healthz", ops.healthz),
@@ -53,4 +56,7 @@ routes = [
     web.post("/v1/orders/{order_id}/cancel", orders.cancel_order),
     web.post("/v1/webhooks/payments", webhooks.payments_webhook),
     web.get("/v1/audit", orders.list_audit),
+    web.post("/graphql", graphql.graphql_post),
+    web.get("/graphql", graphql.graphql_explorer),
+    web.get("/graphql/schema.graphql", graphql.graphql_schema),
 ]

@@ -273,6 +273,24 @@ class Config:
         "USER_CACHE_TTL_S", _int(0, 86_400), 60, "TTL of cached users; 0 turns the cache off"
     )
     enable_docs: bool = _setting("ENABLE_DOCS", _bool, True, "Serve /openapi.json and /docs")
+    # -- GraphQL (POST /graphql): limits checked before any SQL runs --
+    # Depth 8 fits the deepest useful query (orders > edges > node > items > product > field is
+    # 6) with room for fragments; the standard introspection query is exempt (its own rule).
+    graphql_max_depth: int = _setting(
+        "GRAPHQL_MAX_DEPTH", _int(1, 64), 8, "Deepest field nesting a GraphQL query may have"
+    )
+    graphql_max_cost: int = _setting(
+        "GRAPHQL_MAX_COST",
+        _int(1, 10_000_000),
+        5000,
+        "Most nodes a GraphQL query may return (first x nested sizes); also what it is charged",
+    )
+    graphql_max_bytes: int = _setting(
+        "GRAPHQL_MAX_BYTES", _int(256, 1 << 20), 16 * 1024, "Largest GraphQL document (the query)"
+    )
+    graphql_introspection: bool = _setting(
+        "GRAPHQL_INTROSPECTION", _bool, True, "Answer GraphQL introspection (__schema, __type)"
+    )
     # Group commit: 10 ms adds at most that much to a 202 and lets one COPY carry every event
     # that arrived meanwhile (hundreds under load) instead of one transaction per request.
     events_flush_ms: int = _setting(

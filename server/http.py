@@ -80,20 +80,26 @@ def encode_cursor(last_id: uuid.UUID) -> str:
     return base64.urlsafe_b64encode(last_id.bytes).rstrip(b"=").decode()
 
 
+def parse_cursor(raw: str) -> uuid.UUID | None:
+    """The id inside a cursor encode_cursor made (REST and GraphQL share them); None if not one."""
+    try:
+        data = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+    except (ValueError, binascii.Error):
+        return None
+    return uuid.UUID(bytes=data) if len(data) == 16 else None
+
+
 def decode_cursor(request: web.Request) -> uuid.UUID | None:
     raw = request.query.get("cursor")
     if raw is None or raw == "":
         return None
-    try:
-        data = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
-        if len(data) != 16:
-            raise ValueError
-        return uuid.UUID(bytes=data)
-    except (ValueError, binascii.Error):
+    after = parse_cursor(raw)
+    if after is None:
         raise ValidationFailed(
             [{"field": "cursor", "message": "not a cursor this API returned"}],
             "invalid query parameter",
-        ) from None
+        )
+    return after
 
 
 def page(items: list[Any], limit: int, last_id: uuid.UUID | None) -> dict[str, Any]:

@@ -190,7 +190,9 @@ def pipeline(
                         resp.headers["traceparent"] = span.traceparent
                     return resp
             try:
-                if path.startswith("/v1/"):
+                # POST /graphql is an API call like any /v1 one (its handler charges the rest of
+                # a query's cost); GET /graphql and the SDL are pages, like /docs.
+                if path.startswith("/v1/") or (path == "/graphql" and request.method == "POST"):
                     limits = await _rate_limit(request)
                     _authenticate(request)
                     resp = await handler(request)

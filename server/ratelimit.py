@@ -1,9 +1,15 @@
 """Token buckets per principal: local (aiolimiter) or shared by all replicas (Redis + Lua).
 
-Both answer the same question, `take(key, rate, burst)` -> Decision, so the middleware does not
-care which one runs. The Redis limiter falls back to the local one when Redis does not answer
-(counted in surge_ratelimit_fallback_total) and retries Redis after a short pause, so a Redis
-outage costs one timeout per second, not one per request.
+Both answer the same question, `take(key, rate, burst, cost=1, need=None)` -> Decision, so the
+middleware does not care which one runs. A cost above 1 takes that many tokens at once (a GraphQL
+query pays for the nodes it may return) when the bucket holds `need` (default min(cost, burst)).
+So a cost above the burst is admitted only from a full bucket, which it leaves in debt: nothing
+else passes until the refill has paid it back. One huge request is never cheaper than the same
+work in small ones, and never impossible either.
+
+The Redis limiter falls back to the local one when Redis does not answer (counted in
+surge_ratelimit_fallback_total) and retries Redis after a short pause, so a Redis outage costs
+one timeout per second, not one per request.
 """
 
 from __future__ import annotations
@@ -44,7 +50,9 @@ class Decision:
 
 
 class Limiter(Protocol):
-    async def take(self, key: str, rate: float, burst: int) -> Decision: ...
+    async def take(
+        self, key: str, rate: float, burst: int, cost: int = 1, need: int | None = None
+    ) -> Decision: ...
 
 
 class LocalLimiter:
@@ -54,7 +62,9 @@ class LocalLimiter:
         self.max_keys = max_keys
         self._buckets: OrderedDict[tuple[str, float, int], AsyncLimiter] = OrderedDict()
 
-    async def take(self, key: str, rate: float, burst: int) -> Decision:
+    async def take(
+        self, key: str, rate: float, burst: int, cost: int = 1, need: int | None = None
+    ) -> Decision:
         bkey = (key, rate, burst)
         bucket = self._buckets.get(bkey)
         if bucket is None:
@@ -65,18 +75,24 @@ class LocalLimiter:
                 self._buckets.popitem(last=False)
         else:
             self._buckets.move_to_end(bkey)
-        allowed = bucket.has_capacity(1)
+        if need is None:
+            need = min(cost, burst)
+        allowed = bucket.has_capacity(need)  # leaks first, so the level is current
         if allowed:
-            await bucket.acquire(1)
+            # Not acquire(): it refuses amounts above the capacity, and nothing here ever waits.
+            # A level above max_rate is the debt; the leak pays it back at `rate`.
+            bucket._level += cost
         level: float = bucket._level  # tokens used; aiolimiter keeps it current after has_capacity
         remaining = max(0, math.floor(burst - level))
         reset_s = math.ceil(level / rate) if level > 0 else 0
-        retry = 0 if allowed else max(1, math.ceil((level + 1 - burst) / rate))
+        retry = 0 if allowed else max(1, math.ceil((level + need - burst) / rate))
         return Decision(allowed, burst, remaining, reset_s, retry)
 
 
-# KEYS[1] bucket key; ARGV rate (tokens/s), burst, cost. Time comes from the Redis server so
-# every replica sees one clock. Returns {allowed, remaining, reset_ms, retry_after_ms}.
+# KEYS[1] bucket key; ARGV rate (tokens/s), burst, cost, need (tokens that must be there to
+# admit). Time comes from the Redis server so every replica sees one clock. Returns {allowed,
+# remaining, reset_ms, retry_after_ms}. A cost above what the bucket holds leaves it negative:
+# a debt the refill pays back.
 _LUA = """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
@@ -92,18 +108,19 @@ if tokens == nil then
 end
 local elapsed = math.max(0, now - ts)
 tokens = math.min(burst, tokens + elapsed * rate / 1000)
+local need = tonumber(ARGV[4])
 local allowed = 0
 local retry_ms = 0
-if tokens >= cost then
+if tokens >= need then
   tokens = tokens - cost
   allowed = 1
 else
-  retry_ms = math.ceil((cost - tokens) * 1000 / rate)
+  retry_ms = math.ceil((need - tokens) * 1000 / rate)
 end
 local reset_ms = math.ceil((burst - tokens) * 1000 / rate)
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
 redis.call('PEXPIRE', KEYS[1], reset_ms + 1000)
-return {allowed, math.floor(tokens), reset_ms, retry_ms}
+return {allowed, math.max(0, math.floor(tokens)), reset_ms, retry_ms}
 """
 
 
@@ -122,11 +139,15 @@ class RedisLimiter:
         self._script = redis.register_script(_LUA)
         self._down_until = 0.0
 
-    async def take(self, key: str, rate: float, burst: int) -> Decision:
+    async def take(
+        self, key: str, rate: float, burst: int, cost: int = 1, need: int | None = None
+    ) -> Decision:
+        if need is None:
+            need = min(cost, burst)
         now = time.monotonic()
         if now >= self._down_until:
             try:
-                res = await self._script(keys=[self.prefix + key], args=[rate, burst, 1])
+                res = await self._script(keys=[self.prefix + key], args=[rate, burst, cost, need])
             except (RedisError, OSError) as exc:
                 self._down_until = now + self.retry_after_failure_s
                 log.warning("rate limiter: Redis unavailable (%s); using the local limiter", exc)
@@ -140,4 +161,4 @@ class RedisLimiter:
                     0 if allowed else max(1, math.ceil(retry_ms / 1000)),
                 )
         metrics.RATELIMIT_FALLBACK.inc()
-        return await self.fallback.take(key, rate, burst)
+        return await self.fallback.take(key, rate, burst, cost, need)

@@ -1,0 +1,135 @@
+"""OpenAPI paths and schemas of the GraphQL section (the request schema documents the body;
+handlers/graphql.py checks it itself, to answer in the GraphQL error shape)."""
+
+from __future__ import annotations
+
+from server.openapi import Json, op, ref, register
+
+
+def _graphql(desc: str) -> Json:
+    return {
+        "description": desc,
+        "content": {"application/json": {"schema": ref("GraphQLResponse")}},
+    }
+
+
+def _problem(desc: str) -> Json:
+    return {
+        "description": desc,
+        "content": {"application/problem+json": {"schema": ref("Problem")}},
+    }
+
+
+SCHEMAS: Json = {
+    "GraphQLRequest": {
+        "type": "object",
+        "required": ["query"],
+        "properties": {
+            "query": {"type": "string", "minLength": 1, "description": "At most GRAPHQL_MAX_BYTES"},
+            "variables": {"type": ["object", "null"]},
+            "operationName": {"type": ["string", "null"]},
+            "extensions": {"type": ["object", "null"], "description": "Accepted and ignored"},
+        },
+        "additionalProperties": False,
+    },
+    "GraphQLResponse": {
+        "type": "object",
+        "description": "`data` when the query ran; `errors` for what failed or was refused",
+        "properties": {
+            "data": {"type": ["object", "null"]},
+            "errors": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["message", "extensions"],
+                    "properties": {
+                        "message": {"type": "string"},
+                        "path": {"type": "array"},
+                        "locations": {"type": "array"},
+                        "extensions": {
+                            "type": "object",
+                            "required": ["code"],
+                            "properties": {
+                                "code": {
+                                    "type": "string",
+                                    "enum": [
+                                        "BAD_REQUEST",
+                                        "GRAPHQL_PARSE_FAILED",
+                                        "GRAPHQL_VALIDATION_FAILED",
+                                        "BAD_USER_INPUT",
+                                        "INTROSPECTION_DISABLED",
+                                        "QUERY_TOO_LARGE",
+                                        "QUERY_TOO_DEEP",
+                                        "QUERY_TOO_COSTLY",
+                                        "RATE_LIMITED",
+                                        "NOT_FOUND",
+                                        "SERVICE_UNAVAILABLE",
+                                        "INTERNAL_SERVER_ERROR",
+                                    ],
+                                }
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+PATHS: Json = {
+    "/graphql": {
+        "post": op(
+            "Run a read-only GraphQL query (me, user, users, orders, order); schema at "
+            "/graphql/schema.graphql",
+            "graphql",
+            {
+                "200": _graphql("Ran: `data`, plus `errors` for fields that failed (NOT_FOUND)"),
+                "400": _graphql(
+                    "Not JSON, a parse or validation error, or over GRAPHQL_MAX_DEPTH or "
+                    "GRAPHQL_MAX_COST"
+                ),
+                "413": _graphql("The query is larger than GRAPHQL_MAX_BYTES"),
+                "415": _graphql("The body is not application/json"),
+                "422": _graphql(
+                    "The body is not {query, variables?, operationName?}, or a "
+                    "variable or argument value is refused (BAD_USER_INPUT)"
+                ),
+                "429": _graphql(
+                    "The query's cost is more than the caller's rate-limit bucket holds now "
+                    "(a refusal before the query is read is problem+json); see Retry-After"
+                ),
+                "503": _problem("Overloaded or the database is busy; see Retry-After"),
+            },
+            body="GraphQLRequest",
+        ),
+        "get": op(
+            "The GraphQL explorer: a self-contained page to run queries with a token",
+            "graphql",
+            {
+                "200": {
+                    "description": "HTML",
+                    "content": {"text/html": {"schema": {"type": "string"}}},
+                }
+            },
+            auth=False,
+            ratelimited=False,
+        ),
+    },
+    "/graphql/schema.graphql": {
+        "get": op(
+            "The GraphQL schema (SDL)",
+            "graphql",
+            {
+                "200": {
+                    "description": "SDL",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                },
+                "404": _problem("Introspection is disabled (GRAPHQL_INTROSPECTION=false)"),
+            },
+            auth=False,
+            ratelimited=False,
+        )
+    },
+}
+
+register(PATHS, SCHEMAS)
