@@ -32,8 +32,11 @@ def raw_json_response(
 
 def timestamp(dt: datetime) -> str:
     """RFC 3339 UTC with milliseconds: 2026-11-21T10:00:00.123Z."""
-    # isoformat is C code; strftime plus an f-string cost about twice as much per call.
-    return dt.astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    # isoformat is C code; strftime plus an f-string cost about twice as much per call. asyncpg
+    # hands timestamptz over in UTC already: converting again would only copy it.
+    if dt.tzinfo is not UTC:
+        dt = dt.astimezone(UTC)
+    return dt.isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def etag(version: int) -> str:

@@ -10,38 +10,134 @@ each gauge says how its workers' values combine (`multiprocess_mode`, ignored wi
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 # Read once, as prometheus-client itself does when it is imported.
 MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-REQUESTS = Counter(
-    "surge_http_requests_total",
-    "HTTP requests answered, by route template and status",
-    ["method", "route", "status"],
-    registry=REGISTRY,
-)
-LATENCY = Histogram(
-    "surge_http_request_duration_seconds",
-    "Time from request start to response, by route template",
-    ["method", "route"],
-    # Budget is p99 <= 25 ms; the buckets are dense around it.
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
-    registry=REGISTRY,
-)
-IN_FLIGHT = Gauge(
-    "surge_http_requests_in_flight",
-    "Requests being handled now",
-    multiprocess_mode="livesum",
-    registry=REGISTRY,
-)
+REQUESTS_DOC = "HTTP requests answered, by route template and status"
+LATENCY_DOC = "Time from request start to response, by route template"
+IN_FLIGHT_DOC = "Requests being handled now"
+# Budget is p99 <= 25 ms; the buckets are dense around it.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_LE = [floatToGoString(b) for b in LATENCY_BUCKETS]  # type: ignore[no-untyped-call]
+
+
+class HttpMetrics(Collector):
+    """surge_http_requests_total, surge_http_request_duration_seconds and
+    surge_http_requests_in_flight for one process, kept as plain numbers.
+
+    Every request updates these three, and prometheus-client's objects take a lock per update
+    and check themselves on every call; in the server these were about a tenth of the
+    middleware's cost. Only the event loop's thread updates and reads these numbers (the
+    /metrics handler runs there too), so no lock is needed; they become metric families when
+    scraped. With several workers (multiprocess mode) the numbers must live in prometheus-client's
+    shared files instead: PromHttpMetrics below.
+    """
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self._counts: dict[tuple[str, str, int], int] = {}
+        # per (method, route): one count per bucket, then +Inf, then the sum of seconds
+        self._latency: dict[tuple[str, str], list[float]] = {}
+
+    def started(self) -> None:
+        self.in_flight += 1
+
+    def finished(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.in_flight -= 1
+        key = (method, route)
+        counts = self._latency.get(key)
+        if counts is None:
+            counts = self._latency[key] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+        counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # le: the first bound >= seconds
+        counts[-1] += seconds
+        ckey = (method, route, status)
+        self._counts[ckey] = self._counts.get(ckey, 0) + 1
+
+    def collect(self) -> Iterable[Metric]:
+        requests = CounterMetricFamily(
+            "surge_http_requests_total", REQUESTS_DOC, labels=["method", "route", "status"]
+        )
+        for (method, route, status), n in self._counts.items():
+            requests.add_metric([method, route, str(status)], n)
+        latency = HistogramMetricFamily(
+            "surge_http_request_duration_seconds", LATENCY_DOC, labels=["method", "route"]
+        )
+        for (method, route), counts in self._latency.items():
+            cumulative: float = 0.0
+            buckets: list[tuple[str, float]] = []
+            for le, in_bucket in zip(_LE, counts, strict=False):
+                cumulative += in_bucket
+                buckets.append((le, cumulative))
+            buckets.append(("+Inf", cumulative + counts[len(LATENCY_BUCKETS)]))
+            latency.add_metric([method, route], buckets, sum_value=counts[-1])
+        yield requests
+        yield latency
+        yield GaugeMetricFamily("surge_http_requests_in_flight", IN_FLIGHT_DOC, self.in_flight)
+
+    def describe(self) -> Iterable[Metric]:
+        return self.collect()
+
+
+class PromHttpMetrics:
+    """The same three metrics on prometheus-client's objects, for multiprocess mode."""
+
+    def __init__(self) -> None:
+        self.requests = Counter(
+            "surge_http_requests_total", REQUESTS_DOC, ["method", "route", "status"],
+            registry=REGISTRY,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "surge_http_request_duration_seconds", LATENCY_DOC, ["method", "route"],
+            buckets=LATENCY_BUCKETS, registry=REGISTRY,
+        )  # fmt: skip
+        self.gauge = Gauge(
+            "surge_http_requests_in_flight", IN_FLIGHT_DOC, multiprocess_mode="livesum",
+            registry=REGISTRY,
+        )  # fmt: skip
+        # .labels() takes a lock and builds a key per call: each child is looked up once.
+        self._latency: dict[tuple[str, str], Any] = {}
+        self._counts: dict[tuple[str, str, int], Any] = {}
+
+    def started(self) -> None:
+        self.gauge.inc()
+
+    def finished(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.gauge.dec()
+        key = (method, route)
+        latency = self._latency.get(key)
+        if latency is None:
+            latency = self._latency[key] = self.latency.labels(method, route)
+        latency.observe(seconds)
+        ckey = (method, route, status)
+        counter = self._counts.get(ckey)
+        if counter is None:
+            counter = self._counts[ckey] = self.requests.labels(method, route, str(status))
+        counter.inc()
+
+
+HTTP: HttpMetrics | PromHttpMetrics
+if MULTIPROC_DIR is None:
+    HTTP = HttpMetrics()
+    REGISTRY.register(HTTP)
+else:
+    HTTP = PromHttpMetrics()
 SHED = Counter(
     "surge_shed_total", "Requests refused with 503 because the process was full", registry=REGISTRY
 )

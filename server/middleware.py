@@ -13,7 +13,7 @@ import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import IO, Any
+from typing import IO
 
 import asyncpg
 import orjson
@@ -99,7 +99,12 @@ class AccessLog:
             self._buf.clear()
 
     def write(
-        self, request: web.Request, status: int, duration: float, trace_id: str | None = None
+        self,
+        request: web.Request,
+        status: int,
+        duration: float,
+        trace_id: str | None = None,
+        route: str | None = None,
     ) -> None:
         """`trace_id`: the request span's when tracing is on; else an incoming traceparent's."""
         principal = request.get(PRINCIPAL)
@@ -107,12 +112,13 @@ class AccessLog:
             "ts": time.time(),
             "msg": "request",
             "method": request.method,
-            "route": route_of(request),
+            "route": route_of(request) if route is None else route,
             "path": request.path,
             "status": status,
             "duration_ms": round(duration * 1000, 3),
             "request_id": request.get(REQUEST_ID),
-            "tenant": str(principal.tenant_id) if principal is not None else None,
+            # orjson writes a UUID as its string, without str()'s Python-level formatting
+            "tenant": principal.tenant_id if principal is not None else None,
         }
         if trace_id is None:
             trace_id = incoming_trace_id(request.headers)
@@ -124,25 +130,6 @@ class AccessLog:
             self.flush()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.FLUSH_S, self.flush)
-
-
-# prometheus_client's .labels() takes a lock and builds a key tuple on every call; the children
-# for a (method, route, status) never change, so look each up once. Bounded: routes are
-# templates and methods and statuses are few.
-_latency_children: dict[tuple[str, str], Any] = {}
-_request_children: dict[tuple[str, str, int], Any] = {}
-
-
-def _observe(request: web.Request, status: int, seconds: float) -> None:
-    key = (request.method, route_of(request))
-    latency = _latency_children.get(key)
-    if latency is None:
-        latency = _latency_children[key] = metrics.LATENCY.labels(*key)
-    latency.observe(seconds)
-    counter = _request_children.get((*key, status))
-    if counter is None:
-        counter = _request_children[(*key, status)] = metrics.REQUESTS.labels(*key, str(status))
-    counter.inc()
 
 
 def pipeline(
@@ -166,7 +153,7 @@ def pipeline(
         request[REQUEST_ID] = rid
         span = None if tracing is None else tracing.start_request(request, route_of(request), rid)
         start = time.perf_counter()
-        metrics.IN_FLIGHT.inc()
+        metrics.HTTP.started()
         status = 499  # the client went away before an answer
         try:
             path = request.path
@@ -216,13 +203,14 @@ def pipeline(
                     resp.headers["traceparent"] = span.traceparent
             return resp
         finally:
-            metrics.IN_FLIGHT.dec()
             elapsed = time.perf_counter() - start
-            _observe(request, status, elapsed)
+            route = route_of(request)
+            metrics.HTTP.finished(request.method, route, status, elapsed)
             if span is not None:
                 span.end(status)
             if access_log is not None:
-                access_log.write(request, status, elapsed, None if span is None else span.trace_id)
+                trace_id = None if span is None else span.trace_id
+                access_log.write(request, status, elapsed, trace_id, route)
 
     return surge
 
