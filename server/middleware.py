@@ -294,7 +294,7 @@ async def _rate_limit(request: web.Request) -> dict[str, str]:
     config = request.app[CONFIG]
     principal = _resolve_principal(request)
     key = (
-        f"u:{principal.user_id}"
+        principal.rate_key
         if principal is not None
         else f"ip:{client_ip(request, config.trust_forwarded_for)}"
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from uuid import UUID
 
 
@@ -11,3 +11,9 @@ class Principal:
     user_id: UUID
     tenant_id: UUID
     roles: frozenset[str]
+    # The rate-limit bucket's key, formatted once per verified token instead of per request.
+    rate_key: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.rate_key:
+            object.__setattr__(self, "rate_key", f"u:{self.user_id}")

@@ -18,8 +18,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from aiolimiter import AsyncLimiter
 from redis.asyncio import Redis
@@ -30,8 +29,9 @@ from server import metrics
 log = logging.getLogger("surge.ratelimit")
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
+    # A tuple, not a frozen dataclass: one is made per request, and a frozen dataclass's
+    # __init__ sets each field through object.__setattr__.
     allowed: bool
     limit: int
     remaining: int

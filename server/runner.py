@@ -35,7 +35,7 @@ from db.migrate import migrate
 from server import metrics
 from server.app import create_app
 from server.config import Config
-from server.devservices import EmbeddedServices
+from server.devservices import DevServiceError, EmbeddedServices
 from server.keys import LIFECYCLE
 from server.middleware import AccessLog
 from server.tls import server_context
@@ -63,10 +63,14 @@ def resolve_services(
             config = dataclasses.replace(config, redis_url=services.start_redis())
         if payments and config.payments_url is None:
             webhook = f"http://127.0.0.1:{config.port}/v1/webhooks/payments"
-            url, key, secret = services.start_fake_provider(webhook)
-            config = dataclasses.replace(
-                config, payments_url=url, payments_api_key=key, payments_webhook_secret=secret
-            )
+            try:
+                url, key, secret = services.start_fake_provider(webhook)
+            except DevServiceError as exc:  # e.g. an image without bench/: no payments, still up
+                log.warning("no fake payment provider (%s)", exc)
+            else:
+                config = dataclasses.replace(
+                    config, payments_url=url, payments_api_key=key, payments_webhook_secret=secret
+                )
     except BaseException:
         services.stop()
         raise
