@@ -556,18 +556,54 @@ async def test_idempotent_pay_and_concurrent_duplicate(
     assert (await settled(client, owner, oid))["status"] == "paid"
     assert ops(provider) == ["authorize", "capture"]
 
-    # Two requests with one key at the same moment: one runs, the other is told so.
+    # Eight requests with one key at the same moment: exactly one runs; the others are told it
+    # is running (409) or, once it finished, get its answer back (the same 202).
     oid2 = await order(client, owner, pid)
     results = await asyncio.gather(
         *(pay(client, owner, oid2, **{"Idempotency-Key": "pay-2"}) for _ in range(8))
     )
-    statuses = sorted(s for s, _ in results)
-    assert statuses[0] == 202 or statuses.count(409) >= 1
-    assert set(statuses) <= {202, 409}
-    assert statuses.count(409) + statuses.count(202) == 8
+    assert {s for s, _ in results} <= {202, 409}
+    accepted = [b for s, b in results if s == 202]
+    assert accepted and all(b == accepted[0] for b in accepted)
     assert all(b["title"] == "Conflict" for s, b in results if s == 409)
     assert (await settled(client, owner, oid2))["status"] == "paid"
     assert ops(provider).count("authorize") == 2
+    audit = await (await client.get("/v1/audit?limit=200", headers=owner.headers)).json()
+    paying = [e for e in audit["items"] if e["target_id"] == oid2 and e["action"] == "order.paying"]
+    assert len(paying) == 1
+
+
+async def test_replay_while_the_first_still_runs_is_409(
+    make_shop: MakeShop, config: Config
+) -> None:
+    client, owner = await make_shop()
+    oid = await order(client, owner, await product(client, owner))
+    first = await pay(client, owner, oid, **{"Idempotency-Key": "held"})
+    assert first[0] == 202
+    # As if the first request were still inside its transaction: its answer not yet stored.
+    con = await asyncpg.connect(config.database_url)
+    try:
+        await con.execute(
+            "UPDATE idempotency_keys SET response_status = NULL, response_body = NULL"
+            " WHERE key = 'held'"
+        )
+    finally:
+        await con.close()
+    again = await client.post(
+        f"/v1/orders/{oid}/pay",
+        json={"payment_method": "pm_card_visa"},
+        headers={**owner.headers, "Idempotency-Key": "held"},
+    )
+    assert again.status == 409
+    assert (await again.json())["detail"] == (
+        "a request with this Idempotency-Key is still being processed"
+    )
+    other_body = await client.post(
+        f"/v1/orders/{oid}/pay",
+        json={"payment_method": "pm_other"},
+        headers={**owner.headers, "Idempotency-Key": "held"},
+    )
+    assert other_body.status == 422  # a different request with the key: mismatch first
 
 
 # -- cancel --
