@@ -84,6 +84,7 @@ async def serve_app(
     ready: asyncio.Event | None = None,
     stop: asyncio.Event | None = None,
     worker_of: int | None = None,
+    tune_gc: bool = False,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or `stop`), then drain: /readyz turns 503, the listener
     closes, in-flight requests get SHUTDOWN_GRACE_S to finish, then the pools close.
@@ -123,14 +124,15 @@ async def serve_app(
         # Everything allocated so far (modules, the OpenAPI document, compiled validators, the
         # GraphQL schema, pools) lives as long as the process: out of the collector's sight, a
         # full collection under load walks only what requests allocate.
-        gc.collect()
-        gc.freeze()
-        # The collector's default (700, 10, 10) ran often enough under load to stretch the
-        # cached read's p99 from ~12 ms (collector off) to 60-75 ms: each run of the older
-        # generations walks the per-user caches (verified tokens, rate-limit buckets). Requests
-        # make few reference cycles, so collecting 70x less often costs no measurable memory
-        # (RSS 93.8 MB either way) and brought that p99 to 21-22 ms (bench.run, user_cached).
-        gc.set_threshold(50_000, 20, 100)
+        if tune_gc:  # the server's own process only: tests share theirs
+            gc.collect()
+            gc.freeze()
+            # The collector's default (700, 10, 10) ran often enough under load to stretch the
+            # cached read's p99 from ~12 ms (collector off) to 60-75 ms: each run of the older
+            # generations walks the per-user caches (verified tokens, rate-limit buckets). Requests
+            # make few reference cycles, so collecting 70x less often costs no measurable memory
+            # (RSS 93.8 MB either way) and brought that p99 to 21-22 ms (bench.run, user_cached).
+            gc.set_threshold(50_000, 20, 100)
         log.info("serving on %s", site.name)
         if worker_of is not None:
             background.append(asyncio.create_task(_orphan_watch(worker_of, stop)))
@@ -198,7 +200,7 @@ def run_serve(config: Config, *, worker_of: int | None = None) -> int:
     """Serve until stopped; the process's exit code."""
     server_context(config)  # unreadable certificates stop start-up before anything starts
     if worker_of is not None:
-        uvloop.run(serve_app(config, worker_of=worker_of))
+        uvloop.run(serve_app(config, worker_of=worker_of, tune_gc=True))
         return 0
     workers = config.workers or usable_cores()
     # The fake provider stands in only on a development machine (no DATABASE_URL either): a
@@ -214,7 +216,7 @@ def run_serve(config: Config, *, worker_of: int | None = None) -> int:
             for name in uvloop.run(migrate(dsn, runtime_role=config.database_runtime_role)):
                 log.info("applied %s", name)
         if workers == 1:
-            uvloop.run(serve_app(config))
+            uvloop.run(serve_app(config, tune_gc=True))
             return 0
         return Supervisor(config, workers).run()
     finally:
