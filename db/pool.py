@@ -127,30 +127,26 @@ class Database:
             yield con
 
     async def fetch(self, query: str, *args: Any) -> list[Record]:
+        # Without the lease object: these two carry the hot reads.
         con = await self.acquire()
-        broken = True
         try:
             result: list[Record] = await con.fetch(query, *args)
-            broken = False
-            return result
-        except asyncpg.PostgresError:
-            broken = False  # the server refused the statement; the connection is fine
+        except BaseException as exc:
+            self.release(con, _interrupted(type(exc)))
             raise
-        finally:
-            self.release(con, broken)
+        self.release(con)
+        return result
 
     async def fetchrow(self, query: str, *args: Any) -> Record | None:
+        # Without the lease object: these two carry the hot reads.
         con = await self.acquire()
-        broken = True
         try:
             row: Record | None = await con.fetchrow(query, *args)
-            broken = False
-            return row
-        except asyncpg.PostgresError:
-            broken = False
+        except BaseException as exc:
+            self.release(con, _interrupted(type(exc)))
             raise
-        finally:
-            self.release(con, broken)
+        self.release(con)
+        return row
 
     async def fetchval(self, query: str, *args: Any) -> Any:
         async with self.connection() as con:
@@ -198,6 +194,13 @@ class Database:
 # that was cancelled, timed out or lost its connection may leave a reply half-read on the wire,
 # so that connection is dropped, not reused. Other exceptions leaving a `connection()` block
 # (a 409 raised by a handler inside a transaction) come after asyncpg finished its statement.
+def _interrupted(exc_type: type[BaseException]) -> bool:
+    """Whether a statement that raised this may have left its connection mid-reply."""
+    return not issubclass(exc_type, Exception) or issubclass(  # CancelledError, ...
+        exc_type, TimeoutError | OSError | asyncpg.InterfaceError
+    )
+
+
 class _Lease:
     __slots__ = ("con", "db")
 
@@ -209,10 +212,7 @@ class _Lease:
         return self.con
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        broken = exc_type is not None and (
-            not issubclass(exc_type, Exception)  # CancelledError, KeyboardInterrupt, ...
-            or issubclass(exc_type, TimeoutError | OSError | asyncpg.InterfaceError)
-        )
+        broken = exc_type is not None and _interrupted(exc_type)
         self.db.release(self.con, broken)
 
 
