@@ -160,7 +160,7 @@ SCHEMAS: Json = {
 }
 
 
-def _json(desc: str, schema: Json, **headers: str) -> Json:
+def json_content(desc: str, schema: Json, **headers: str) -> Json:
     out: Json = {"description": desc, "content": {"application/json": {"schema": schema}}}
     if headers:
         out["headers"] = {
@@ -169,7 +169,7 @@ def _json(desc: str, schema: Json, **headers: str) -> Json:
     return out
 
 
-def _problem(desc: str) -> Json:
+def problem(desc: str) -> Json:
     return {
         "description": desc,
         "content": {"application/problem+json": {"schema": ref("Problem")}},
@@ -196,35 +196,37 @@ IF_MATCH = {
 }
 
 
-def _query(name: str, schema: Json, description: str) -> Json:
+def query_param(name: str, schema: Json, description: str) -> Json:
     return {"name": name, "in": "query", "schema": schema, "description": description}
 
 
 LIST_PARAMS = [
-    _query("limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}, "Page size"),
-    _query("cursor", {"type": "string"}, "next_cursor of the previous page"),
-    _query(
+    query_param(
+        "limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}, "Page size"
+    ),
+    query_param("cursor", {"type": "string"}, "next_cursor of the previous page"),
+    query_param(
         "q",
         {"type": "string", "minLength": 1, "maxLength": 254},
         "Case-insensitive literal prefix of username or email",
     ),
-    _query(
+    query_param(
         "status",
         {"type": "string", "enum": ["active", "suspended", "deleted"]},
         "Default: all but deleted",
     ),
 ]
-FORBIDDEN = _problem("Your role does not allow this")
-NOT_FOUND = _problem("No such user in your tenant")
-LAST_OWNER = _problem("The tenant's last owner cannot be removed")
-AUTH_401 = _problem("Wrong credentials, or an invalid, expired or revoked refresh token")
+FORBIDDEN = problem("Your role does not allow this")
+NOT_FOUND = problem("No such user in your tenant")
+LAST_OWNER = problem("The tenant's last owner cannot be removed")
+AUTH_401 = problem("Wrong credentials, or an invalid, expired or revoked refresh token")
 
 PATHS: Json = {
     "/v1/auth/signup": {
         "post": op(
             "Create a tenant and its owner; returns a token pair",
             "auth",
-            {"201": _json("Created", ref("SignupResponse"))},
+            {"201": json_content("Created", ref("SignupResponse"))},
             body="SignupRequest",
             auth=False,
         )
@@ -233,7 +235,7 @@ PATHS: Json = {
         "post": op(
             "Exchange credentials for a token pair",
             "auth",
-            {"200": _json("Logged in", ref("TokenPair")), "401": AUTH_401},
+            {"200": json_content("Logged in", ref("TokenPair")), "401": AUTH_401},
             body="LoginRequest",
             auth=False,
         )
@@ -242,7 +244,7 @@ PATHS: Json = {
         "post": op(
             "Rotate a refresh token; reusing a spent one revokes its family",
             "auth",
-            {"200": _json("A new pair", ref("TokenPair")), "401": AUTH_401},
+            {"200": json_content("A new pair", ref("TokenPair")), "401": AUTH_401},
             body="RefreshRequest",
             auth=False,
         )
@@ -258,7 +260,9 @@ PATHS: Json = {
     },
     "/v1/me": {
         "get": op(
-            "The caller", "users", {"200": _json("The caller", ref("User"), ETag='"<version>"')}
+            "The caller",
+            "users",
+            {"200": json_content("The caller", ref("User"), ETag='"<version>"')},
         )
     },
     "/v1/me/password": {
@@ -273,16 +277,18 @@ PATHS: Json = {
         "get": op(
             "List the tenant's users (keyset pagination)",
             "users",
-            {"200": _json("A page", ref("UserPage")), "422": _problem("Bad query parameter")},
+            {"200": json_content("A page", ref("UserPage")), "422": problem("Bad query parameter")},
             params=LIST_PARAMS,
         ),
         "post": op(
             "Create a user (admin); roles up to your own",
             "users",
             {
-                "201": _json("Created", ref("User"), ETag='"<version>"', Location="/v1/users/{id}"),
+                "201": json_content(
+                    "Created", ref("User"), ETag='"<version>"', Location="/v1/users/{id}"
+                ),
                 "403": FORBIDDEN,
-                "409": _problem("The email is taken in this tenant"),
+                "409": problem("The email is taken in this tenant"),
             },
             body="CreateUserRequest",
         ),
@@ -291,19 +297,19 @@ PATHS: Json = {
         "get": op(
             "A user by id",
             "users",
-            {"200": _json("The user", ref("User"), ETag='"<version>"'), "404": NOT_FOUND},
+            {"200": json_content("The user", ref("User"), ETag='"<version>"'), "404": NOT_FOUND},
             params=[USER_ID],
         ),
         "patch": op(
             "Update a user (admin) with optimistic locking",
             "users",
             {
-                "200": _json("Updated", ref("User"), ETag='"<version>"'),
+                "200": json_content("Updated", ref("User"), ETag='"<version>"'),
                 "403": FORBIDDEN,
                 "404": NOT_FOUND,
                 "409": LAST_OWNER,
-                "412": _problem("If-Match is stale"),
-                "428": _problem("If-Match is missing"),
+                "412": problem("If-Match is stale"),
+                "428": problem("If-Match is missing"),
             },
             body="PatchUserRequest",
             params=[USER_ID, IF_MATCH],
@@ -323,7 +329,7 @@ PATHS: Json = {
                 "204": _empty("Granted (or already held)"),
                 "403": FORBIDDEN,
                 "404": NOT_FOUND,
-                "422": _problem("Unknown role"),
+                "422": problem("Unknown role"),
             },
             params=[USER_ID, ROLE_PARAM],
         ),
@@ -335,7 +341,7 @@ PATHS: Json = {
                 "403": FORBIDDEN,
                 "404": NOT_FOUND,
                 "409": LAST_OWNER,
-                "422": _problem("Unknown role, or member"),
+                "422": problem("Unknown role, or member"),
             },
             params=[USER_ID, ROLE_PARAM],
         ),

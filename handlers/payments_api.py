@@ -3,7 +3,7 @@ validators)."""
 
 from __future__ import annotations
 
-from handlers.identity_api import UUID_PATTERN
+from handlers.identity_api import UUID_PATTERN, json_content, problem, query_param
 from server.openapi import Json, op, ref, register
 
 STR_UUID = {"type": "string", "format": "uuid"}
@@ -186,28 +186,8 @@ SCHEMAS: Json = {
 }
 
 
-def _json(desc: str, schema: Json, **headers: str) -> Json:
-    out: Json = {"description": desc, "content": {"application/json": {"schema": schema}}}
-    if headers:
-        out["headers"] = {
-            k: {"schema": {"type": "string"}, "description": v} for k, v in headers.items()
-        }
-    return out
-
-
-def _problem(desc: str) -> Json:
-    return {
-        "description": desc,
-        "content": {"application/problem+json": {"schema": ref("Problem")}},
-    }
-
-
 def _path(name: str) -> Json:
     return {"name": name, "in": "path", "required": True, "schema": STR_UUID}
-
-
-def _query(name: str, schema: Json, description: str) -> Json:
-    return {"name": name, "in": "query", "schema": schema, "description": description}
 
 
 IDEMPOTENCY_KEY = {
@@ -219,28 +199,30 @@ IDEMPOTENCY_KEY = {
     " the same key with another body is 422; a replay while the first runs is 409",
 }
 PAGE_PARAMS = [
-    _query("limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}, "Page size"),
-    _query("cursor", {"type": "string"}, "next_cursor of the previous page"),
+    query_param(
+        "limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}, "Page size"
+    ),
+    query_param("cursor", {"type": "string"}, "next_cursor of the previous page"),
 ]
-FORBIDDEN = _problem("This needs the admin or owner role")
-NOT_FOUND = _problem("No such order in your tenant")
-UNAVAILABLE = _problem("The payment provider is unavailable (circuit open): see Retry-After")
+FORBIDDEN = problem("This needs the admin or owner role")
+NOT_FOUND = problem("No such order in your tenant")
+UNAVAILABLE = problem("The payment provider is unavailable (circuit open): see Retry-After")
 
 PATHS: Json = {
     "/v1/products": {
         "get": op(
             "List the tenant's products",
             "catalog",
-            {"200": _json("A page", ref("ProductPage"))},
+            {"200": json_content("A page", ref("ProductPage"))},
             params=PAGE_PARAMS,
         ),
         "post": op(
             "Create a product (admin)",
             "catalog",
             {
-                "201": _json("Created", ref("Product"), Location="/v1/products/{id}"),
+                "201": json_content("Created", ref("Product"), Location="/v1/products/{id}"),
                 "403": FORBIDDEN,
-                "409": _problem("The sku is taken in this tenant"),
+                "409": problem("The sku is taken in this tenant"),
             },
             body="CreateProductRequest",
         ),
@@ -249,7 +231,7 @@ PATHS: Json = {
         "get": op(
             "A product; stock is what is still available after reservations",
             "catalog",
-            {"200": _json("The product", ref("Product")), "404": _problem("No such product")},
+            {"200": json_content("The product", ref("Product")), "404": problem("No such product")},
             params=[_path("product_id")],
         )
     },
@@ -257,15 +239,15 @@ PATHS: Json = {
         "get": op(
             "List the tenant's orders",
             "orders",
-            {"200": _json("A page", ref("OrderPage"))},
-            params=[*PAGE_PARAMS, _query("status", ORDER_STATUS, "Only orders in this state")],
+            {"200": json_content("A page", ref("OrderPage"))},
+            params=[*PAGE_PARAMS, query_param("status", ORDER_STATUS, "Only orders in this state")],
         ),
         "post": op(
             "Create an order; its stock is reserved at once",
             "orders",
             {
-                "201": _json("Created, pending", ref("Order"), Location="/v1/orders/{id}"),
-                "409": _problem("Not enough stock, or the Idempotency-Key is in use"),
+                "201": json_content("Created, pending", ref("Order"), Location="/v1/orders/{id}"),
+                "409": problem("Not enough stock, or the Idempotency-Key is in use"),
             },
             body="CreateOrderRequest",
             params=[IDEMPOTENCY_KEY],
@@ -275,7 +257,7 @@ PATHS: Json = {
         "get": op(
             "An order",
             "orders",
-            {"200": _json("The order", ref("Order"), ETag='"<version>"'), "404": NOT_FOUND},
+            {"200": json_content("The order", ref("Order"), ETag='"<version>"'), "404": NOT_FOUND},
             params=[_path("order_id")],
         )
     },
@@ -284,10 +266,10 @@ PATHS: Json = {
             "Pay an order: starts the pay saga (authorize, capture)",
             "orders",
             {
-                "202": _json("The saga runs; poll the order", ref("Order")),
-                "200": _json("Already settled (paid or payment_failed)", ref("Order")),
+                "202": json_content("The saga runs; poll the order", ref("Order")),
+                "200": json_content("Already settled (paid or payment_failed)", ref("Order")),
                 "404": NOT_FOUND,
-                "409": _problem("Cancelled, or the Idempotency-Key is in use"),
+                "409": problem("Cancelled, or the Idempotency-Key is in use"),
                 "503": UNAVAILABLE,
             },
             body="PayOrderRequest",
@@ -299,10 +281,10 @@ PATHS: Json = {
             "Cancel an order: releases its stock, refunds a captured payment",
             "orders",
             {
-                "200": _json("Cancelled", ref("Order")),
-                "202": _json("Cancelled once the refund completes", ref("Order")),
+                "200": json_content("Cancelled", ref("Order")),
+                "202": json_content("Cancelled once the refund completes", ref("Order")),
                 "404": NOT_FOUND,
-                "409": _problem("The payment is in progress"),
+                "409": problem("The payment is in progress"),
             },
             params=[_path("order_id")],
         )
@@ -312,8 +294,10 @@ PATHS: Json = {
             "Payment provider events, signed with Surge-Signature",
             "payments",
             {
-                "200": _json("Received (also for an event id seen before)", {"type": "object"}),
-                "400": _problem("Bad or stale signature, or not an event"),
+                "200": json_content(
+                    "Received (also for an event id seen before)", {"type": "object"}
+                ),
+                "400": problem("Bad or stale signature, or not an event"),
             },
             body="PaymentWebhookEvent",
             auth=False,
@@ -332,7 +316,7 @@ PATHS: Json = {
         "get": op(
             "The tenant's audit log, newest first (admin)",
             "audit",
-            {"200": _json("A page", ref("AuditPage")), "403": FORBIDDEN},
+            {"200": json_content("A page", ref("AuditPage")), "403": FORBIDDEN},
             params=PAGE_PARAMS,
         )
     },
