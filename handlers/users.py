@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 import orjson
@@ -15,16 +16,15 @@ from handlers import rbac
 from server.errors import NotFound, PreconditionFailed, ValidationFailed
 from server.http import (
     decode_cursor,
+    encode_cursor,
     etag,
     if_match,
-    json_response,
-    page,
     path_uuid,
     query_limit,
     raw_json_response,
     timestamp,
 )
-from server.keys import HASHER, PG, PG_READ, REQUEST_ID, USER_CACHE
+from server.keys import HASHER, PG, PG_READ, REQUEST_ID, USER_CACHE, USER_VIEWS
 from server.principal import Principal
 from server.validation import read_json
 
@@ -49,6 +49,34 @@ def user_view(row: Record) -> dict[str, Any]:
 
 def user_body(view: dict[str, Any]) -> bytes:
     return orjson.dumps(view)
+
+
+class ViewMemo:
+    """A user's JSON body by (tenant, id, version), kept in this process for list pages.
+
+    Building a user's view (two UUIDs and two timestamps to text) was a third of a page of 50's
+    CPU. A body changes only with its row's version (every UPDATE of a visible column bumps it),
+    so an entry is never stale: a newer version is a different key, and the page's query still
+    runs every time. Oldest entries go first past `size`; 0 turns the memo off.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._bodies: OrderedDict[tuple[uuid.UUID, uuid.UUID, int], bytes] = OrderedDict()
+
+    def body(self, row: Record) -> bytes:
+        key = (row["tenant_id"], row["id"], row["version"])
+        body = self._bodies.get(key)
+        if body is None:
+            body = user_body(user_view(row))
+            if self.size:
+                # orjson's bytes keep the 4 KiB buffer they were written into: a copy of a
+                # ~300-byte body is what stays (10,000 entries: 41 MB -> ~4 MB).
+                body = bytes(memoryview(body))
+                self._bodies[key] = body
+                if len(self._bodies) > self.size:
+                    self._bodies.popitem(last=False)
+        return body
 
 
 async def _record(
@@ -118,8 +146,11 @@ async def list_users(request: web.Request) -> web.Response:
     rows = await users.list_users(
         request.app[PG_READ], p.tenant_id, after, pattern, status, limit + 1
     )
-    last = rows[limit - 1]["id"] if len(rows) > limit else None
-    return json_response(page([user_view(r) for r in rows], limit, last))
+    memo = request.app[USER_VIEWS]
+    # The page is joined from each user's body: byte for byte what orjson.dumps(page(...)) writes.
+    items = b",".join([memo.body(r) for r in rows[:limit]])
+    cursor = encode_cursor(rows[limit - 1]["id"]) if len(rows) > limit else None
+    return raw_json_response(b'{"items":[%b],"next_cursor":%b}' % (items, orjson.dumps(cursor)))
 
 
 def _check_profile(profile: Any) -> None:

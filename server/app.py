@@ -14,9 +14,21 @@ from db.pool import open_database
 from handlers import analytics, events, order_saga, relay
 from handlers.passwords import Hasher
 from handlers.user_cache import UserCache
+from handlers.users import ViewMemo
 from server import metrics
 from server.config import Config
-from server.keys import CONFIG, HASHER, LIFECYCLE, LIMITER, PG, PG_READ, REDIS, TRACING, USER_CACHE
+from server.keys import (
+    CONFIG,
+    HASHER,
+    LIFECYCLE,
+    LIMITER,
+    PG,
+    PG_READ,
+    REDIS,
+    TRACING,
+    USER_CACHE,
+    USER_VIEWS,
+)
 from server.middleware import AccessLog, pipeline
 from server.ratelimit import LocalLimiter, RedisLimiter
 from server.state import Lifecycle
@@ -91,6 +103,7 @@ async def _hasher(app: web.Application) -> AsyncIterator[None]:
 async def _user_cache(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     app[USER_CACHE] = UserCache(app[REDIS], config.redis_key_prefix, config.user_cache_ttl_s)
+    app[USER_VIEWS] = ViewMemo(config.user_view_memo)
     yield
 
 

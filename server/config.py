@@ -272,6 +272,12 @@ class Config:
     user_cache_ttl_s: int = _setting(
         "USER_CACHE_TTL_S", _int(0, 86_400), 60, "TTL of cached users; 0 turns the cache off"
     )
+    user_view_memo: int = _setting(
+        "USER_VIEW_MEMO",
+        _int(0, 1_000_000),
+        10_000,
+        "User bodies kept per process for list pages, by version (~0.6 kB each); 0 turns it off",
+    )
     enable_docs: bool = _setting("ENABLE_DOCS", _bool, True, "Serve /openapi.json and /docs")
     # -- GraphQL (POST /graphql): limits checked before any SQL runs --
     # Depth 8 fits the deepest useful query (orders > edges > node > items > product > field is

@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # these modules import this one
     from handlers.analytics import LiveHub
     from handlers.events import EventCounters, EventWriter
     from handlers.order_saga import SagaRunner
+    from handlers.users import ViewMemo
     from server.tracing import Tracing
 
 CONFIG = web.AppKey("config", Config)
@@ -29,6 +30,7 @@ LIMITER: web.AppKey[Limiter] = web.AppKey("limiter")
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 HASHER = web.AppKey("hasher", Hasher)
 USER_CACHE = web.AppKey("user_cache", UserCache)
+USER_VIEWS: web.AppKey[ViewMemo] = web.AppKey("user_views")
 EVENT_WRITER: web.AppKey[EventWriter] = web.AppKey("event_writer")
 EVENT_COUNTERS: web.AppKey[EventCounters] = web.AppKey("event_counters")
 LIVE_HUB: web.AppKey[LiveHub] = web.AppKey("live_hub")

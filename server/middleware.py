@@ -103,20 +103,21 @@ class AccessLog:
         request: web.Request,
         status: int,
         duration: float,
+        request_id: str,
+        route: str,
+        principal: Principal | None,
         trace_id: str | None = None,
-        route: str | None = None,
     ) -> None:
         """`trace_id`: the request span's when tracing is on; else an incoming traceparent's."""
-        principal = request.get(PRINCIPAL)
         record = {
             "ts": time.time(),
             "msg": "request",
             "method": request.method,
-            "route": route_of(request) if route is None else route,
+            "route": route,
             "path": request.path,
             "status": status,
             "duration_ms": round(duration * 1000, 3),
-            "request_id": request.get(REQUEST_ID),
+            "request_id": request_id,
             # orjson writes a UUID as its string, without str()'s Python-level formatting
             "tenant": principal.tenant_id if principal is not None else None,
         }
@@ -151,10 +152,14 @@ def pipeline(
         if rid is None or _RID.fullmatch(rid) is None:
             rid = new_request_id()
         request[REQUEST_ID] = rid
-        span = None if tracing is None else tracing.start_request(request, route_of(request), rid)
+        route = route_of(request)
+        span = None if tracing is None else tracing.start_request(request, route, rid)
         start = time.perf_counter()
         metrics.HTTP.started()
         status = 499  # the client went away before an answer
+        # Kept here rather than read back with request.get(): a request is a MutableMapping whose
+        # get() and `in` raise and catch KeyError for a missing key, ~1 us each.
+        principal: Principal | None = None
         try:
             path = request.path
             gated = path not in OPS_PATHS and path not in STREAM_PATHS
@@ -180,8 +185,9 @@ def pipeline(
                 # POST /graphql is an API call like any /v1 one (its handler charges the rest of
                 # a query's cost); GET /graphql and the SDL are pages, like /docs.
                 if path.startswith("/v1/") or (path == "/graphql" and request.method == "POST"):
-                    limits = await _rate_limit(request)
-                    _authenticate(request)
+                    principal = request[PRINCIPAL] = _verify_bearer(request)
+                    limits = await _rate_limit(request, principal)
+                    _authenticate(request, principal)
                     resp = await handler(request)
                     if not resp.prepared:
                         resp.headers.update(limits)
@@ -204,13 +210,12 @@ def pipeline(
             return resp
         finally:
             elapsed = time.perf_counter() - start
-            route = route_of(request)
             metrics.HTTP.finished(request.method, route, status, elapsed)
             if span is not None:
                 span.end(status)
             if access_log is not None:
                 trace_id = None if span is None else span.trace_id
-                access_log.write(request, status, elapsed, trace_id, route)
+                access_log.write(request, status, elapsed, rid, route, principal, trace_id)
 
     return surge
 
@@ -289,10 +294,9 @@ def client_ip(request: web.Request, trust_forwarded_for: bool) -> str:
     return request.remote or "unknown"
 
 
-async def _rate_limit(request: web.Request) -> dict[str, str]:
+async def _rate_limit(request: web.Request, principal: Principal | None) -> dict[str, str]:
     """Token bucket per principal (the user, else the client IP); the RateLimit-* headers."""
     config = request.app[CONFIG]
-    principal = _resolve_principal(request)
     key = (
         principal.rate_key
         if principal is not None
@@ -307,28 +311,25 @@ async def _rate_limit(request: web.Request) -> dict[str, str]:
     return headers
 
 
-def _resolve_principal(request: web.Request) -> Principal | None:
-    """Verify the bearer token once per request (in memory, no database round trip)."""
-    if PRINCIPAL in request:
-        return request[PRINCIPAL]
-    principal = None
+def _verify_bearer(request: web.Request) -> Principal | None:
+    """The principal of a valid bearer token (verified in memory, no database round trip)."""
     auth = request.headers.get("Authorization")
-    if auth is not None:
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() == "bearer" and token:
-            try:
-                principal = request.app[TOKENS].verify(token.strip())
-            except TokenError:
-                principal = None
-    request[PRINCIPAL] = principal
-    return principal
+    if auth is None:
+        return None
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return None
+    try:
+        return request.app[TOKENS].verify(token.strip())
+    except TokenError:
+        return None
 
 
-def _authenticate(request: web.Request) -> None:
+def _authenticate(request: web.Request, principal: Principal | None) -> None:
     """Every /v1 route but the public ones needs a valid access token (verified in memory)."""
     if request.path in PUBLIC_PATHS or isinstance(request.match_info, MatchInfoError):
         return  # unknown routes answer 404/405
-    if _resolve_principal(request) is None:
+    if principal is None:
         if "Authorization" not in request.headers:
             raise Unauthorized("an access token is required", error="")
         raise Unauthorized("the access token is invalid or expired")

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import itertools
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import asyncpg
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 from hypothesis import given, settings
@@ -23,7 +26,9 @@ from hypothesis import strategies as st
 from db.ids import uuid7
 from server.app import create_app
 from server.config import Config
-from tests.helpers import Actor, signup
+from tests.helpers import Actor, add_user, signup
+
+NOW = datetime(2026, 11, 22, 8, 0, 0, 123456, tzinfo=UTC)
 
 T = TypeVar("T")
 _seq = itertools.count(1)
@@ -369,3 +374,85 @@ async def test_q_case_folding_matches_the_database_for_dotted_capital_i(setup: A
     rows = await insert(con, owner.tenant_id, [("ipek", "İpek@example.com", "active")])
     status, page = await get_page(client, owner, q="İp")
     assert (status, [u["id"] for u in page["items"]]) == (200, [rows[0].id])
+
+
+@pytest.mark.parametrize("memo", [0, 1, 10_000])
+async def test_pages_show_every_write_whatever_the_view_memo(
+    aiohttp_client: Any, config: Config, memo: int
+) -> None:
+    """The memo keeps user bodies by version: a page after a write (PATCH, role grant, delete)
+    shows the new state, and its bytes are the by-id body's, joined."""
+    client: TestClient = await aiohttp_client(
+        create_app(dataclasses.replace(config, user_view_memo=memo))
+    )
+    owner = await signup(client, "Memo")
+    member = await add_user(client, owner)
+    path = f"/v1/users/{member.id}"
+
+    async def listed() -> dict[str, Any]:
+        status, page = await get_page(client, owner)
+        assert status == 200
+        return {u["id"]: u for u in page["items"]}
+
+    before = (await listed())[member.id]
+    one = await client.get(path, headers=owner.headers)
+    assert orjson.loads(await one.read()) == before
+    steps: list[tuple[str, str, dict[str, Any] | None]] = [
+        ("PATCH", path, {"username": "renamed"}),
+        ("PUT", f"{path}/roles/admin", None),
+        ("DELETE", path, None),
+    ]
+    version = before["version"]
+    for method, url, body in steps:
+        etag = (await client.get(path, headers=owner.headers)).headers.get("ETag", "*")
+        resp = await client.request(
+            method, url, json=body, headers={**owner.headers, "If-Match": etag}
+        )
+        assert resp.status in (200, 204), await resp.text()
+        if method == "DELETE":
+            status, page = await get_page(client, owner, status="deleted")
+            assert status == 200
+            [gone] = page["items"]
+            assert (gone["id"], gone["status"], gone["version"]) == (
+                member.id,
+                "deleted",
+                version + 1,
+            )
+            assert member.id not in await listed()
+        else:
+            now = (await listed())[member.id]
+            assert now["version"] == version + 1
+            assert now == orjson.loads(await (await client.get(path, headers=owner.headers)).read())
+        version += 1
+    final = await listed()
+    assert final[owner.id]["username"] != "renamed"
+
+
+async def test_a_page_is_byte_for_byte_orjson_of_its_items(setup: Any) -> None:
+    client, owner, con = setup
+    await insert_named(con, owner.tenant_id, "bytes", 3)
+    resp = await client.get("/v1/users", params={"limit": "2"}, headers=owner.headers)
+    raw = await resp.read()
+    assert raw == orjson.dumps(orjson.loads(raw))
+    assert orjson.loads(raw)["next_cursor"] is not None
+
+
+def test_the_view_memo_drops_its_oldest_past_its_size() -> None:
+    from handlers.users import ViewMemo
+
+    memo = ViewMemo(2)
+    rows = [
+        {
+            "id": uuid7(), "tenant_id": uuid.UUID(int=1), "email": "a@example.com",
+            "username": "a", "status": "active", "roles": ["member"], "profile": {},
+            "version": 1, "created_at": NOW, "updated_at": NOW,
+        }
+        for _ in range(3)
+    ]  # fmt: skip
+    bodies = [memo.body(r) for r in rows]  # type: ignore[arg-type]
+    assert [orjson.loads(b)["id"] for b in bodies] == [str(r["id"]) for r in rows]
+    assert list(memo._bodies) == [(r["tenant_id"], r["id"], 1) for r in rows[1:]]
+    # Another version of the same user is another key; the body says the new version.
+    newer = dict(rows[2], version=2, username="b")
+    assert orjson.loads(memo.body(newer))["username"] == "b"  # type: ignore[arg-type]
+    assert orjson.loads(memo.body(rows[2]))["username"] == "a"  # type: ignore[arg-type]
