@@ -55,21 +55,20 @@ STREAM_PATHS = frozenset({"/v1/analytics/live"})
 
 
 # Request ids need to be unique, not unguessable: a random per-process prefix and a counter
-# cost a fraction of an os.urandom() system call per request.
+# cost a fraction of an os.urandom() system call per request. Counting from 2**44 keeps the
+# counter at 12 hex digits for 2.6e14 requests, without a format specification per request.
 _RID_PREFIX = os.urandom(6).hex()
-_rid_counter = itertools.count()
+_rid_counter = itertools.count(1 << 44)
 
 
 def new_request_id() -> str:
-    return f"{_RID_PREFIX}{next(_rid_counter) & 0xFFFFFFFFFFFF:012x}"
+    return _RID_PREFIX + hex(next(_rid_counter))[2:]
 
 
 def route_of(request: web.Request) -> str:
     """The route template (/v1/users/{user_id}), never the raw path: bounded label values."""
-    info = request.match_info
-    if isinstance(info, MatchInfoError):
-        return "unmatched"
-    resource = info.route.resource
+    # An unmatched request's route (404/405) is a SystemRoute, without a resource.
+    resource = request.match_info.route.resource
     return resource.canonical if resource is not None else "unmatched"
 
 
@@ -116,7 +115,7 @@ class AccessLog:
             "route": route,
             "path": request.path,
             "status": status,
-            "duration_ms": round(duration * 1000, 3),
+            "duration_ms": int(duration * 1_000_000) / 1000,  # round(x, 3) costs 3x as much
             "request_id": request_id,
             # orjson writes a UUID as its string, without str()'s Python-level formatting
             "tenant": principal.tenant_id if principal is not None else None,
