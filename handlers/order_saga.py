@@ -124,9 +124,10 @@ async def _announce(
 ) -> None:
     items = await orders.items_of_orders(con, order["tenant_id"], [order["id"]])
     view = order_view(order, items, payment)
-    await audit.record_event(
-        con, order["tenant_id"], actor_id, action, "order", order["id"], request_id, details, view
-    )
+    await audit.record_audit(
+        con, order["tenant_id"], actor_id, action, "order", order["id"], request_id, details,
+        event=view,
+    )  # fmt: skip
 
 
 async def authorized(
