@@ -14,32 +14,6 @@ from db.pool import Executor
 _Q = queries.load("audit.sql")
 
 
-async def record_event(
-    pg: Executor,
-    tenant_id: UUID,
-    actor_id: UUID | None,
-    action: str,
-    target_type: str,
-    target_id: UUID | None,
-    request_id: str | None,
-    details: dict[str, Any],
-    payload: dict[str, Any],
-) -> None:
-    """An audit row and an outbox event (topic = action), in the caller's transaction."""
-    await pg.execute(
-        _Q["record_event"],
-        tenant_id,
-        actor_id,
-        action,
-        target_type,
-        target_id,
-        request_id,
-        details,
-        payload,
-        uuid7(),
-    )
-
-
 async def record_audit(
     pg: Executor,
     tenant_id: UUID,
@@ -49,19 +23,16 @@ async def record_audit(
     target_id: UUID | None,
     request_id: str | None,
     details: dict[str, Any],
+    *,
+    event: dict[str, Any] | None = None,
 ) -> None:
-    """An audit row only (no outbox event), in the caller's transaction."""
-    await pg.execute(
-        _Q["record_audit"],
-        tenant_id,
-        actor_id,
-        action,
-        target_type,
-        target_id,
-        request_id,
-        details,
-        uuid7(),
-    )
+    """An audit row, in the caller's transaction; given `event`, also an outbox event (topic =
+    action, payload = event) in the same statement."""
+    row = (tenant_id, actor_id, action, target_type, target_id, request_id, details)
+    if event is None:
+        await pg.execute(_Q["record_audit"], *row, uuid7())
+    else:
+        await pg.execute(_Q["record_event"], *row, event, uuid7())
 
 
 async def list_audit(

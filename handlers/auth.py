@@ -85,14 +85,14 @@ async def signup(request: web.Request) -> web.Response:
             con, tenant_id, user_id, body["email"], body["username"], password_hash, roles, {}
         )
         view = user_view(user)
-        await audit.record_event(
+        await audit.record_audit(
             con, tenant_id, user_id, "tenant.created", "tenant", tenant_id,
             request[REQUEST_ID], {"name": body["tenant_name"]},
-            {"id": str(tenant_id), "name": body["tenant_name"]},
+            event={"id": str(tenant_id), "name": body["tenant_name"]},
         )  # fmt: skip
-        await audit.record_event(
+        await audit.record_audit(
             con, tenant_id, user_id, "user.created", "user", user_id,
-            request[REQUEST_ID], {"roles": roles}, view,
+            request[REQUEST_ID], {"roles": roles}, event=view,
         )  # fmt: skip
         pair = await _issue_pair(request, con, tenant_id, user_id, roles)
     await request.app[USER_CACHE].store(tenant_id, user_id, user["version"], user_body(view))

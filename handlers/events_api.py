@@ -4,7 +4,7 @@ validator that names the offending field when POST /v1/events refuses a body."""
 from __future__ import annotations
 
 from handlers.events import MAX_EVENTS, MAX_PROPS_BYTES, MAX_PROPS_KEYS, NAME_RE, TS_RE, UUID_RE
-from server.openapi import Json, op, ref, register
+from server.openapi import Json, json_content, op, problem, query_param, ref, register
 
 EVENT_NAME = {
     "type": "string",
@@ -75,32 +75,25 @@ SCHEMAS: Json = {
 }
 
 
-def _query(name: str, schema: Json, description: str, required: bool = False) -> Json:
-    return {
-        "name": name,
-        "in": "query",
-        "required": required,
-        "schema": schema,
-        "description": description,
-    }
-
-
 COUNT_PARAMS = [
-    _query("name", EVENT_NAME, "The event name to count", required=True),
-    _query(
+    query_param("name", EVENT_NAME, "The event name to count", required=True),
+    query_param(
         "from",
         {"type": "string", "format": "date-time"},
         "Start (RFC 3339), rounded down to its bucket; default: 60 buckets before `to`",
+        required=False,
     ),
-    _query(
+    query_param(
         "to",
         {"type": "string", "format": "date-time"},
         "End (RFC 3339, exclusive), rounded up to its bucket; default: now",
+        required=False,
     ),
-    _query(
+    query_param(
         "bucket",
         {"type": "string", "enum": ["1m", "1h", "1d"], "default": "1m"},
         "Bucket size, aligned to UTC; at most 1440 buckets per request",
+        required=False,
     ),
 ]
 
@@ -109,12 +102,7 @@ PATHS: Json = {
         "post": op(
             "Ingest 1..1000 analytics events; answered once they are committed",
             "events",
-            {
-                "202": {
-                    "description": "Committed",
-                    "content": {"application/json": {"schema": ref("EventsAccepted")}},
-                }
-            },
+            {"202": json_content("Committed", ref("EventsAccepted"))},
             body="EventBatch",
         )
     },
@@ -123,14 +111,8 @@ PATHS: Json = {
             "Counts of one event name per minute, hour or day (every bucket, zeros included)",
             "events",
             {
-                "200": {
-                    "description": "The buckets, oldest first",
-                    "content": {"application/json": {"schema": ref("EventCounts")}},
-                },
-                "422": {
-                    "description": "Bad query parameter",
-                    "content": {"application/problem+json": {"schema": ref("Problem")}},
-                },
+                "200": json_content("The buckets, oldest first", ref("EventCounts")),
+                "422": problem("Bad query parameter"),
             },
             params=COUNT_PARAMS,
         )

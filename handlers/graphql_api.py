@@ -3,21 +3,11 @@ handlers/graphql.py checks it itself, to answer in the GraphQL error shape)."""
 
 from __future__ import annotations
 
-from server.openapi import Json, op, ref, register
+from server.openapi import Json, json_content, op, problem, ref, register
 
 
 def _graphql(desc: str) -> Json:
-    return {
-        "description": desc,
-        "content": {"application/json": {"schema": ref("GraphQLResponse")}},
-    }
-
-
-def _problem(desc: str) -> Json:
-    return {
-        "description": desc,
-        "content": {"application/problem+json": {"schema": ref("Problem")}},
-    }
+    return json_content(desc, ref("GraphQLResponse"))
 
 
 SCHEMAS: Json = {
@@ -98,7 +88,7 @@ PATHS: Json = {
                     "The query's cost is more than the caller's rate-limit bucket holds now "
                     "(a refusal before the query is read is problem+json); see Retry-After"
                 ),
-                "503": _problem("Overloaded or the database is busy; see Retry-After"),
+                "503": problem("Overloaded or the database is busy; see Retry-After"),
             },
             body="GraphQLRequest",
         ),
@@ -124,7 +114,7 @@ PATHS: Json = {
                     "description": "SDL",
                     "content": {"text/plain": {"schema": {"type": "string"}}},
                 },
-                "404": _problem("Introspection is disabled (GRAPHQL_INTROSPECTION=false)"),
+                "404": problem("Introspection is disabled (GRAPHQL_INTROSPECTION=false)"),
             },
             auth=False,
             ratelimited=False,

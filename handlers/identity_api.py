@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.openapi import Json, op, ref, register
+from server.openapi import Json, json_content, op, problem, query_param, ref, register
 
 UUID_PATTERN = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 EMAIL = {
@@ -160,22 +160,6 @@ SCHEMAS: Json = {
 }
 
 
-def json_content(desc: str, schema: Json, **headers: str) -> Json:
-    out: Json = {"description": desc, "content": {"application/json": {"schema": schema}}}
-    if headers:
-        out["headers"] = {
-            k: {"schema": {"type": "string"}, "description": v} for k, v in headers.items()
-        }
-    return out
-
-
-def problem(desc: str) -> Json:
-    return {
-        "description": desc,
-        "content": {"application/problem+json": {"schema": ref("Problem")}},
-    }
-
-
 def _empty(desc: str) -> Json:
     return {"description": desc}
 
@@ -194,10 +178,6 @@ IF_MATCH = {
     "schema": {"type": "string"},
     "description": 'The ETag you read, e.g. "3"',
 }
-
-
-def query_param(name: str, schema: Json, description: str) -> Json:
-    return {"name": name, "in": "query", "schema": schema, "description": description}
 
 
 LIST_PARAMS = [

@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from uuid import UUID
 
@@ -124,9 +124,10 @@ async def _announce(
 ) -> None:
     items = await orders.items_of_orders(con, order["tenant_id"], [order["id"]])
     view = order_view(order, items, payment)
-    await audit.record_event(
-        con, order["tenant_id"], actor_id, action, "order", order["id"], request_id, details, view
-    )
+    await audit.record_audit(
+        con, order["tenant_id"], actor_id, action, "order", order["id"], request_id, details,
+        event=view,
+    )  # fmt: skip
 
 
 async def authorized(
@@ -310,80 +311,72 @@ class SagaRunner:
         return min(pause, MAX_STEP_PAUSE_S, self.lease_s / 2)
 
     async def _step(self, client: PaymentsClient, row: Record) -> None:
-        tenant_id, order_id, step = row["tenant_id"], row["order_id"], row["step"]
-        auth_id = row["authorization_id"]
-        source = "saga"
+        order_id, step, auth_id = row["order_id"], row["step"], row["authorization_id"]
+        ids, source = (row["tenant_id"], order_id), "saga"
         if step == "authorizing":
-            try:
-                result = await client.authorize(
-                    row["amount_cents"], row["currency"], row["payment_method"],
-                    reference(tenant_id, order_id), f"{order_id}:authorize",
-                )  # fmt: skip
-            except (Declined, Rejected) as exc:
-                async with self.pg.transaction() as con:
-                    await failed(
-                        con, tenant_id, order_id, ["authorizing"], "failed", exc.code, source
-                    )
-                return
-            async with self.pg.transaction() as con:
-                await authorized(con, tenant_id, order_id, str(result["id"]), source)
+            await self._settle(
+                client.authorize(
+                    row["amount_cents"],
+                    row["currency"],
+                    row["payment_method"],
+                    reference(*ids),
+                    f"{order_id}:authorize",
+                ),
+                lambda con, answer: authorized(con, *ids, str(answer["id"]), source),
+                lambda con, code: failed(con, *ids, ["authorizing"], "failed", code, source),
+            )
         elif step == "capturing":
-            try:
-                await client.capture(auth_id, f"{order_id}:capture")
-            except (Declined, Rejected) as exc:
-                async with self.pg.transaction() as con:
-                    await compensate(
-                        con, tenant_id, order_id, ["capturing"], "voiding", exc.code, source
-                    )
-                return
-            async with self.pg.transaction() as con:
-                await paid(con, tenant_id, order_id, None, source)
+            await self._settle(
+                client.capture(auth_id, f"{order_id}:capture"),
+                lambda con, _: paid(con, *ids, None, source),
+                lambda con, code: compensate(con, *ids, ["capturing"], "voiding", code, source),
+            )
         elif step == "voiding":
-            try:
-                await client.void(auth_id, f"{order_id}:void")
-            except (Declined, Rejected) as exc:
+            await self._settle(
+                client.void(auth_id, f"{order_id}:void"),
+                lambda con, _: self._voided(con, row),
                 # Refused: it was captured after all (a capture whose answer we lost). Refund.
-                async with self.pg.transaction() as con:
-                    await compensate(
-                        con, tenant_id, order_id, ["voiding"], "refunding", exc.code, source
-                    )
-                return
-            async with self.pg.transaction() as con:
-                await failed(
-                    con,
-                    tenant_id,
-                    order_id,
-                    ["voiding"],
-                    "voided",
-                    row["outcome"] or "voided",
-                    source,
-                )
-                metrics.PAYMENTS_SAGAS.labels("voided").inc()
+                lambda con, code: compensate(con, *ids, ["voiding"], "refunding", code, source),
+            )
         elif step == "refunding":
-            try:
-                await client.refund(auth_id, f"{order_id}:refund")
-            except (Declined, Rejected) as exc:
-                log.error(
-                    "saga %s: the provider refused the refund (%s); needs a human",
-                    order_id,
-                    exc.code,
-                )
-                async with self.pg.transaction() as con:
-                    await payments.move_payment(
-                        con,
-                        tenant_id,
-                        order_id,
-                        ["refunding"],
-                        "failed",
-                        outcome=f"refund_{exc.code}",
-                    )
-                    await audit.record_audit(
-                        con, tenant_id, None, "payment.refund_refused", "order", order_id, None,
-                        {"code": exc.code},
-                    )  # fmt: skip
-                return
+            await self._settle(
+                client.refund(auth_id, f"{order_id}:refund"),
+                lambda con, _: refunded(con, *ids, source),
+                lambda con, code: self._refund_refused(con, row, code),
+            )
+
+    async def _settle(
+        self,
+        call: Awaitable[dict[str, Any]],
+        done: Callable[[Connection, dict[str, Any]], Awaitable[object]],
+        refused: Callable[[Connection, str], Awaitable[object]],
+    ) -> None:
+        """The provider's call, then one transaction: `done` with its answer, or `refused`
+        with the code of a decline or rejection."""
+        try:
+            answer = await call
+        except (Declined, Rejected) as exc:
             async with self.pg.transaction() as con:
-                await refunded(con, tenant_id, order_id, source)
+                await refused(con, exc.code)
+            return
+        async with self.pg.transaction() as con:
+            await done(con, answer)
+
+    async def _voided(self, con: Connection, row: Record) -> None:
+        outcome = row["outcome"] or "voided"
+        await failed(con, row["tenant_id"], row["order_id"], ["voiding"], "voided", outcome, "saga")
+        metrics.PAYMENTS_SAGAS.labels("voided").inc()
+
+    async def _refund_refused(self, con: Connection, row: Record, code: str) -> None:
+        tenant_id, order_id = row["tenant_id"], row["order_id"]
+        log.error("saga %s: the provider refused the refund (%s); needs a human", order_id, code)
+        await payments.move_payment(
+            con, tenant_id, order_id, ["refunding"], "failed", outcome=f"refund_{code}"
+        )
+        await audit.record_audit(
+            con, tenant_id, None, "payment.refund_refused", "order", order_id, None,
+            {"code": code},
+        )  # fmt: skip
 
     async def _give_up(self, row: Record, exc: ProviderError) -> None:
         tenant_id, order_id = row["tenant_id"], row["order_id"]

@@ -57,9 +57,9 @@ async def create_product(request: web.Request) -> web.Response:
             body["currency"], body["stock"],
         )  # fmt: skip
         view = product_view(row)
-        await audit.record_event(
+        await audit.record_audit(
             con, p.tenant_id, p.user_id, "product.created", "product", row["id"],
-            request[REQUEST_ID], {}, view,
+            request[REQUEST_ID], {}, event=view,
         )  # fmt: skip
     return json_response(
         view, 201, {"ETag": etag(row["version"]), "Location": f"/v1/products/{row['id']}"}
@@ -140,9 +140,9 @@ async def create_order(request: web.Request) -> web.Response:
         await orders.insert_items(con, p.tenant_id, order_id, ids, quantities, prices)
         items = await orders.items_of_orders(con, p.tenant_id, [order_id])
         view = order_saga.order_view(row, items)
-        await audit.record_event(
+        await audit.record_audit(
             con, p.tenant_id, p.user_id, "order.created", "order", order_id, request[REQUEST_ID],
-            {}, view,
+            {}, event=view,
         )  # fmt: skip
         response = json_response(
             view, 201, {"ETag": etag(row["version"]), "Location": f"/v1/orders/{order_id}"}
@@ -258,9 +258,9 @@ async def cancel_order(request: web.Request) -> web.Response:
             view = order_saga.order_view(
                 moved, items, await payments.get_payment(con, p.tenant_id, order_id)
             )
-            await audit.record_event(
+            await audit.record_audit(
                 con, p.tenant_id, p.user_id, "order.cancelled", "order", order_id,
-                request[REQUEST_ID], {"from": status}, view,
+                request[REQUEST_ID], {"from": status}, event=view,
             )  # fmt: skip
         elif status == "paid":
             if runner.client is None:

@@ -3,8 +3,8 @@ validators)."""
 
 from __future__ import annotations
 
-from handlers.identity_api import UUID_PATTERN, json_content, problem, query_param
-from server.openapi import Json, op, ref, register
+from handlers.identity_api import UUID_PATTERN
+from server.openapi import Json, json_content, op, problem, query_param, ref, register
 
 STR_UUID = {"type": "string", "format": "uuid"}
 DATE = {"type": "string", "format": "date-time"}

@@ -83,9 +83,10 @@ async def _record(
     con: Connection, p: Principal, request: web.Request, action: str, row: Record, **details: Any
 ) -> dict[str, Any]:
     view = user_view(row)
-    await audit.record_event(
-        con, p.tenant_id, p.user_id, action, "user", row["id"], request[REQUEST_ID], details, view
-    )
+    await audit.record_audit(
+        con, p.tenant_id, p.user_id, action, "user", row["id"], request[REQUEST_ID], details,
+        event=view,
+    )  # fmt: skip
     return view
 
 

@@ -16,18 +16,27 @@ def ref(name: str) -> Json:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _problem(desc: str) -> Json:
+def problem(desc: str) -> Json:
     return {
         "description": desc,
         "content": {"application/problem+json": {"schema": ref("Problem")}},
     }
 
 
-def _json(desc: str, schema: Json, headers: Json | None = None) -> Json:
+def json_content(desc: str, schema: Json, **headers: str) -> Json:
     out: Json = {"description": desc, "content": {"application/json": {"schema": schema}}}
     if headers:
-        out["headers"] = headers
+        out["headers"] = {
+            k: {"schema": {"type": "string"}, "description": v} for k, v in headers.items()
+        }
     return out
+
+
+def query_param(name: str, schema: Json, description: str, *, required: bool | None = None) -> Json:
+    out: Json = {"name": name, "in": "query"}
+    if required is not None:  # None leaves the key out (OpenAPI's default: false)
+        out["required"] = required
+    return out | {"schema": schema, "description": description}
 
 
 _RL_HEADERS = {
@@ -38,11 +47,11 @@ _RL_HEADERS = {
 _ETAG = {"ETag": {"schema": {"type": "string"}, "description": 'The version, quoted: "3"'}}
 
 STANDARD_ERRORS = {
-    "400": _problem("Malformed JSON"),
-    "413": _problem("Body larger than MAX_BODY_BYTES"),
-    "422": _problem("Validation failed; `errors` names each offending field"),
-    "429": _problem("Rate limited; see Retry-After"),
-    "503": _problem("Overloaded or a dependency is down; see Retry-After"),
+    "400": problem("Malformed JSON"),
+    "413": problem("Body larger than MAX_BODY_BYTES"),
+    "422": problem("Validation failed; `errors` names each offending field"),
+    "429": problem("Rate limited; see Retry-After"),
+    "503": problem("Overloaded or a dependency is down; see Retry-After"),
 }
 
 
@@ -77,7 +86,7 @@ def op(
             all_responses.setdefault(code, copy.deepcopy(r))
     if auth:
         out["security"] = [{"bearer": []}]
-        all_responses.setdefault("401", _problem("Missing, invalid or expired access token"))
+        all_responses.setdefault("401", problem("Missing, invalid or expired access token"))
     else:
         out["security"] = []
     out["responses"] = all_responses
@@ -131,7 +140,7 @@ PATHS: Json = {
         "get": op(
             "Liveness: 200 while the process runs",
             "ops",
-            {"200": _json("Alive", ref("Health"))},
+            {"200": json_content("Alive", ref("Health"))},
             auth=False,
             ratelimited=False,
         )
@@ -141,8 +150,10 @@ PATHS: Json = {
             "Readiness: PostgreSQL and Redis answer and the process is not draining",
             "ops",
             {
-                "200": _json("Ready", ref("Readiness")),
-                "503": _json("Not ready; `checks` says which dependency failed", ref("Readiness")),
+                "200": json_content("Ready", ref("Readiness")),
+                "503": json_content(
+                    "Not ready; `checks` says which dependency failed", ref("Readiness")
+                ),
             },
             auth=False,
             ratelimited=False,
@@ -166,7 +177,7 @@ PATHS: Json = {
         "get": op(
             "This document",
             "ops",
-            {"200": _json("OpenAPI 3.1", {"type": "object"})},
+            {"200": json_content("OpenAPI 3.1", {"type": "object"})},
             auth=False,
             ratelimited=False,
         )
