@@ -44,7 +44,6 @@ _RL_HEADERS = {
     "RateLimit-Remaining": {"schema": {"type": "integer"}, "description": "Requests left now"},
     "RateLimit-Reset": {"schema": {"type": "integer"}, "description": "Seconds to a full bucket"},
 }
-_ETAG = {"ETag": {"schema": {"type": "string"}, "description": 'The version, quoted: "3"'}}
 
 STANDARD_ERRORS = {
     "400": problem("Malformed JSON"),
