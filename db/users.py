@@ -80,6 +80,23 @@ async def list_users(
     return await pg.fetch(_Q["list_users"], tenant_id, after, prefix_pattern, status, limit)
 
 
+async def list_user_versions(
+    pg: Executor,
+    tenant_id: UUID,
+    after: UUID | None,
+    prefix_pattern: str | None,
+    status: str | None,
+    limit: int,
+) -> list[Record]:
+    return await pg.fetch(_Q["list_user_versions"], tenant_id, after, prefix_pattern, status, limit)
+
+
+async def get_users_at_versions(
+    pg: Executor, tenant_id: UUID, ids: list[UUID], versions: list[int]
+) -> list[Record]:
+    return await pg.fetch(_Q["get_users_at_versions"], tenant_id, ids, versions)
+
+
 async def patch_user(
     pg: Executor,
     tenant_id: UUID,

@@ -57,6 +57,26 @@ WHERE tenant_id = $1
 ORDER BY id
 LIMIT $5;
 
+-- name: list_user_versions
+-- list_users' page as (id, version) only: a version names a user's whole visible state, so a body
+-- serialized at that version is reused (handlers/users.py ViewMemo) without decoding the row.
+SELECT id, version
+FROM users
+WHERE tenant_id = $1
+  AND ($2::uuid IS NULL OR id > $2)
+  AND ($3::text IS NULL OR lower(username) LIKE lower($3) OR lower(email) LIKE lower($3))
+  AND (CASE WHEN $4::text IS NULL THEN status <> 'deleted' ELSE status = $4 END)
+ORDER BY id
+LIMIT $5;
+
+-- name: get_users_at_versions
+-- The rows still at the versions list_user_versions saw ($2 ids, $3 versions, pairwise); a row
+-- written since is missing from the answer.
+SELECT id, tenant_id, email, username, status, roles, profile, version, created_at, updated_at
+FROM users
+WHERE tenant_id = $1
+  AND (id, version) IN (SELECT * FROM unnest($2::uuid[], $3::integer[]));
+
 -- name: patch_user
 -- Optimistic locking in one statement: the row changes only if its version is still $3 and
 -- the caller outranks or equals the target ($7). No row back: see diagnose_user.

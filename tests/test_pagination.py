@@ -456,3 +456,55 @@ def test_the_view_memo_drops_its_oldest_past_its_size() -> None:
     newer = dict(rows[2], version=2, username="b")
     assert orjson.loads(memo.body(newer))["username"] == "b"  # type: ignore[arg-type]
     assert orjson.loads(memo.body(rows[2]))["username"] == "a"  # type: ignore[arg-type]
+
+
+class WriteBetween:
+    """The real database, with a write landing right after the page's first query."""
+
+    def __init__(self, pg: Any, write: Callable[[], Awaitable[None]]) -> None:
+        self.pg, self.write, self.queries = pg, write, 0
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await self.pg.fetch(sql, *args)
+        self.queries += 1
+        if self.queries == 1:
+            await self.write()
+        return rows
+
+
+@pytest.mark.parametrize("written", [False, True])
+async def test_a_page_is_one_snapshot_when_a_user_is_written_between_its_queries(
+    setup: Any, written: bool
+) -> None:
+    from handlers.users import ViewMemo, _page_bodies
+    from server.keys import PG
+
+    client, owner, con = setup
+    rows = await insert_named(con, owner.tenant_id, "snap", 3)
+    tenant = uuid.UUID(owner.tenant_id)
+    memo = ViewMemo(100)
+    target = uuid.UUID(rows[1].id)
+
+    async def rename() -> None:
+        if written:
+            await con.execute(
+                "UPDATE users SET username = 'moved', version = version + 1"
+                " WHERE tenant_id = $1 AND id = $2",
+                tenant,
+                target,
+            )
+
+    pg = WriteBetween(client.app[PG], rename)
+    bodies, last = await _page_bodies(pg, memo, tenant, None, None, None, 10)  # type: ignore[arg-type]
+    users = {u["id"]: u for u in map(orjson.loads, bodies)}
+    assert last is None and len(users) == 4  # the owner and the three rows
+    # Either the state the first query saw (version 1 everywhere) or, when a write landed in
+    # between, a full re-read that shows it: never a mix of an old id list and new bodies.
+    assert users[str(target)]["username"] == ("moved" if written else rows[1].username)
+    assert users[str(target)]["version"] == (2 if written else 1)
+    assert pg.queries == (3 if written else 2)
+    # Everything is in the memo now: the next page is one (id, version) query.
+    again = WriteBetween(client.app[PG], rename)
+    written = False
+    assert await _page_bodies(again, memo, tenant, None, None, None, 10) == (bodies, None)  # type: ignore[arg-type]
+    assert again.queries == 1
