@@ -21,10 +21,9 @@ Modes:
 Endpoints: healthz (middleware only), user (GET /v1/users/{id}, cache off: the server span and
 one SQL span), user_cached (the same through Redis: the server span and one MGET span).
 
-`--micro` instead drives the middleware in-process, no sockets: one `pipeline` call per
-request on a trivial route, CPU time over 100,000 calls, for the middleware as it was before
-tracing existed (`before`, loaded with `git show <--before-rev>:server/middleware.py`) and for
-the modes above (`on` counts the exporter thread too: a queue large enough to drop nothing, and
+`--micro` instead drives the middleware in-process, no sockets: one call of a trivial route's
+handler inside the pipeline per request, CPU time over 100,000 calls, for the modes above
+compared with `off` (`on` counts the exporter thread too: a queue large enough to drop nothing, and
 the final flush inside the timing). It isolates what the hooks themselves cost, below the
 noise of the whole-server figures:
 
@@ -289,32 +288,10 @@ class Bench:
 
 # --- in-process: the middleware alone ---------------------------------------------------------
 
-MICRO_MODES = ("before", "off", "off+tp", "on-unsampled", "on")
+MICRO_MODES = ("off", "off+tp", "on-unsampled", "on")
 
 
-def _middleware_before(rev: str) -> Any:
-    """server/middleware.py as of `rev` (before tracing), imported under another name."""
-    import importlib.util
-
-    import server.app  # noqa: F401  (imports the package in its working order first)
-
-    source = subprocess.run(
-        ["git", "show", f"{rev}:server/middleware.py"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    spec = importlib.util.spec_from_loader("middleware_before", loader=None)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    exec(compile(source, f"{rev}:server/middleware.py", "exec"), module.__dict__)  # noqa: S102
-    return module
-
-
-async def _micro_mode(
-    mode: str, calls: int, sink_url: str, before: Any, devnull: io.BufferedWriter
-) -> float:
+async def _micro_mode(mode: str, calls: int, sink_url: str, devnull: io.BufferedWriter) -> float:
     from aiohttp import web
     from aiohttp.test_utils import make_mocked_request
 
@@ -343,15 +320,13 @@ async def _micro_mode(
         )
         tracing = Tracing(config)
         tracing.start()
-    if mode == "before":
-        mw = before.pipeline(before.AccessLog(devnull), gate)
-    else:
-        mw = middleware.pipeline(log, gate, tracing)
+    # the route's handler inside the chain, as server.app.add_routes registers it
+    wrapped = middleware.pipeline(log, gate, tracing)(handler, "GET", "/healthz")
     for _ in range(1000):  # warm-up
-        await mw(request, handler)
+        await wrapped(request)
     t0 = time.process_time()  # every thread of the process: the exporter's too
     for _ in range(calls):
-        await mw(request, handler)
+        await wrapped(request)
     if tracing is not None:
         await tracing.flush(timeout_s=60)
     cpu = time.process_time() - t0
@@ -361,24 +336,23 @@ async def _micro_mode(
     return cpu / calls * 1e6
 
 
-def run_micro(rounds: int, calls: int, before_rev: str, sink_port: int) -> None:
+def run_micro(rounds: int, calls: int, sink_port: int) -> None:
     import uvloop
 
     # Big enough that `on` drops nothing: every span is encoded and posted, and counted.
     os.environ["OTEL_BSP_MAX_QUEUE_SIZE"] = str(calls * 2)
-    before = _middleware_before(before_rev)
     sink_url = f"http://127.0.0.1:{sink_port}"
     results: dict[str, list[float]] = {m: [] for m in MICRO_MODES}
     for r in range(rounds):
         for mode in MICRO_MODES:
             with open(os.devnull, "wb") as devnull:
-                us = uvloop.run(_micro_mode(mode, calls, sink_url, before, devnull))
+                us = uvloop.run(_micro_mode(mode, calls, sink_url, devnull))
             results[mode].append(us)
             print(f"round {r + 1} {mode:13} {us:6.2f} us/call", file=sys.stderr)
     # The minimum is the figure to compare (other load only ever adds); the median shows noise.
-    base = min(results["before"])
+    base = min(results["off"])
     print(f"\n{rounds} round(s), {calls} calls each, middleware only (/healthz route)")
-    print("| mode | CPU µs per request, min | median | min vs before |")
+    print("| mode | CPU µs per request, min | median | min vs off |")
     print("|---|---|---|---|")
     for mode in MICRO_MODES:
         us, med = min(results[mode]), statistics.median(results[mode])
@@ -394,7 +368,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--micro", action="store_true", help="the middleware alone, in-process")
     parser.add_argument("--calls", type=int, default=100_000, help="--micro: calls per mode")
-    parser.add_argument("--before-rev", default="73e1bbe", help="--micro: a commit before tracing")
     parser.add_argument("--sink", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.sink:
@@ -409,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             wait_http(f"http://127.0.0.1:{port}/count", sink, "sink")
             os.sched_setaffinity(0, {int(SERVER_CPU)})
-            run_micro(args.rounds, args.calls, args.before_rev, port)
+            run_micro(args.rounds, args.calls, port)
         finally:
             stop(sink)
         return 0

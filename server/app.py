@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from aiohttp import web
 from redis.asyncio import Redis
@@ -24,12 +24,13 @@ from server.keys import (
     LIMITER,
     PG,
     PG_READ,
+    PIPELINE,
     REDIS,
     TRACING,
     USER_CACHE,
     USER_VIEWS,
 )
-from server.middleware import AccessLog, pipeline
+from server.middleware import UNMATCHED, AccessLog, pipeline, unmatched
 from server.ratelimit import LocalLimiter, RedisLimiter
 from server.state import Lifecycle
 from server.tokens import TOKENS, TokenService
@@ -131,17 +132,11 @@ def create_app(config: Config, *, access_log: AccessLog | None = None) -> web.Ap
     if access_log is None and config.access_log:
         access_log = AccessLog()
     tracing = Tracing(config) if config.otel_exporter_otlp_endpoint else None
-    app = web.Application(
-        client_max_size=config.max_body_bytes,
-        middlewares=[
-            pipeline(
-                access_log,
-                FairGate(config.max_in_flight, config.shed_queue_timeout_ms / 1000),
-                tracing,
-            )
-        ],
-    )
+    app = web.Application(client_max_size=config.max_body_bytes)
     app[CONFIG] = config
+    app[PIPELINE] = pipeline(
+        access_log, FairGate(config.max_in_flight, config.shed_queue_timeout_ms / 1000), tracing
+    )
     app[LIFECYCLE] = Lifecycle()
     app[TOKENS] = TokenService.from_config(config)
     if access_log is not None:
@@ -162,5 +157,19 @@ def create_app(config: Config, *, access_log: AccessLog | None = None) -> web.Ap
             order_saga.payments_ctx,
         ]
     )
-    app.router.add_routes(handlers.routes)
+    add_routes(app, handlers.routes)
+    # Last, so every route is tried before it (aiohttp tries the longest path prefix first).
+    app.router.add_route("*", UNMATCHED, app[PIPELINE](unmatched, "*", UNMATCHED))
     return app
+
+
+def add_routes(app: web.Application, routes: Iterable[web.RouteDef]) -> None:
+    """Each route's handler inside the pipeline (server/middleware.py), labelled by its path
+    template; GET routes answer HEAD too, as aiohttp's add_get does."""
+    wrap = app[PIPELINE]
+    for route in routes:
+        resource = app.router.add_resource(route.path)
+        handler = wrap(route.handler, route.method, resource.canonical)
+        if route.method == "GET" and route.kwargs.get("allow_head", True):
+            resource.add_route("HEAD", handler)
+        resource.add_route(route.method, handler)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+import uuid
 from typing import Any
 
 import aiohttp
@@ -15,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from server import metrics
-from server.app import create_app
+from server.app import add_routes, create_app
 from server.config import Config
 from server.keys import LIFECYCLE
 from server.runner import free_port, serve_app
@@ -39,8 +40,7 @@ def make_app(config: Config, gate: asyncio.Event | None = None) -> web.Applicati
             await asyncio.sleep(0.5)
         return web.json_response({"slow": True})
 
-    app.router.add_post("/test/echo", echo)
-    app.router.add_get("/test/slow", slow)
+    add_routes(app, [web.post("/test/echo", echo), web.get("/test/slow", slow)])
     return app
 
 
@@ -83,6 +83,43 @@ async def test_errors_are_problem_json(
         assert set(resp.headers["Allow"].split(",")) == {"GET", "HEAD"}
     if status == 413:
         assert body["detail"] == "the request body is larger than 4096 bytes"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "allow", "limited"),
+    [
+        ("GET", "/v1/no/such/route", 404, None, True),
+        ("POST", "/nowhere", 404, None, False),
+        ("PUT", f"/v1/users/{uuid.UUID(int=7)}", 405, {"DELETE", "GET", "HEAD", "PATCH"}, True),
+        ("GET", "/v1/auth/login", 405, {"POST"}, True),
+        ("OPTIONS", "/healthz", 405, {"GET", "HEAD"}, False),
+        ("PUT", "/graphql", 405, {"GET", "HEAD", "POST"}, False),
+        ("HEAD", "/healthz", 200, None, False),
+    ],
+)
+async def test_the_catch_all_answers_what_the_router_would(
+    aiohttp_client: Any,
+    config: Config,
+    method: str,
+    path: str,
+    status: int,
+    allow: set[str] | None,
+    limited: bool,
+) -> None:
+    """No route: 404; a route with other methods: 405 + Allow; never 401 for an unknown /v1 path
+    (no token sent), which is still rate limited; counted under route="unmatched"."""
+    client: TestClient = await aiohttp_client(make_app(config))
+    resp = await client.request(method, path)
+    assert resp.status == status
+    assert re.fullmatch(r"[0-9a-f]{24}", resp.headers["X-Request-ID"])
+    if status != 200:
+        assert_problem(resp.status, await resp.json(content_type=None), resp.headers, status)
+    if allow is not None:
+        assert set(resp.headers["Allow"].split(",")) == allow
+    assert ("RateLimit-Limit" in resp.headers) is limited
+    metrics_text = await (await client.get("/metrics")).text()
+    route = "/healthz" if status == 200 else "unmatched"
+    assert f'method="{method}",route="{route}",status="{status}"' in metrics_text
 
 
 @pytest.mark.parametrize(

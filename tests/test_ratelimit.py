@@ -8,7 +8,7 @@ import pytest
 from aiohttp import web
 
 from server import metrics
-from server.app import create_app
+from server.app import add_routes, create_app
 from server.config import Config
 from server.keys import PG
 from server.ratelimit import LocalLimiter
@@ -115,8 +115,7 @@ async def test_pool_exhaustion_is_503_not_a_hang(aiohttp_client: Any, config: Co
     async def query(request: web.Request) -> web.Response:
         return web.json_response({"one": await request.app[PG].fetchval("SELECT 1")})
 
-    app.router.add_get("/test/hold", hold)
-    app.router.add_get("/test/query", query)
+    add_routes(app, [web.get("/test/hold", hold), web.get("/test/query", query)])
     client = await aiohttp_client(app)
     holder = asyncio.create_task(client.get("/test/hold"))
     await asyncio.sleep(0.1)
