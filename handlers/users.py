@@ -53,34 +53,53 @@ def user_body(view: dict[str, Any]) -> bytes:
 
 
 class ViewMemo:
-    """Users' JSON bodies by (tenant, id, version), kept in this process for list pages.
+    """Users' JSON bodies by id, each with the tenant and version it was written at, kept in
+    this process for list pages.
 
     Decoding a page's rows and building each user's view (two UUIDs and two timestamps to text)
     was most of a page of 50's CPU. A body changes only with its row's version (every UPDATE of
-    a visible column bumps it), so an entry is never stale: a newer version is a different key.
-    A page therefore asks PostgreSQL for its (id, version) pairs and fetches whole rows only for
-    the bodies it lacks. Oldest entries go first past `size`; 0 turns the memo off.
+    a visible column bumps it), so a body is never served stale: it is used only at the version
+    it was written at. A page therefore asks PostgreSQL for its (id, version) pairs and fetches
+    whole rows only for the bodies it lacks. Oldest entries go first past `size`; 0 turns the
+    memo off.
+
+    Keyed by the id alone (asyncpg's UUID hashes in C) with the tenant compared as an int: a
+    (tenant, id, version) tuple key hashed the caller's stdlib UUID in Python and compared two
+    UUID types per hit, 3x the cost of a page's 50 lookups (24 -> 8 us in-process, and the
+    lookups were a fifth of a page's CPU in the server's profile).
     """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._bodies: OrderedDict[tuple[uuid.UUID, uuid.UUID, int], bytes] = OrderedDict()
+        self._bodies: OrderedDict[uuid.UUID, tuple[int, int, bytes]] = OrderedDict()
 
-    def get(self, tenant_id: uuid.UUID, user_id: uuid.UUID, version: int) -> bytes | None:
-        return self._bodies.get((tenant_id, user_id, version))
+    def lookup(self, tenant_id: uuid.UUID, keys: list[Record]) -> list[bytes | None]:
+        """The body of each (id, version) record of `keys` at that version, else None."""
+        tenant = tenant_id.int
+        get = self._bodies.get
+        bodies: list[bytes | None] = []
+        for user_id, version in keys:
+            entry = get(user_id)
+            if entry is not None and entry[1] == version and entry[0] == tenant:
+                bodies.append(entry[2])
+            else:
+                bodies.append(None)
+        return bodies
 
     def body(self, row: Record) -> bytes:
-        key = (row["tenant_id"], row["id"], row["version"])
-        body = self._bodies.get(key)
-        if body is None:
-            body = user_body(user_view(row))
-            if self.size:
-                # orjson's bytes keep the 4 KiB buffer they were written into: a copy of a
-                # ~300-byte body is what stays (10,000 entries: 41 MB -> ~4 MB).
-                body = bytes(memoryview(body))
-                self._bodies[key] = body
-                if len(self._bodies) > self.size:
-                    self._bodies.popitem(last=False)
+        user_id, tenant, version = row["id"], row["tenant_id"].int, row["version"]
+        entry = self._bodies.get(user_id)
+        if entry is not None and entry[1] == version and entry[0] == tenant:
+            return entry[2]
+        body = user_body(user_view(row))
+        if self.size:
+            # orjson's bytes keep the 4 KiB buffer they were written into: a copy of a
+            # ~300-byte body is what stays (10,000 entries: 41 MB -> ~4 MB).
+            body = bytes(memoryview(body))
+            self._bodies.pop(user_id, None)
+            self._bodies[user_id] = (tenant, version, body)
+            if len(self._bodies) > self.size:
+                self._bodies.popitem(last=False)
         return body
 
 
@@ -103,7 +122,7 @@ async def _page_bodies(
         keys = await users.list_user_versions(pg, tenant_id, after, pattern, status, limit + 1)
         last = keys[limit - 1]["id"] if len(keys) > limit else None
         keys = keys[:limit]
-        bodies = [memo.get(tenant_id, k["id"], k["version"]) for k in keys]
+        bodies = memo.lookup(tenant_id, keys)
         missing = [k for k, b in zip(keys, bodies, strict=True) if b is None]
         if not missing:
             return cast(list[bytes], bodies), last

@@ -451,11 +451,17 @@ def test_the_view_memo_drops_its_oldest_past_its_size() -> None:
     ]  # fmt: skip
     bodies = [memo.body(r) for r in rows]  # type: ignore[arg-type]
     assert [orjson.loads(b)["id"] for b in bodies] == [str(r["id"]) for r in rows]
-    assert list(memo._bodies) == [(r["tenant_id"], r["id"], 1) for r in rows[1:]]
-    # Another version of the same user is another key; the body says the new version.
+    assert list(memo._bodies) == [r["id"] for r in rows[1:]]
+    # A body serves only its own version and tenant: another version of the user replaces it,
+    # and the same id under another tenant is a miss.
+    keys = [(rows[2]["id"], 1)]
+    assert memo.lookup(uuid.UUID(int=1), keys) == [bodies[2]]  # type: ignore[arg-type]
+    assert memo.lookup(uuid.UUID(int=2), keys) == [None]  # type: ignore[arg-type]
     newer = dict(rows[2], version=2, username="b")
     assert orjson.loads(memo.body(newer))["username"] == "b"  # type: ignore[arg-type]
+    assert memo.lookup(uuid.UUID(int=1), keys) == [None]  # type: ignore[arg-type]
     assert orjson.loads(memo.body(rows[2]))["username"] == "a"  # type: ignore[arg-type]
+    assert len(memo._bodies) == 2
 
 
 class WriteBetween:
