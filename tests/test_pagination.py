@@ -501,16 +501,51 @@ async def test_a_page_is_one_snapshot_when_a_user_is_written_between_its_queries
             )
 
     pg = WriteBetween(client.app[PG], rename)
-    bodies, last = await _page_bodies(pg, memo, tenant, None, None, None, 10)  # type: ignore[arg-type]
-    users = {u["id"]: u for u in map(orjson.loads, bodies)}
-    assert last is None and len(users) == 4  # the owner and the three rows
+    body = await _page_bodies(pg, memo, tenant, None, None, None, 10)  # type: ignore[arg-type]
+    page = orjson.loads(body)
+    users = {u["id"]: u for u in page["items"]}
+    assert page["next_cursor"] is None and len(users) == 4  # the owner and the three rows
     # Either the state the first query saw (version 1 everywhere) or, when a write landed in
     # between, a full re-read that shows it: never a mix of an old id list and new bodies.
     assert users[str(target)]["username"] == ("moved" if written else rows[1].username)
     assert users[str(target)]["version"] == (2 if written else 1)
     assert pg.queries == (3 if written else 2)
-    # Everything is in the memo now: the next page is one (id, version) query.
-    again = WriteBetween(client.app[PG], rename)
-    written = False
-    assert await _page_bodies(again, memo, tenant, None, None, None, 10) == (bodies, None)  # type: ignore[arg-type]
-    assert again.queries == 1
+    # Every body is in the memo now: the next page is one (id, version) query, and the same
+    # bytes (served whole from the page memo the second time).
+    for _ in range(2):
+        again = WriteBetween(client.app[PG], rename)
+        written = False
+        assert await _page_bodies(again, memo, tenant, None, None, None, 10) == body  # type: ignore[arg-type]
+        assert again.queries == 1
+    assert len(memo._pages) == 1
+
+
+async def test_a_kept_page_is_served_only_for_the_same_ids_and_versions(setup: Any) -> None:
+    from handlers.users import ViewMemo, _page_bodies
+    from server.keys import PG
+
+    client, owner, con = setup
+    rows = await insert_named(con, owner.tenant_id, "kept", 3)
+    tenant = uuid.UUID(owner.tenant_id)
+    memo = ViewMemo(100)
+    pg = client.app[PG]
+
+    async def page(limit: int = 10) -> list[tuple[str, int]]:
+        body = await _page_bodies(pg, memo, tenant, None, None, None, limit)
+        assert body == await _page_bodies(pg, memo, tenant, None, None, None, limit)
+        return [(u["id"], u["version"]) for u in orjson.loads(body)["items"]]
+
+    first = await page()
+    assert len(first) == 4
+    target = uuid.UUID(rows[0].id)
+    await con.execute(
+        "UPDATE users SET username = 'kept-renamed', version = version + 1"
+        " WHERE tenant_id = $1 AND id = $2",
+        tenant,
+        target,
+    )
+    assert (str(target), 2) in await page()
+    await insert_named(con, owner.tenant_id, "later", 1)
+    assert len(await page()) == 5
+    assert len(await page(limit=2)) == 2
+    assert len(memo._pages) == 2  # limit 10 and limit 2: one entry per query
