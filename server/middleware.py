@@ -18,6 +18,7 @@ from typing import IO, Any, NoReturn
 import asyncpg
 import orjson
 from aiohttp import web
+from multidict import istr
 
 from db.gate import FairGate, GateTimeout
 from db.pool import PoolTimeout
@@ -26,13 +27,16 @@ from server.errors import ApiError, TooManyRequests, Unauthorized, problem_respo
 from server.keys import CONFIG, LIMITER, PRINCIPAL, RATELIMIT_HEADERS, REQUEST_ID
 from server.principal import Principal
 from server.tokens import TOKENS, TokenError
-from server.tracing import Tracing, incoming_trace_id
+from server.tracing import ServerSpan, Tracing, incoming_trace_id
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 log = logging.getLogger("surge")
 
 _RID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Header names as istr, like aiohttp's hdrs: a lookup or a set skips case-folding the name.
+X_REQUEST_ID = istr("X-Request-ID")
+TRACEPARENT = istr("traceparent")
 # Ops endpoints are never shed, rate limited or authenticated: an overloaded process must
 # still answer its probes and its scrape.
 OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"})
@@ -118,11 +122,16 @@ class AccessLog:
         request_id: str,
         route: str,
         principal: Principal | None,
-        trace_id: str | None = None,
+        span: ServerSpan | None = None,
     ) -> None:
-        """`trace_id`: the request span's when tracing is on; else an incoming traceparent's."""
-        if trace_id is None:
-            trace_id = incoming_trace_id(request.headers)
+        """The trace id is the request span's when tracing is on, else an incoming traceparent's."""
+        headers = request.headers
+        if span is not None:
+            trace_id: str | None = span.trace_id
+        elif TRACEPARENT in headers:
+            trace_id = incoming_trace_id(headers)
+        else:
+            trace_id = None
         pending = self._pending
         pending.append(
             (
@@ -156,6 +165,10 @@ def pipeline(
     code costs in a loop in-process; aiohttp's wrapper alone was ~3 us of it.
     """
 
+    # Bound once: a request pays no attribute lookups for them.
+    started, finished, clock = metrics.HTTP.started, metrics.HTTP.finished, time.perf_counter
+    log = None if access_log is None else access_log.write
+
     def wrap(handler: Handler, method: str, path: str) -> Handler:
         unmatched = path == UNMATCHED
         route = "unmatched" if unmatched else path
@@ -167,13 +180,13 @@ def pipeline(
         public = unmatched or path in PUBLIC_PATHS  # unknown routes answer 404/405, not 401
 
         async def surge(request: web.Request) -> web.StreamResponse:
-            rid = request.headers.get("X-Request-ID")
+            rid = request.headers.get(X_REQUEST_ID)
             if rid is None or _RID.fullmatch(rid) is None:
                 rid = new_request_id()
             request[REQUEST_ID] = rid
             span = None if tracing is None else tracing.start_request(request, route, rid)
-            start = time.perf_counter()
-            metrics.HTTP.started()
+            start = clock()
+            started()
             status = 499  # the client went away before an answer
             principal: Principal | None = None
             is_gated, is_api = gated, api
@@ -195,9 +208,9 @@ def pipeline(
                         )
                         is_gated = False
                         status = resp.status
-                        resp.headers["X-Request-ID"] = rid
+                        resp.headers[X_REQUEST_ID] = rid
                         if span is not None:
-                            resp.headers["traceparent"] = span.traceparent
+                            resp.headers[TRACEPARENT] = span.traceparent
                         return resp
                 try:
                     if is_api:
@@ -221,18 +234,17 @@ def pipeline(
                         shed_gate.release()
                 status = resp.status
                 if not resp.prepared:
-                    resp.headers["X-Request-ID"] = rid
+                    resp.headers[X_REQUEST_ID] = rid
                     if span is not None:
-                        resp.headers["traceparent"] = span.traceparent
+                        resp.headers[TRACEPARENT] = span.traceparent
                 return resp
             finally:
-                elapsed = time.perf_counter() - start
-                metrics.HTTP.finished(request.method, route, status, elapsed)
+                elapsed = clock() - start
+                finished(request.method, route, status, elapsed)
                 if span is not None:
                     span.end(status)
-                if access_log is not None:
-                    trace_id = None if span is None else span.trace_id
-                    access_log.write(request, status, elapsed, rid, route, principal, trace_id)
+                if log is not None:
+                    log(request, status, elapsed, rid, route, principal, span)
 
         return surge
 
