@@ -27,12 +27,13 @@ from bench.common import DOCS_DIR, RESULTS_DIR, ROOT
 REPORT = DOCS_DIR / "PERFORMANCE.md"
 THROUGHPUT_PNG = DOCS_DIR / "bench-throughput.png"
 LATENCY_PNG = DOCS_DIR / "bench-latency.png"
-SERVER_ORDER = ("surge", "baseline", "baseline_noreset", "fastapi")
+SERVER_ORDER = ("surge", "baseline", "baseline_noreset", "fastapi", "go")
 COLOURS = {
     "surge": "#d9480f",
     "baseline": "#1c7ed6",
     "baseline_noreset": "#74c0fc",
     "fastapi": "#2f9e44",
+    "go": "#868e96",
 }
 # Rounds where other work on the machine took more than this share of a core are flagged.
 SUSPECT_OTHER_LOAD = 0.15
@@ -241,16 +242,17 @@ def render(results: Mapping[str, Any], results_path: Path, notes: str) -> str:
         ]
     lines += ["", "## Ratios (Surge's median throughput over the other server's)", ""]
     ratio_rows = []
+    with_go = any(r.get("surge/go") is not None for r in results["ratios"].values())
     for ep, title in titles.items():
         r = results["ratios"].get(ep, {})
         note = ""
         for e in results["endpoints"]:
             if e["name"] == ep and e.get("compare_with"):
                 note = f" (vs their {titles.get(e['compare_with'], e['compare_with'])})"
-        ratio_rows.append(
-            [title + note, _ratio(r.get("surge/baseline")), _ratio(r.get("surge/fastapi"))]
-        )
-    lines += _table(["endpoint", "Surge / baseline", "Surge / FastAPI"], ratio_rows)
+        row = [title + note, _ratio(r.get("surge/baseline")), _ratio(r.get("surge/fastapi"))]
+        ratio_rows.append(row + ([_ratio(r.get("surge/go"))] if with_go else []))
+    header = ["endpoint", "Surge / baseline", "Surge / FastAPI"]
+    lines += _table(header + (["Surge / Go"] if with_go else []), ratio_rows)
     if results["skipped"]:
         lines += ["", "Not measured:", ""]
         lines += [f"- {x['endpoint']} on {x['server']}: {x['reason']}" for x in results["skipped"]]
@@ -283,7 +285,7 @@ def render(results: Mapping[str, Any], results_path: Path, notes: str) -> str:
         f"loaded by `python -m bench.seed`; each request picks one of {s['users_sampled']:,} "
         "sampled users at random with a valid token for that user's tenant. Every server gets "
         "the same request bytes: `Authorization: Bearer` (Surge takes the tenant from the token) "
-        "and `X-Tenant` (the baseline and FastAPI take it from there).",
+        "and `X-Tenant` (the baseline, FastAPI and Go take it from there).",
         f"- Database pool: {s['pool_size']} connections in every server.",
         "- Surge runs as production would: JWT auth, rate limiting (limits set high enough not "
         "to refuse), metrics, JSON access log (to /dev/null), shedding. Cache on/off is "

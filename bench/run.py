@@ -67,6 +67,11 @@ TARGETS_JSON = DATA_DIR / "targets.json"
 TARGETS_TSV = DATA_DIR / "targets.tsv"
 EVENTS_TSV = DATA_DIR / "events.tsv"
 PY = sys.executable
+GO_SOURCE = ROOT / "bench" / "peers" / "go" / "main.go"
+GO_BINARY = DATA_DIR / "go-peer"
+# Debian's Go library packages put their sources here: GOPATH mode builds with no download.
+GO_PATH = "/usr/share/gocode"
+GO_PACKAGES = "golang-go golang-github-jackc-pgx-v4-dev"
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +199,15 @@ def make_servers(jwt_secret: str) -> dict[str, Server]:
             bench_env,
             everything,
         ),
+        # Built from Debian's packages when they are there (build_go); skipped, and said so, if not.
+        "go": Server(
+            "go",
+            "Go net/http + pgx v4 (pgxpool)",
+            8205,
+            (str(GO_BINARY), "--port", "8205", "--pool", str(POOL_SIZE), "--sql", "sql/users.sql"),
+            bench_env,
+            frozenset({"healthz", "user", "users_page"}),
+        ),
         # Not in the default set: how much asyncpg's reset on release costs the bare floor.
         "baseline_noreset": Server(
             "baseline_noreset",
@@ -252,6 +266,32 @@ def surge_routes() -> set[str]:
     if out.returncode != 0:
         raise BenchError(f"cannot read Surge's routes:\n{out.stderr[-2000:]}")
     return {f"{m} {re.sub(r'{[^}]*}', '{}', p)}" for m, p in json.loads(out.stdout)}
+
+
+def build_go() -> str | None:
+    """Builds the Go peer; the reason when it cannot be built."""
+    go = shutil.which("go")
+    if go is None or not Path(GO_PATH, "src/github.com/jackc/pgx/v4").is_dir():
+        return f"Go or pgx v4 is not installed (Debian: apt-get install {GO_PACKAGES})"
+    if GO_BINARY.exists() and GO_BINARY.stat().st_mtime >= GO_SOURCE.stat().st_mtime:
+        return None
+    env = {
+        **os.environ,
+        "GO111MODULE": "off",
+        "GOPATH": GO_PATH,
+        "GOCACHE": str(DATA_DIR / "go-cache"),
+        "CGO_ENABLED": "0",
+    }
+    out = subprocess.run(
+        [go, "build", "-o", str(GO_BINARY), str(GO_SOURCE)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        return "go build failed: " + " ".join((out.stderr or out.stdout).split())[:300]
+    return None
 
 
 def unsupported(server: Server, endpoint: Endpoint, routes: set[str]) -> str | None:
@@ -683,7 +723,7 @@ def ratios(
         surge = med.get(ep.name, {}).get("surge", {}).get("rps")
         base = med.get(ep.compare_with or ep.name, {})
         row: dict[str, float | None] = {}
-        for other in ("baseline", "fastapi"):
+        for other in ("baseline", "fastapi", "go"):
             theirs = base.get(other, {}).get("rps")
             row[f"surge/{other}"] = round(surge / theirs, 3) if surge and theirs else None
         out[ep.name] = row
@@ -884,7 +924,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="1 round, 2 s warm-up, 5 s measured")
-    parser.add_argument("--servers", default="surge,baseline,fastapi")
+    parser.add_argument("--servers", default="surge,baseline,fastapi,go")
     parser.add_argument("--endpoints", default=",".join(e.name for e in ENDPOINTS))
     parser.add_argument("--rounds", type=int, help="default 3 (1 with --quick)")
     parser.add_argument("--duration", type=int, help="measured seconds: 10 (5 with --quick)")
@@ -919,6 +959,7 @@ def main(argv: list[str] | None = None) -> int:
             f"endpoints: {', '.join(by_name)}"
         )
 
+    go_skipped: str | None = None
     try:
         for tool in ("wrk", "taskset"):
             if shutil.which(tool) is None:
@@ -929,6 +970,12 @@ def main(argv: list[str] | None = None) -> int:
         busy = [s.name for s in servers if not port_free(s.port)]
         if busy:
             raise BenchError(f"ports already in use for {busy}: is another bench running?")
+        if any(s.name == "go" for s in servers):
+            reason = build_go()
+            if reason is not None:
+                _say(f"bench: the Go peer is skipped: {reason}")
+                servers = [s for s in servers if s.name != "go"]
+                go_skipped = reason
         users = write_targets(secret)
         routes = surge_routes() if any(s.routes is None for s in servers) else set()
     except BenchError as exc:
@@ -947,6 +994,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{settings.duration_s} s measured, {CONNECTIONS} connections, {users} users with tokens"
     )
     rounds, verifications, skipped, failures = execute(settings, servers, endpoints, routes)
+    if go_skipped is not None:
+        skipped.append({"endpoint": "all", "server": "go", "reason": go_skipped})
     med = medians(rounds)
     rat = ratios(med, endpoints)
     results = {
@@ -968,7 +1017,13 @@ def main(argv: list[str] | None = None) -> int:
         "servers": {
             s.name: {
                 "title": s.title,
-                "argv": ["taskset", "-c", SERVER_CPU, "python", *s.argv[1:]],
+                "argv": [
+                    "taskset",
+                    "-c",
+                    SERVER_CPU,
+                    "python" if s.argv[0] == PY else Path(s.argv[0]).name,
+                    *s.argv[1:],
+                ],
                 "env": {k: ("<random>" if k == "JWT_KEYS" else v) for k, v in s.env.items()},
             }
             for s in servers
