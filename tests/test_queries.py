@@ -36,3 +36,12 @@ def test_unknown_name_fails_with_the_file_name() -> None:
 @pytest.mark.parametrize("path", sorted(p.name for p in SQL_DIR.glob("*.sql")))
 def test_every_shipped_file_loads(path: str) -> None:
     assert len(load(path)) > 0
+
+
+def test_a_page_and_its_versions_select_the_same_rows() -> None:
+    """list_user_versions is list_users' page as (id, version) pairs (handlers/users.py ViewMemo):
+    the two must filter, order and limit alike, or a memoized page would differ from a read one."""
+    q = load("users.sql")
+    full, versions = q["list_users"], q["list_user_versions"]
+    assert full.startswith("SELECT id, tenant_id, ") and versions.startswith("SELECT id, version\n")
+    assert full[full.index("FROM users") :] == versions[versions.index("FROM users") :]

@@ -138,14 +138,22 @@ func fail(w http.ResponseWriter, status int, detail string) {
 	answer(w, status, body)
 }
 
+// tenantOf answers 400 itself when the X-Tenant header is not a tenant id.
+func tenantOf(w http.ResponseWriter, r *http.Request) (pgtype.UUID, bool) {
+	tenant, ok := parseUUID(r.Header.Get("X-Tenant"))
+	if !ok {
+		fail(w, 400, "X-Tenant must be a tenant id")
+	}
+	return tenant, ok
+}
+
 func handleHealthz(w http.ResponseWriter, r *http.Request) {
 	answer(w, 200, healthy)
 }
 
 func handleUser(w http.ResponseWriter, r *http.Request) {
-	tenant, ok := parseUUID(r.Header.Get("X-Tenant"))
+	tenant, ok := tenantOf(w, r)
 	if !ok {
-		fail(w, 400, "X-Tenant must be a tenant id")
 		return
 	}
 	id, ok := parseUUID(strings.TrimPrefix(r.URL.Path, "/v1/users/"))
@@ -167,9 +175,8 @@ func handleUser(w http.ResponseWriter, r *http.Request) {
 }
 
 func handleUsers(w http.ResponseWriter, r *http.Request) {
-	tenant, ok := parseUUID(r.Header.Get("X-Tenant"))
+	tenant, ok := tenantOf(w, r)
 	if !ok {
-		fail(w, 400, "X-Tenant must be a tenant id")
 		return
 	}
 	limit := 50
