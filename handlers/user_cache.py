@@ -96,14 +96,21 @@ class UserCache:
         self.retry_after_failure_s = retry_after_failure_s
         self._store = redis.register_script(_STORE_IF_NOT_OLDER)
         self._gets = GetBatcher(redis)
-        self._inflight: dict[tuple[UUID, UUID], asyncio.Future[Entry | None]] = {}
+        self._inflight: dict[tuple[UUID | str, UUID], asyncio.Future[Entry | None]] = {}
         self._down_until = 0.0
+        # The counter's children, looked up once: .labels() takes a lock and builds a key
+        # (1.7 vs 0.4 us per hit in-process).
+        self._hits, self._misses, self._errors = (
+            metrics.CACHE.labels(result) for result in ("hit", "miss", "error")
+        )
 
     @property
     def enabled(self) -> bool:
         return self.ttl_s > 0
 
-    def _key(self, tenant_id: UUID, user_id: UUID) -> str:
+    def _key(self, tenant_id: UUID | str, user_id: UUID) -> str:
+        # A tenant may come as its text (Principal.tenant_text, formatted once per token):
+        # str(UUID) is Python code, ~0.8 us a call.
         return f"{self.prefix}{tenant_id}:{user_id}"
 
     def _usable(self) -> bool:
@@ -111,10 +118,10 @@ class UserCache:
 
     def _failed(self, exc: Exception) -> None:
         self._down_until = time.monotonic() + self.retry_after_failure_s
-        metrics.CACHE.labels("error").inc()
+        self._errors.inc()
         log.warning("user cache: Redis unavailable (%s); serving from PostgreSQL", exc)
 
-    async def get_or_load(self, tenant_id: UUID, user_id: UUID, load: Loader) -> Entry | None:
+    async def get_or_load(self, tenant_id: UUID | str, user_id: UUID, load: Loader) -> Entry | None:
         if self._usable():
             try:
                 raw = await self._gets.get(self._key(tenant_id, user_id))
@@ -122,10 +129,10 @@ class UserCache:
                 self._failed(exc)
             else:
                 if isinstance(raw, bytes):  # the client is built without decode_responses
-                    metrics.CACHE.labels("hit").inc()
+                    self._hits.inc()
                     version, _, body = raw.partition(b":")
                     return int(version), body
-                metrics.CACHE.labels("miss").inc()
+                self._misses.inc()
         key = (tenant_id, user_id)
         pending = self._inflight.get(key)
         if pending is not None:
@@ -148,7 +155,7 @@ class UserCache:
             del self._inflight[key]
         return entry
 
-    async def store(self, tenant_id: UUID, user_id: UUID, version: int, body: bytes) -> None:
+    async def store(self, tenant_id: UUID | str, user_id: UUID, version: int, body: bytes) -> None:
         """Write-through after a commit, and the fill after a miss."""
         if not self._usable():
             return

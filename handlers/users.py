@@ -200,14 +200,12 @@ async def _written(request: web.Request, row: Record, view: dict[str, Any]) -> b
     return body
 
 
-async def _cached_user(
-    request: web.Request, tenant_id: uuid.UUID, user_id: uuid.UUID
-) -> web.Response:
+async def _cached_user(request: web.Request, p: Principal, user_id: uuid.UUID) -> web.Response:
     async def load() -> tuple[int, bytes] | None:
-        row = await users.get_user(request.app[PG_READ], tenant_id, user_id)
+        row = await users.get_user(request.app[PG_READ], p.tenant_id, user_id)
         return None if row is None else (row["version"], user_body(user_view(row)))
 
-    entry = await request.app[USER_CACHE].get_or_load(tenant_id, user_id, load)
+    entry = await request.app[USER_CACHE].get_or_load(p.tenant_text, user_id, load)
     if entry is None:
         raise NotFound("user")
     version, body = entry
@@ -216,12 +214,12 @@ async def _cached_user(
 
 async def get_me(request: web.Request) -> web.Response:
     p = rbac.caller(request)
-    return await _cached_user(request, p.tenant_id, p.user_id)
+    return await _cached_user(request, p, p.user_id)
 
 
 async def get_user(request: web.Request) -> web.Response:
     p = rbac.caller(request)
-    return await _cached_user(request, p.tenant_id, path_uuid(request, "user_id", "user"))
+    return await _cached_user(request, p, path_uuid(request, "user_id", "user"))
 
 
 def _prefix_pattern(q: str) -> str:

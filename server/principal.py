@@ -11,9 +11,13 @@ class Principal:
     user_id: UUID
     tenant_id: UUID
     roles: frozenset[str]
-    # The rate-limit bucket's key, formatted once per verified token instead of per request.
+    # The rate-limit bucket's key and the tenant as text (the user cache's keys), formatted once
+    # per verified token instead of per request.
     rate_key: str = field(default="", compare=False)
+    tenant_text: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if not self.rate_key:
             object.__setattr__(self, "rate_key", f"u:{self.user_id}")
+        if not self.tenant_text:
+            object.__setattr__(self, "tenant_text", str(self.tenant_id))
