@@ -269,6 +269,11 @@ def render(results: Mapping[str, Any], results_path: Path, notes: str) -> str:
         "",
     ]
     lines += [f"- **{name}**: {v['title']}" for name, v in results["servers"].items()]
+    hit_ratios = ", ".join(
+        f"`{r['endpoint']}` round {r['round']} {r['cache_hit_ratio']:.1%}"
+        for r in results["rounds"]
+        if r.get("cache_hit_ratio") is not None
+    )
     ver = ", ".join(f"`{v['endpoint']}/{v['server']}` {v['ok']}/{v['requests']}" for v in
                     results["verification"])  # fmt: skip
     lines += [
@@ -289,7 +294,10 @@ def render(results: Mapping[str, Any], results_path: Path, notes: str) -> str:
         f"- Database pool: {s['pool_size']} connections in every server.",
         "- Surge runs as production would: JWT auth, rate limiting (limits set high enough not "
         "to refuse), metrics, JSON access log (to /dev/null), shedding. Cache on/off is "
-        "`USER_CACHE_TTL_S=60/0`; Surge's Redis keys are deleted before every start.",
+        "`USER_CACHE_TTL_S=60/0`; Surge's Redis keys are deleted before every start. With the "
+        "cache on, every sampled user is requested once before the warm-up (the cache's steady "
+        "state is what is measured, not its filling); the hit ratio of the measured runs, from "
+        f"Surge's own `surge_user_cache_total`: {hit_ratios or 'not recorded'}.",
         "- p50/p99 are wrk's (wrk 4 corrects for coordinated omission). The mean from Little's "
         "law (connections / throughput) cross-checks them. Server CPU µs/request is user + "
         "system time from `/proc/<pid>/stat` over the measured run divided by requests; "

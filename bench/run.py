@@ -93,6 +93,9 @@ class Endpoint:
     compare_with: str | None = None
     events_per_request: int = 0
     truncate: tuple[str, ...] = ()  # emptied before every server start, when they exist
+    # Surge is asked for every sampled user once before the warm-up, so the measured run sees
+    # the cache's steady state (its hit ratio is reported) rather than the cache filling.
+    prime: bool = False
 
 
 ENDPOINTS: tuple[Endpoint, ...] = (
@@ -119,6 +122,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         servers=("surge",),
         surge_env={"USER_CACHE_TTL_S": "60"},
         compare_with="user",
+        prime=True,
     ),
     Endpoint(
         "users_page",
@@ -577,7 +581,7 @@ def run_wrk(endpoint: Endpoint, port: int, seconds: int) -> dict[str, Any]:
     raise BenchError(f"wrk gave no result (exit {out.returncode}):\n{out.stdout}\n{out.stderr}")
 
 
-def run_verify(endpoint: Endpoint, port: int, seconds: float) -> dict[str, Any]:
+def run_verify(endpoint: Endpoint, port: int, seconds: float, each: bool = False) -> dict[str, Any]:
     cmd = [
         "taskset",
         "-c",
@@ -601,6 +605,7 @@ def run_verify(endpoint: Endpoint, port: int, seconds: float) -> dict[str, Any]:
         str(seconds),
         "--concurrency",
         str(CONNECTIONS),
+        *(["--each"] if each else []),
     ]
     out = subprocess.run(
         cmd, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 60, check=False
@@ -610,6 +615,23 @@ def run_verify(endpoint: Endpoint, port: int, seconds: float) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(out.stdout)
     result["passed"] = result["requests"] > 0 and result["ok"] == result["requests"]
     return result
+
+
+PRIME_MAX_S = 60.0
+
+
+def cache_counts(port: int) -> dict[str, float]:
+    """Surge's surge_user_cache_total by result, from its /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    found = re.findall(r'^surge_user_cache_total\{result="(\w+)"\} (\S+)$', text, re.M)
+    return {result: float(value) for result, value in found}
+
+
+def hit_ratio(before: Mapping[str, float], after: Mapping[str, float]) -> float | None:
+    hits = after.get("hit", 0) - before.get("hit", 0)
+    misses = after.get("miss", 0) - before.get("miss", 0)
+    return round(hits / (hits + misses), 4) if hits + misses else None
 
 
 def measure(
@@ -853,6 +875,7 @@ def _fmt_row(row: Mapping[str, Any]) -> str:
         f"{row['rps']:>9,.0f} rps  p50 {row['p50_ms']:7.2f} ms  p99 {row['p99_ms']:8.2f} ms  "
         f"cpu {row['cpu_us_per_req'] or 0:6.0f} µs/req  rss {row['rss_peak_mb'] or 0:5.1f} MB"
         + (f"  ERRORS {row['errors']}" if row["error_count"] else "")
+        + (f"  cache hits {row['cache_hit_ratio']:.1%}" if row.get("cache_hit_ratio") else "")
     )
 
 
@@ -902,8 +925,15 @@ def execute(
                                 f"errors, {v['transport_errors']} transport errors, statuses "
                                 f"{v['statuses']}; e.g. {v['examples'][:2]}"
                             )
+                    if ep.prime and srv.name == "surge":
+                        v = run_verify(ep, srv.port, PRIME_MAX_S, each=True)
+                        if not v["passed"]:
+                            raise BenchError(f"priming failed: {v['statuses']} {v['examples'][:2]}")
                     run_wrk(ep, srv.port, settings.warmup_s)
+                    hits = cache_counts(srv.port) if ep.prime and srv.name == "surge" else None
                     row = measure(srv, ep, proc, settings.duration_s)
+                    if hits is not None:
+                        row["cache_hit_ratio"] = hit_ratio(hits, cache_counts(srv.port))
                 except BenchError as exc:
                     failures.append(f"{ep.name}/{srv.name} round {r + 1}: {exc}")
                     _say(f"{tag} FAILED: {exc}")

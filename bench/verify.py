@@ -19,6 +19,7 @@ import re
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,9 +105,15 @@ async def _worker(
     deadline: float,
     tally: Tally,
     rng: random.Random,
+    each: Iterator[list[str]] | None = None,
 ) -> None:
     while time.monotonic() < deadline:
-        target = rng.choice(targets)
+        if each is None:
+            target = rng.choice(targets)
+        else:
+            target = next(each, None)
+            if target is None:
+                return
         tenant_id = target[0]
         if kind == "events":
             token, data = target[1], target[2].encode()
@@ -150,8 +157,12 @@ async def run(
     expect: int,
     seconds: float,
     concurrency: int,
+    each: bool = False,
 ) -> Tally:
+    """`each`: every target exactly once (in order, `seconds` at most), instead of random ones
+    until `seconds` have passed."""
     tally = Tally()
+    order = iter(targets) if each else None
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     timeout = aiohttp.ClientTimeout(total=10)
     deadline = time.monotonic() + seconds
@@ -169,6 +180,7 @@ async def run(
                     deadline,
                     tally,
                     random.Random(i),
+                    order,
                 )
                 for i in range(concurrency)
             )
@@ -186,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", type=Path, required=True, help="targets.json from bench.run")
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--each", action="store_true", help="every target once (a cache's priming), then stop"
+    )
     args = parser.parse_args(argv)
     data = json.loads(args.targets.read_text())
     targets = data["events"] if args.check == "events" else data["users"]
@@ -199,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             args.expect,
             args.seconds,
             args.concurrency,
+            args.each,
         )
     )
     print(
