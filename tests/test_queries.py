@@ -45,3 +45,20 @@ def test_a_page_and_its_versions_select_the_same_rows() -> None:
     full, versions = q["list_users"], q["list_user_versions"]
     assert full.startswith("SELECT id, tenant_id, ") and versions.startswith("SELECT id, version\n")
     assert full[full.index("FROM users") :] == versions[versions.index("FROM users") :]
+
+
+VISIBLE_USER_COLUMNS = ("email", "username", "status", "roles", "profile")
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in SQL_DIR.glob("*.sql")))
+def test_every_visible_change_to_a_user_bumps_its_version(path: str) -> None:
+    """Users' bodies are reused by version (ViewMemo, the user cache's never-older check): a
+    statement that changes what a user's body shows without bumping `version` would serve a
+    stale body."""
+    for name, sql in load(path).items():
+        if not sql.lstrip().upper().startswith("UPDATE USERS"):
+            continue
+        assigned = " ".join(sql[sql.upper().index("SET") : sql.upper().index("WHERE")].split())
+        touched = [c for c in VISIBLE_USER_COLUMNS if f"{c} =" in assigned]
+        if touched:
+            assert "version = version + 1" in assigned, (name, touched)
