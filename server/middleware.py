@@ -167,7 +167,7 @@ def pipeline(
 
     # Bound once: a request pays no attribute lookups for them.
     started, finished, clock = metrics.HTTP.started, metrics.HTTP.finished, time.perf_counter
-    log = None if access_log is None else access_log.write
+    write_log = None if access_log is None else access_log.write
 
     def wrap(handler: Handler, method: str, path: str) -> Handler:
         unmatched = path == UNMATCHED
@@ -243,8 +243,8 @@ def pipeline(
                 finished(request.method, route, status, elapsed)
                 if span is not None:
                     span.end(status)
-                if log is not None:
-                    log(request, status, elapsed, rid, route, principal, span)
+                if write_log is not None:
+                    write_log(request, status, elapsed, rid, route, principal, span)
 
         return surge
 
