@@ -78,11 +78,14 @@ class ViewMemo:
         self._bodies: OrderedDict[uuid.UUID, tuple[int, int, bytes]] = OrderedDict()
         # Whole pages, each with the (id, version) list it was built from: comparing a page's
         # fresh list with the kept one (C, ~2 us for 51 records) replaces 50 lookups and the
-        # join. One page for every PAGE_SHARE bodies (200 pages of 50 for 10,000: ~5 MB).
-        self.max_pages = size // self.PAGE_SHARE
-        self._pages: OrderedDict[PageKey, tuple[list[Record], bytes]] = OrderedDict()
+        # join. Bounded by size, not count: PAGE_BYTES_PER_BODY per memoized body (5 MB for
+        # 10,000; a page of 50 is ~21 kB with its list, one of 200 ~85 kB).
+        self.max_page_bytes = size * self.PAGE_BYTES_PER_BODY
+        self._page_bytes = 0
+        self._pages: OrderedDict[PageKey, tuple[list[Record], bytes, int]] = OrderedDict()
 
-    PAGE_SHARE = 50
+    PAGE_BYTES_PER_BODY = 500
+    RECORD_BYTES = 120  # an (id, version) asyncpg Record, roughly
 
     def page(self, key: PageKey, keys: list[Record]) -> bytes | None:
         """The page body kept under `key`, if it was built from exactly these (id, version)s."""
@@ -90,12 +93,16 @@ class ViewMemo:
         return entry[1] if entry is not None and entry[0] == keys else None
 
     def keep_page(self, key: PageKey, keys: list[Record], body: bytes) -> None:
-        if not self.max_pages:
+        cost = len(body) + self.RECORD_BYTES * len(keys)
+        if cost > self.max_page_bytes:
             return
-        self._pages.pop(key, None)
-        self._pages[key] = (keys, body)
-        if len(self._pages) > self.max_pages:
-            self._pages.popitem(last=False)
+        old = self._pages.pop(key, None)
+        if old is not None:
+            self._page_bytes -= old[2]
+        self._pages[key] = (keys, body, cost)
+        self._page_bytes += cost
+        while self._page_bytes > self.max_page_bytes:
+            self._page_bytes -= self._pages.popitem(last=False)[1][2]
 
     def lookup(self, tenant_id: uuid.UUID, keys: list[Record]) -> list[bytes | None]:
         """The body of each (id, version) record of `keys` at that version, else None."""

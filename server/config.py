@@ -276,7 +276,7 @@ class Config:
         "USER_VIEW_MEMO",
         _int(0, 1_000_000),
         10_000,
-        "User bodies (~0.6 kB) kept per process for list pages, +1 whole page per 50; 0: off",
+        "User bodies (~0.6 kB) kept per process for list pages, and pages (0.5 kB a body); 0: off",
     )
     enable_docs: bool = _setting("ENABLE_DOCS", _bool, True, "Serve /openapi.json and /docs")
     # -- GraphQL (POST /graphql): limits checked before any SQL runs --

@@ -464,6 +464,24 @@ def test_the_view_memo_drops_its_oldest_past_its_size() -> None:
     assert len(memo._bodies) == 2
 
 
+def test_kept_pages_stay_within_their_bytes() -> None:
+    from handlers.users import ViewMemo
+
+    memo = ViewMemo(10)  # 5,000 bytes of pages
+    assert memo.max_page_bytes == 5000
+    tenant = uuid.UUID(int=1)
+    key = (tenant, None, None, None, 50)
+    for n in range(3):
+        memo.keep_page((tenant, None, None, None, n + 1), [], b"x" * 2000)
+    assert [k[4] for k in memo._pages] == [2, 3]  # the oldest went
+    assert memo._page_bytes == 4000
+    memo.keep_page(key, [], b"y" * 6000)  # larger than the whole budget: not kept
+    assert memo.page(key, []) is None and memo._page_bytes == 4000
+    three = (tenant, None, None, None, 3)
+    memo.keep_page(three, [], b"z" * 1000)  # replacing an entry frees its bytes
+    assert memo._page_bytes == 3000 and memo.page(three, []) == b"z" * 1000
+
+
 class WriteBetween:
     """The real database, with a write landing right after the page's first query."""
 
