@@ -27,16 +27,15 @@ from server.errors import ApiError, TooManyRequests, Unauthorized, problem_respo
 from server.keys import CONFIG, LIMITER, PRINCIPAL, RATELIMIT_HEADERS, REQUEST_ID
 from server.principal import Principal
 from server.tokens import TOKENS, TokenError
-from server.tracing import ServerSpan, Tracing, incoming_trace_id
+from server.tracing import TRACEPARENT, ServerSpan, Tracing, incoming_trace_id
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 log = logging.getLogger("surge")
 
 _RID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# Header names as istr, like aiohttp's hdrs: a lookup or a set skips case-folding the name.
+# The header's name as istr, like aiohttp's hdrs: a lookup or a set skips case-folding it.
 X_REQUEST_ID = istr("X-Request-ID")
-TRACEPARENT = istr("traceparent")
 # Ops endpoints are never shed, rate limited or authenticated: an overloaded process must
 # still answer its probes and its scrape.
 OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"})
@@ -125,13 +124,7 @@ class AccessLog:
         span: ServerSpan | None = None,
     ) -> None:
         """The trace id is the request span's when tracing is on, else an incoming traceparent's."""
-        headers = request.headers
-        if span is not None:
-            trace_id: str | None = span.trace_id
-        elif TRACEPARENT in headers:
-            trace_id = incoming_trace_id(headers)
-        else:
-            trace_id = None
+        trace_id = span.trace_id if span is not None else incoming_trace_id(request.headers)
         pending = self._pending
         pending.append(
             (

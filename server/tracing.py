@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from multidict import istr
 from opentelemetry.context import Context, attach, detach
 from opentelemetry.trace import (
     Span,
@@ -53,6 +54,8 @@ if TYPE_CHECKING:
 # One app per process in production; tests run their apps one after another.
 _tracer: Tracer | None = None
 
+# The header's name as istr, like aiohttp's hdrs: a lookup or a set skips case-folding it.
+TRACEPARENT = istr("traceparent")
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 _ZERO_TRACE = "0" * 32
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -61,7 +64,7 @@ _ERROR = Status(StatusCode.ERROR)
 
 def incoming_trace_id(headers: Mapping[str, str]) -> str | None:
     """The trace id of a valid W3C traceparent header, else None (one lookup when absent)."""
-    value = headers.get("traceparent")
+    value = headers.get(TRACEPARENT)
     if value is None:
         return None
     m = _TRACEPARENT.match(value.strip())
@@ -157,7 +160,7 @@ class Tracing:
     def start_request(self, request: web.Request, route: str, rid: str) -> ServerSpan:
         assert self.tracer is not None
         headers = request.headers
-        parent = _PROPAGATOR.extract(headers) if "traceparent" in headers else None
+        parent = _PROPAGATOR.extract(headers) if TRACEPARENT in headers else None
         method = request.method
         span = self.tracer.start_span(
             f"{method} {route}",
