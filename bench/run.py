@@ -875,7 +875,11 @@ def _fmt_row(row: Mapping[str, Any]) -> str:
         f"{row['rps']:>9,.0f} rps  p50 {row['p50_ms']:7.2f} ms  p99 {row['p99_ms']:8.2f} ms  "
         f"cpu {row['cpu_us_per_req'] or 0:6.0f} µs/req  rss {row['rss_peak_mb'] or 0:5.1f} MB"
         + (f"  ERRORS {row['errors']}" if row["error_count"] else "")
-        + (f"  cache hits {row['cache_hit_ratio']:.1%}" if row.get("cache_hit_ratio") else "")
+        + (
+            f"  cache hits {row['cache_hit_ratio']:.1%}"
+            if row.get("cache_hit_ratio") is not None
+            else ""
+        )
     )
 
 
@@ -925,12 +929,13 @@ def execute(
                                 f"errors, {v['transport_errors']} transport errors, statuses "
                                 f"{v['statuses']}; e.g. {v['examples'][:2]}"
                             )
-                    if ep.prime and srv.name == "surge":
+                    primed = ep.prime and srv.name == "surge"
+                    if primed:
                         v = run_verify(ep, srv.port, PRIME_MAX_S, each=True)
                         if not v["passed"]:
                             raise BenchError(f"priming failed: {v['statuses']} {v['examples'][:2]}")
                     run_wrk(ep, srv.port, settings.warmup_s)
-                    hits = cache_counts(srv.port) if ep.prime and srv.name == "surge" else None
+                    hits = cache_counts(srv.port) if primed else None
                     row = measure(srv, ep, proc, settings.duration_s)
                     if hits is not None:
                         row["cache_hit_ratio"] = hit_ratio(hits, cache_counts(srv.port))
