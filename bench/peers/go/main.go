@@ -13,6 +13,7 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"flag"
 	"log"
 	"net/http"
@@ -24,6 +25,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgtype"
+	"github.com/jackc/pgx/v4"
 	"github.com/jackc/pgx/v4/pgxpool"
 )
 
@@ -163,7 +165,7 @@ func handleUser(w http.ResponseWriter, r *http.Request) {
 	}
 	u, _, err := scanUser(pool.QueryRow(r.Context(), getUser, tenant, id))
 	if err != nil {
-		if err.Error() == "no rows in result set" {
+		if errors.Is(err, pgx.ErrNoRows) {
 			fail(w, 404, "no such user")
 		} else {
 			fail(w, 500, "database error")
