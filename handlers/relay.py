@@ -52,6 +52,18 @@ LAG_INTERVAL_S = 1.0
 
 Message = tuple[bytes, dict[bytes, bytes] | None]  # (stream id, fields); None: trimmed
 MAX_BACKOFF_S = 5.0
+# While a round finds nothing, the pause before the next doubles from poll_s up to this: an idle
+# process polled PostgreSQL 10 times and Redis 5 times a second, 1.4 % of its core (measured
+# under no load), which a busy /healthz paid as lost throughput. The first event after a quiet
+# spell waits up to this long; under steady traffic the pause stays at poll_s.
+IDLE_MAX_S = 1.0
+
+
+def next_pause(pause: float, poll_s: float, found: int) -> float:
+    """The pause after a round that found `found` items (poll_s again once there is work)."""
+    if found:
+        return poll_s
+    return min(pause * 2, max(poll_s, IDLE_MAX_S))
 
 
 def stream_key(prefix: str) -> str:
@@ -153,7 +165,7 @@ class OutboxRelay:
                 if time.monotonic() - self._lag_at >= LAG_INTERVAL_S:
                     self._lag_at = time.monotonic()
                     await self.update_lag()
-                pause = self.poll_s
+                pause = next_pause(pause, self.poll_s, published)
             except Exception:
                 metrics.OUTBOX_RELAY_ERRORS.inc()
                 log.exception("outbox relay round failed; retrying in %.1fs", pause)
@@ -314,7 +326,7 @@ class UserEventsConsumer:
                     await self.ensure_group()
                     ready = True
                 handled = await self.consume_once()
-                pause = self.poll_s
+                pause = next_pause(pause, self.poll_s, handled)
             except Exception:  # Redis or PostgreSQL away: the messages stay pending, retried
                 log.exception("stream consumer %s failed; retrying in %.1fs", self.group, pause)
                 pause = min(pause * 2, MAX_BACKOFF_S)

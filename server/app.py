@@ -169,7 +169,7 @@ def add_routes(app: web.Application, routes: Iterable[web.RouteDef]) -> None:
     wrap = app[PIPELINE]
     for route in routes:
         resource = app.router.add_resource(route.path)
-        handler = wrap(route.handler, route.method, resource.canonical)
         if route.method == "GET" and route.kwargs.get("allow_head", True):
-            resource.add_route("HEAD", handler)
-        resource.add_route(route.method, handler)
+            # its own wrapper: a wrapper knows its method (the metrics' and log's label)
+            resource.add_route("HEAD", wrap(route.handler, "HEAD", resource.canonical))
+        resource.add_route(route.method, wrap(route.handler, route.method, resource.canonical))

@@ -345,7 +345,7 @@ class Config:
         "OUTBOX_RELAY_POLL_MS",
         _int(1, 600_000),
         100,
-        "Pause between relay rounds when the outbox is drained",
+        "Pause between relay rounds when drained; doubles while nothing comes, up to 1 s",
     )
     outbox_stream_maxlen: int = _setting(
         "OUTBOX_STREAM_MAXLEN",

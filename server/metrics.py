@@ -38,9 +38,40 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.
 _LE = [floatToGoString(b) for b in LATENCY_BUCKETS]  # type: ignore[no-untyped-call]
 
 
+class RouteMeter:
+    """One route's (method, route template) request figures, kept as plain numbers.
+
+    The pipeline builds one per route when the route is registered, so a request pays no label
+    lookup: two method calls on this object (0.26 us in-process, against 0.48 us for a
+    (method, route) dict lookup per request).
+    """
+
+    __slots__ = ("counts", "in_flight", "latency", "method", "route")
+
+    def __init__(self, method: str, route: str) -> None:
+        self.method = method
+        self.route = route
+        self.in_flight = 0
+        self.counts: dict[int, int] = {}  # by status
+        # one count per bucket, then +Inf, then the sum of seconds
+        self.latency = [0.0] * (len(LATENCY_BUCKETS) + 2)
+
+    def started(self) -> None:
+        self.in_flight += 1
+
+    def finished(self, status: int, seconds: float) -> None:
+        self.in_flight -= 1
+        latency = self.latency
+        latency[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # le: the first bound >= seconds
+        latency[-1] += seconds
+        counts = self.counts
+        counts[status] = counts.get(status, 0) + 1
+
+
 class HttpMetrics(Collector):
     """surge_http_requests_total, surge_http_request_duration_seconds and
-    surge_http_requests_in_flight for one process, kept as plain numbers.
+    surge_http_requests_in_flight for one process, kept as plain numbers in a RouteMeter per
+    route.
 
     Every request updates these three, and prometheus-client's objects take a lock per update
     and check themselves on every call; in the server these were about a tenth of the
@@ -51,48 +82,76 @@ class HttpMetrics(Collector):
     """
 
     def __init__(self) -> None:
-        self.in_flight = 0
-        self._counts: dict[tuple[str, str, int], int] = {}
-        # per (method, route): one count per bucket, then +Inf, then the sum of seconds
-        self._latency: dict[tuple[str, str], list[float]] = {}
+        self._meters: dict[tuple[str, str], RouteMeter] = {}
 
-    def started(self) -> None:
-        self.in_flight += 1
+    def route(self, method: str, route: str) -> RouteMeter:
+        """The meter of (method, route): made on first use, the same object afterwards."""
+        meter = self._meters.get((method, route))
+        if meter is None:
+            meter = self._meters[method, route] = RouteMeter(method, route)
+        return meter
 
-    def finished(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.in_flight -= 1
-        key = (method, route)
-        counts = self._latency.get(key)
-        if counts is None:
-            counts = self._latency[key] = [0.0] * (len(LATENCY_BUCKETS) + 2)
-        counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # le: the first bound >= seconds
-        counts[-1] += seconds
-        ckey = (method, route, status)
-        self._counts[ckey] = self._counts.get(ckey, 0) + 1
+    @property
+    def in_flight(self) -> int:
+        return sum(m.in_flight for m in self._meters.values())
 
     def collect(self) -> Iterable[Metric]:
         requests = CounterMetricFamily(
             "surge_http_requests_total", REQUESTS_DOC, labels=["method", "route", "status"]
         )
-        for (method, route, status), n in self._counts.items():
-            requests.add_metric([method, route, str(status)], n)
         latency = HistogramMetricFamily(
             "surge_http_request_duration_seconds", LATENCY_DOC, labels=["method", "route"]
         )
-        for (method, route), counts in self._latency.items():
+        for meter in list(self._meters.values()):
+            for status, n in meter.counts.items():
+                requests.add_metric([meter.method, meter.route, str(status)], n)
+            counts = meter.latency
+            if not any(counts):
+                continue  # registered, never answered: no series, as prometheus-client
             cumulative: float = 0.0
             buckets: list[tuple[str, float]] = []
             for le, in_bucket in zip(_LE, counts, strict=False):
                 cumulative += in_bucket
                 buckets.append((le, cumulative))
             buckets.append(("+Inf", cumulative + counts[len(LATENCY_BUCKETS)]))
-            latency.add_metric([method, route], buckets, sum_value=counts[-1])
+            latency.add_metric([meter.method, meter.route], buckets, sum_value=counts[-1])
         yield requests
         yield latency
         yield GaugeMetricFamily("surge_http_requests_in_flight", IN_FLIGHT_DOC, self.in_flight)
 
     def describe(self) -> Iterable[Metric]:
         return self.collect()
+
+
+class PromRouteMeter:
+    """A RouteMeter on prometheus-client's children, bound once per route (.labels() takes a
+    lock and builds a key per call)."""
+
+    __slots__ = ("_counts", "_gauge", "_latency", "_owner", "method", "route")
+
+    def __init__(self, owner: PromHttpMetrics, method: str, route: str) -> None:
+        self.method = method
+        self.route = route
+        self._gauge = owner.gauge
+        self._owner = owner
+        # made at the first answer: a child exists (and is exposed) from .labels() on
+        self._latency: Any = None
+        self._counts: dict[int, Any] = {}
+
+    def started(self) -> None:
+        self._gauge.inc()
+
+    def finished(self, status: int, seconds: float) -> None:
+        self._gauge.dec()
+        if self._latency is None:
+            self._latency = self._owner.latency.labels(self.method, self.route)
+        self._latency.observe(seconds)
+        counter = self._counts.get(status)
+        if counter is None:
+            counter = self._counts[status] = self._owner.requests.labels(
+                self.method, self.route, str(status)
+            )
+        counter.inc()
 
 
 class PromHttpMetrics:
@@ -111,25 +170,13 @@ class PromHttpMetrics:
             "surge_http_requests_in_flight", IN_FLIGHT_DOC, multiprocess_mode="livesum",
             registry=REGISTRY,
         )  # fmt: skip
-        # .labels() takes a lock and builds a key per call: each child is looked up once.
-        self._latency: dict[tuple[str, str], Any] = {}
-        self._counts: dict[tuple[str, str, int], Any] = {}
+        self._meters: dict[tuple[str, str], PromRouteMeter] = {}
 
-    def started(self) -> None:
-        self.gauge.inc()
-
-    def finished(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.gauge.dec()
-        key = (method, route)
-        latency = self._latency.get(key)
-        if latency is None:
-            latency = self._latency[key] = self.latency.labels(method, route)
-        latency.observe(seconds)
-        ckey = (method, route, status)
-        counter = self._counts.get(ckey)
-        if counter is None:
-            counter = self._counts[ckey] = self.requests.labels(method, route, str(status))
-        counter.inc()
+    def route(self, method: str, route: str) -> PromRouteMeter:
+        meter = self._meters.get((method, route))
+        if meter is None:
+            meter = self._meters[method, route] = PromRouteMeter(self, method, route)
+        return meter
 
 
 HTTP: HttpMetrics | PromHttpMetrics

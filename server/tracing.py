@@ -4,7 +4,7 @@ Off (the default), no OpenTelemetry SDK object exists (the SDK and the exporter 
 imported; the API module is, for its types): create_app passes no Tracing
 to the middleware, which then checks one `None` per request; the pools use asyncpg's own
 connection class and the Redis client is untouched. The one thing kept is cheap: an incoming
-`traceparent`'s trace id goes into the access log line (`incoming_trace_id`), so logs still join
+`traceparent`'s trace id goes into the access log line (`trace_id_of`), so logs still join
 the caller's trace. No `traceparent` is answered then: Surge has no span of its own to name.
 
 On, with the SDK's BatchSpanProcessor and OTLP/HTTP (protobuf) exporter:
@@ -23,7 +23,7 @@ import os
 import re
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -62,9 +62,8 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 _ERROR = Status(StatusCode.ERROR)
 
 
-def incoming_trace_id(headers: Mapping[str, str]) -> str | None:
-    """The trace id of a valid W3C traceparent header, else None (one lookup when absent)."""
-    value = headers.get(TRACEPARENT)
+def trace_id_of(value: str | None) -> str | None:
+    """The trace id of a traceparent header's value, None when absent or invalid."""
     if value is None:
         return None
     m = _TRACEPARENT.match(value.strip())
@@ -331,7 +330,7 @@ __all__ = [
     "ServerSpan",
     "Tracing",
     "client_span",
-    "incoming_trace_id",
     "instrument_redis",
+    "trace_id_of",
     "tracer_of",
 ]

@@ -43,12 +43,15 @@ def test_same_exposition_as_prometheus_client(
     )  # fmt: skip
     in_flight = Gauge("surge_http_requests_in_flight", IN_FLIGHT_DOC, registry=theirs)
     for method, route, status, seconds in seen:
-        http.started()
-        http.finished(method, route, status, seconds)
+        meter = http.route(method, route)
+        assert http.route(method, route) is meter  # one meter per route, made once
+        meter.started()
+        meter.finished(status, seconds)
         requests.labels(method, route, str(status)).inc()
         latency.labels(method, route).observe(seconds)
+    http.route("GET", "/never/answered")  # registered routes with no answer have no series
     for _ in range(still_running):
-        http.started()
+        http.route("GET", "/healthz").started()
         in_flight.inc()
 
     def series(registry: CollectorRegistry) -> list[str]:

@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 
 from db import outbox
 from db.pool import Database, open_database
-from handlers.relay import OutboxRelay, UserEventsConsumer, stream_key
+from handlers.relay import IDLE_MAX_S, OutboxRelay, UserEventsConsumer, next_pause, stream_key
 from server import metrics
 from server.app import create_app
 from server.config import Config
@@ -299,3 +299,52 @@ async def test_user_events_reach_the_analytics_counts(aiohttp_client: Any, confi
             break
         assert total < 2 and time.monotonic() < deadline
         await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("pause", "poll_s", "found", "expected"),
+    [
+        (0.1, 0.1, 0, 0.2),  # nothing: wait twice as long
+        (0.8, 0.1, 0, 1.0),  # ... up to IDLE_MAX_S
+        (1.0, 0.1, 0, 1.0),
+        (5.0, 0.1, 0, 1.0),  # after an error's backoff, an idle round is back under the cap
+        (1.0, 0.1, 3, 0.1),  # work: poll_s again
+        (0.005, 0.005, 0, 0.01),
+        (3.0, 3.0, 0, 3.0),  # a poll_s above the cap is kept as it is
+    ],
+)
+def test_the_idle_pause(pause: float, poll_s: float, found: int, expected: float) -> None:
+    assert next_pause(pause, poll_s, found) == pytest.approx(expected)
+    assert IDLE_MAX_S == 1.0
+
+
+async def test_an_idle_relay_polls_less_and_still_relays(
+    config: Config, pg: Database, redis: Redis
+) -> None:
+    stream = stream_key(config.redis_key_prefix)
+    await outbox.ensure_position(pg, stream)
+    relay = OutboxRelay(pg, redis, stream, poll_s=0.01)
+    rounds = 0
+    relay_once = relay.relay_once
+
+    async def counted() -> int:
+        nonlocal rounds
+        rounds += 1
+        return await relay_once()
+
+    relay.relay_once = counted  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay.run(stop))
+    try:
+        await asyncio.sleep(1.5)
+        # at a fixed 10 ms this would be ~150 rounds; doubling: 0.02, 0.04, ... 0.64, 1.0
+        assert 3 <= rounds <= 12
+        await add_outbox(pg, 5)
+        deadline = time.monotonic() + IDLE_MAX_S + 2
+        while len(await stream_ids(redis, stream)) < 5:
+            assert time.monotonic() < deadline, "an idle relay did not pick up new rows"
+            await asyncio.sleep(0.02)
+    finally:
+        stop.set()
+        await running
+    assert await stream_ids(redis, stream) == [1, 2, 3, 4, 5]

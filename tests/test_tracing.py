@@ -308,14 +308,14 @@ async def test_off_builds_nothing_and_logs_the_incoming_trace_id(
     assert "trace_id" not in lines[2]  # an untraced line is byte-for-byte what it was
 
 
-def test_incoming_trace_id_parsing() -> None:
-    parse = tracing.incoming_trace_id
-    assert parse({"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}) == TRACE_ID
-    assert parse({"traceparent": f" 00-{TRACE_ID}-{PARENT_ID}-00 "}) == TRACE_ID
-    assert parse({}) is None
-    assert parse({"traceparent": f"00-{'0' * 32}-{PARENT_ID}-01"}) is None
-    assert parse({"traceparent": f"00-{TRACE_ID.upper()}-{PARENT_ID}-01"}) is None
-    assert parse({"traceparent": f"00-{TRACE_ID}-{PARENT_ID}"}) is None
+def test_trace_id_of_a_traceparent() -> None:
+    parse = tracing.trace_id_of
+    assert parse(f"00-{TRACE_ID}-{PARENT_ID}-01") == TRACE_ID
+    assert parse(f" 00-{TRACE_ID}-{PARENT_ID}-00 ") == TRACE_ID
+    assert parse(None) is None
+    assert parse(f"00-{'0' * 32}-{PARENT_ID}-01") is None
+    assert parse(f"00-{TRACE_ID.upper()}-{PARENT_ID}-01") is None
+    assert parse(f"00-{TRACE_ID}-{PARENT_ID}") is None
 
 
 async def test_shutdown_flushes_spans_still_queued(aiohttp_server: Any, config: Config) -> None:

@@ -1,0 +1,119 @@
+"""The access log: one JSON line per request, its fields in a fixed order, written in batches."""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any
+
+import orjson
+import pytest
+
+from server.app import create_app
+from server.config import Config
+from server.middleware import AccessLog
+
+from .conftest import configured
+from .helpers import signup
+
+KEYS = ["ts", "msg", "method", "route", "path", "status", "duration_ms", "request_id", "tenant"]
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def lines(stream: io.BytesIO, log: AccessLog) -> list[dict[str, Any]]:
+    log.flush()
+    return [orjson.loads(line) for line in stream.getvalue().splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "expected"),
+    [
+        ("GET", "/healthz", {}, {"route": "/healthz", "path": "/healthz", "status": 200}),
+        ("HEAD", "/healthz", {}, {"route": "/healthz", "path": "/healthz", "status": 200}),
+        (
+            "GET",
+            "/v1/users/not-a-uuid",
+            {},
+            {"route": "/v1/users/{user_id}", "path": "/v1/users/not-a-uuid", "status": 401},
+        ),
+        ("GET", "/no/such/route", {}, {"route": "unmatched", "path": "/no/such/route"}),
+        ("DELETE", "/healthz", {}, {"route": "unmatched", "path": "/healthz", "status": 405}),
+        # the decoded path, as aiohttp's request.path gives it
+        ("GET", "/v1/users/a%20b", {}, {"route": "/v1/users/{user_id}", "path": "/v1/users/a b"}),
+        ("GET", "/healthz", {"X-Request-ID": "client-1"}, {"request_id": "client-1"}),
+        (
+            "GET",
+            "/healthz",
+            {"traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"},
+            {"trace_id": TRACE_ID},
+        ),
+        ("GET", "/healthz", {"traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7"}, {}),
+    ],
+)
+async def test_one_line_per_request(
+    aiohttp_client: Any,
+    config: Config,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    expected: dict[str, Any],
+) -> None:
+    stream = io.BytesIO()
+    log = AccessLog(stream)
+    client = await aiohttp_client(create_app(configured(config, access_log=True), access_log=log))
+    before = time.time()
+    resp = await client.request(method, path, headers=headers)
+    after = time.time()
+    [line] = lines(stream, log)
+    traced = "trace_id" in expected
+    assert list(line) == KEYS + (["trace_id"] if traced else [])  # the order is the contract
+    assert line["msg"] == "request"
+    assert line["method"] == method
+    assert line["status"] == resp.status
+    assert line["request_id"] == resp.headers["X-Request-ID"]
+    assert line["tenant"] is None
+    assert {k: line[k] for k in expected} == expected
+    # the end of the request, on the wall clock, from a perf_counter() reading
+    assert before - 0.01 <= line["ts"] <= after + 0.01
+    assert 0 <= line["duration_ms"] <= (after - before) * 1000 + 1
+
+
+async def test_the_tenant_of_an_authenticated_request(aiohttp_client: Any, config: Config) -> None:
+    stream = io.BytesIO()
+    log = AccessLog(stream)
+    client = await aiohttp_client(create_app(configured(config, access_log=True), access_log=log))
+    owner = await signup(client)
+    resp = await client.get(f"/v1/users/{owner.id}", headers=owner.headers)
+    assert resp.status == 200
+    line = lines(stream, log)[-1]
+    assert line["route"] == "/v1/users/{user_id}"
+    assert line["path"] == f"/v1/users/{owner.id}"
+    assert line["tenant"] == owner.tenant_id
+
+
+async def test_lines_wait_for_the_flush_and_keep_their_order(
+    aiohttp_client: Any, config: Config
+) -> None:
+    stream = io.BytesIO()
+    log = AccessLog(stream)
+    client = await aiohttp_client(create_app(configured(config, access_log=True), access_log=log))
+    for i in range(5):
+        assert (await client.get("/healthz", headers={"X-Request-ID": f"r{i}"})).status == 200
+    assert stream.getvalue() == b""  # batched: nothing written per request
+    got = lines(stream, log)
+    assert [x["request_id"] for x in got] == [f"r{i}" for i in range(5)]
+    assert [x["ts"] for x in got] == sorted(x["ts"] for x in got)
+    log.flush()  # nothing pending: writes nothing more
+    assert len(stream.getvalue().splitlines()) == 5
+
+
+async def test_a_full_batch_is_written_at_once() -> None:
+    stream = io.BytesIO()
+    log = AccessLog(stream)
+    start = time.perf_counter()
+    for i in range(AccessLog.MAX_PENDING):
+        log.write(start, 0.0012345, "GET", "/healthz", "/healthz", 200, f"r{i}", None, None, None)
+    got = [orjson.loads(x) for x in stream.getvalue().splitlines()]
+    assert len(got) == AccessLog.MAX_PENDING
+    assert got[0]["duration_ms"] == 1.234
+    assert abs(got[0]["ts"] - time.time()) < 5
