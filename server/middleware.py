@@ -92,7 +92,7 @@ class AccessLog:
             return
         pending, self._pending = self._pending, []
         lines = bytearray()
-        dumps = orjson.dumps
+        dumps, newline = orjson.dumps, orjson.OPT_APPEND_NEWLINE  # cheaper than a second +=
         # Requests carry perf_counter() readings; wall-clock time is that plus one offset, read
         # here once per batch instead of a time.time() call per request.
         wall = time.time() - time.perf_counter()
@@ -112,8 +112,7 @@ class AccessLog:
             trace_id = span.trace_id if span is not None else trace_id_of(tp)
             if trace_id is not None:
                 record["trace_id"] = trace_id
-            lines += dumps(record)
-            lines += b"\n"
+            lines += dumps(record, option=newline)
         self.stream.write(lines)
         self.stream.flush()
 
