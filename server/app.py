@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable
 
 from aiohttp import web
@@ -119,9 +120,13 @@ async def _limiter(app: web.Application) -> AsyncIterator[None]:
 
 def _flushed_at_exit(access_log: AccessLog) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
+        flusher = asyncio.create_task(access_log.run())
         try:
             yield
         finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
             access_log.flush()
 
     return ctx

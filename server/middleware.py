@@ -13,10 +13,11 @@ import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import IO, Any, NoReturn
+from typing import IO, NoReturn
+from uuid import UUID
 
 import asyncpg
-import orjson
+import msgspec
 from aiohttp import web
 from multidict import istr
 
@@ -27,7 +28,7 @@ from server.errors import ApiError, TooManyRequests, Unauthorized, problem_respo
 from server.keys import CONFIG, LIMITER, PRINCIPAL, RATELIMIT_HEADERS, REQUEST_ID
 from server.principal import Principal
 from server.tokens import TOKENS, TokenError
-from server.tracing import TRACEPARENT, ServerSpan, Tracing, trace_id_of
+from server.tracing import TRACEPARENT, Tracing, trace_id_of
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -57,89 +58,70 @@ STREAM_PATHS = frozenset({"/v1/analytics/live"})
 
 # Request ids need to be unique, not unguessable: a random per-process prefix and a counter
 # cost a fraction of an os.urandom() system call per request. Counting from 2**44 keeps the
-# counter at 12 hex digits for 2.6e14 requests, without a format specification per request.
+# counter at 12 hex digits for 2.6e14 requests. The pipeline formats it inline: a function call
+# per request was measurable.
 _RID_PREFIX = os.urandom(6).hex()
 _rid_counter = itertools.count(1 << 44)
 
 
-def new_request_id() -> str:
-    return _RID_PREFIX + hex(next(_rid_counter))[2:]
+class AccessLine(msgspec.Struct, omit_defaults=True):
+    """One access-log line; its fields are the line's keys, in this order."""
+
+    ts: float  # when the answer was done, seconds since the epoch
+    msg: str  # always "request": tells these lines from the application's log lines
+    method: str
+    route: str  # the route's template ("unmatched" for no route)
+    path: str
+    status: int
+    duration_ms: float
+    request_id: str
+    tenant: UUID | None
+    trace_id: str | None = None  # left out when there is none
 
 
 class AccessLog:
     """One JSON line per request, without the logging module's overhead.
 
-    A request only appends its fields to a list; the lines are formatted and written together
-    every FLUSH_S, at MAX_PENDING requests, and at shutdown. With PYTHONUNBUFFERED (usual in
-    containers) a write per request was one system call per request (9 % of a /healthz profile),
-    and formatting a line inside each request cost ~6 us of its CPU in the server (bench A/B
-    against ACCESS_LOG=false); formatting a batch in one loop costs less per line.
+    A request only appends its AccessLine; the lines are encoded and written together every
+    FLUSH_S (`run`, started with the app), at max_pending lines, and at shutdown. With
+    PYTHONUNBUFFERED (usual in containers) a write per request was one system call per request
+    (9 % of a /healthz profile), and formatting a line inside each request cost ~6 us of its CPU
+    in the server (bench A/B against ACCESS_LOG=false). msgspec encodes a batch of Structs in one
+    call: building the Struct in the request and encoding it here cost ~4k instructions per line
+    where a dict per line given to orjson.dumps cost ~9k (callgrind, bench/ notes in
+    docs/PERFORMANCE.md).
     """
 
     FLUSH_S = 0.5
-    MAX_PENDING = 1024
 
-    def __init__(self, stream: IO[bytes] | None = None) -> None:
+    def __init__(self, stream: IO[bytes] | None = None, *, max_pending: int = 1024) -> None:
         self.stream = stream if stream is not None else sys.stdout.buffer
-        self._pending: list[tuple[Any, ...]] = []
-        self._timer: asyncio.TimerHandle | None = None
+        self.max_pending = max_pending
+        self.pending: list[AccessLine] = []  # the pipeline appends to this very list
+        # Requests read perf_counter(); their wall-clock time is that plus this offset, read
+        # again at every flush instead of a time.time() call per request.
+        self.wall = time.time() - time.perf_counter()
+        self._encode_lines = msgspec.json.Encoder().encode_lines
 
     def flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if not self._pending:
+        self.wall = time.time() - time.perf_counter()
+        pending = self.pending
+        if not pending:
             return
-        pending, self._pending = self._pending, []
-        lines = bytearray()
-        dumps, newline = orjson.dumps, orjson.OPT_APPEND_NEWLINE  # cheaper than a second +=
-        # Requests carry perf_counter() readings; wall-clock time is that plus one offset, read
-        # here once per batch instead of a time.time() call per request.
-        wall = time.time() - time.perf_counter()
-        for start, elapsed, method, route, path, status, rid, principal, span, tp in pending:
-            record = {
-                "ts": start + elapsed + wall,  # when the answer was done, as before
-                "msg": "request",
-                "method": method,
-                "route": route,
-                "path": path,
-                "status": status,
-                "duration_ms": int(elapsed * 1_000_000) / 1000,  # round(x, 3) costs 3x more
-                "request_id": rid,
-                # orjson writes a UUID as its string, without str()'s Python-level formatting
-                "tenant": principal.tenant_id if principal is not None else None,
-            }
-            trace_id = span.trace_id if span is not None else trace_id_of(tp)
-            if trace_id is not None:
-                record["trace_id"] = trace_id
-            lines += dumps(record, option=newline)
+        lines = self._encode_lines(pending)
+        pending.clear()
         self.stream.write(lines)
         self.stream.flush()
 
-    def write(
-        self,
-        start: float,
-        elapsed: float,
-        method: str,
-        route: str,
-        path: str,
-        status: int,
-        request_id: str,
-        principal: Principal | None,
-        span: ServerSpan | None,
-        traceparent: str | None,
-    ) -> None:
-        """A request's line, kept as its parts: `start` is its perf_counter() reading; the
-        trace id is the span's when tracing is on, else the incoming `traceparent`'s (parsed
-        at flush, like everything else that is only formatting)."""
-        pending = self._pending
-        pending.append(
-            (start, elapsed, method, route, path, status, request_id, principal, span, traceparent)
-        )
-        if len(pending) >= self.MAX_PENDING:
-            self.flush()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.FLUSH_S, self.flush)
+    async def run(self) -> None:
+        """Flush every FLUSH_S until cancelled."""
+        while True:
+            await asyncio.sleep(self.FLUSH_S)
+            try:
+                self.flush()
+            except Exception:  # stdout gone: drop this batch, try the next
+                self.pending.clear()
+                log.exception("the access log could not be written")
 
 
 Wrap = Callable[[Handler, str, str], Handler]
@@ -163,8 +145,9 @@ def pipeline(
     """
 
     clock = time.perf_counter
-    write_log = None if access_log is None else access_log.write
     route_meter = metrics.HTTP.route
+    if access_log is not None:
+        pending, max_pending, flush = access_log.pending, access_log.max_pending, access_log.flush
 
     def wrap(handler: Handler, method: str, path: str) -> Handler:
         unmatched = path == UNMATCHED
@@ -179,13 +162,18 @@ def pipeline(
         gated = path not in OPS_PATHS and path not in STREAM_PATHS
         api = path.startswith("/v1/") or (path == "/graphql" and method == "POST")
         public = unmatched or path in PUBLIC_PATHS  # unknown routes answer 404/405, not 401
+        # Handlers that audit or stream read the request id from the request; ops endpoints and
+        # the catch-all never do (their errors get it from here), so they skip aiohttp's
+        # Python-level request.__setitem__.
+        keep_rid = not unmatched and path not in OPS_PATHS
 
         async def surge(request: web.Request) -> web.StreamResponse:
             headers = request.headers
             rid = headers.get(X_REQUEST_ID)
             if rid is None or _RID.fullmatch(rid) is None:
-                rid = new_request_id()
-            request[REQUEST_ID] = rid
+                rid = f"{_RID_PREFIX}{next(_rid_counter):x}"
+            if keep_rid:
+                request[REQUEST_ID] = rid
             span = None if tracing is None else tracing.start_request(request, route, rid)
             start = clock()
             # the catch-all answers every method: its meter is looked up per request
@@ -230,7 +218,7 @@ def pipeline(
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    resp = _problem_for(request, exc)
+                    resp = _problem_for(request, exc, rid)
                     if span is not None and resp.status >= 500:
                         span.error(exc)
                 finally:
@@ -243,16 +231,24 @@ def pipeline(
                         resp.headers[TRACEPARENT] = span.traceparent
                 return resp
             finally:
-                elapsed = clock() - start
+                end = clock()
+                elapsed = end - start
                 req_meter.finished(status, elapsed)
                 if span is not None:
                     span.end(status)
-                if write_log is not None:
-                    write_log(
-                        start, elapsed, req_meter.method, route,
-                        route if plain else request.path, status, rid, principal, span,
-                        headers.get(TRACEPARENT) if span is None else None,
+                if access_log is not None:
+                    pending.append(
+                        AccessLine(
+                            end + access_log.wall, "request", req_meter.method, route,
+                            route if plain else request.path, status,
+                            int(elapsed * 1_000_000) / 1000,  # round(x, 3) costs 3x more
+                            rid, None if principal is None else principal.tenant_id,
+                            span.trace_id if span is not None
+                            else trace_id_of(headers.get(TRACEPARENT)),
+                        )
                     )  # fmt: skip
+                    if len(pending) >= max_pending:
+                        flush()
 
         return surge
 
@@ -274,9 +270,8 @@ async def unmatched(request: web.Request) -> web.StreamResponse:
     raise web.HTTPNotFound()
 
 
-def _problem_for(request: web.Request, exc: Exception) -> web.Response:
+def _problem_for(request: web.Request, exc: Exception, rid: str) -> web.Response:
     """Every exception as application/problem+json; the one place that owns status codes."""
-    rid = request[REQUEST_ID]
     if isinstance(exc, ApiError):
         resp = problem_response(
             exc.status,

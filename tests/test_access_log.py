@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
 from typing import Any
@@ -107,13 +108,33 @@ async def test_lines_wait_for_the_flush_and_keep_their_order(
     assert len(stream.getvalue().splitlines()) == 5
 
 
-async def test_a_full_batch_is_written_at_once() -> None:
+async def test_a_full_batch_is_written_at_once(aiohttp_client: Any, config: Config) -> None:
+    stream = io.BytesIO()
+    log = AccessLog(stream, max_pending=3)
+    client = await aiohttp_client(create_app(configured(config, access_log=True), access_log=log))
+    for _ in range(2):
+        assert (await client.get("/healthz")).status == 200
+    assert stream.getvalue() == b""
+    assert (await client.get("/healthz")).status == 200
+    assert len(stream.getvalue().splitlines()) == 3  # the third request wrote the batch
+
+
+async def test_lines_are_written_by_the_timer(aiohttp_client: Any, config: Config) -> None:
     stream = io.BytesIO()
     log = AccessLog(stream)
-    start = time.perf_counter()
-    for i in range(AccessLog.MAX_PENDING):
-        log.write(start, 0.0012345, "GET", "/healthz", "/healthz", 200, f"r{i}", None, None, None)
-    got = [orjson.loads(x) for x in stream.getvalue().splitlines()]
-    assert len(got) == AccessLog.MAX_PENDING
-    assert got[0]["duration_ms"] == 1.234
-    assert abs(got[0]["ts"] - time.time()) < 5
+    client = await aiohttp_client(create_app(configured(config, access_log=True), access_log=log))
+    assert (await client.get("/healthz")).status == 200
+    deadline = time.monotonic() + AccessLog.FLUSH_S + 5
+    while not stream.getvalue():
+        assert time.monotonic() < deadline, "the pending line was never written"
+        await asyncio.sleep(0.05)
+    assert orjson.loads(stream.getvalue())["route"] == "/healthz"
+
+
+async def test_shutdown_writes_what_is_pending(aiohttp_client: Any, config: Config) -> None:
+    stream = io.BytesIO()
+    log = AccessLog(stream)
+    client = await aiohttp_client(create_app(configured(config, access_log=True), access_log=log))
+    assert (await client.get("/healthz", headers={"X-Request-ID": "last"})).status == 200
+    await client.close()
+    assert orjson.loads(stream.getvalue())["request_id"] == "last"
