@@ -110,18 +110,17 @@ class AccessLog:
             return
         lines = self._encode_lines(pending)
         pending.clear()
-        self.stream.write(lines)
-        self.stream.flush()
+        try:
+            self.stream.write(lines)
+            self.stream.flush()
+        except (OSError, ValueError) as exc:  # stdout closed or gone: the requests go on
+            log.error("%d access log lines could not be written: %s", lines.count(b"\n"), exc)
 
     async def run(self) -> None:
         """Flush every FLUSH_S until cancelled."""
         while True:
             await asyncio.sleep(self.FLUSH_S)
-            try:
-                self.flush()
-            except Exception:  # stdout gone: drop this batch, try the next
-                self.pending.clear()
-                log.exception("the access log could not be written")
+            self.flush()
 
 
 Wrap = Callable[[Handler, str, str], Handler]

@@ -138,3 +138,19 @@ async def test_shutdown_writes_what_is_pending(aiohttp_client: Any, config: Conf
     assert (await client.get("/healthz", headers={"X-Request-ID": "last"})).status == 200
     await client.close()
     assert orjson.loads(stream.getvalue())["request_id"] == "last"
+
+
+class Broken(io.RawIOBase):
+    def write(self, b: Any) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+async def test_a_broken_stdout_loses_lines_not_requests(
+    aiohttp_client: Any, config: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = AccessLog(Broken(), max_pending=2)  # type: ignore[arg-type]
+    client = await aiohttp_client(create_app(configured(config, access_log=True), access_log=log))
+    statuses = [(await client.get("/healthz")).status for _ in range(5)]
+    assert statuses == [200] * 5
+    assert "2 access log lines could not be written" in caplog.text
+    assert len(log.pending) == 1  # the fifth waits for the next batch
