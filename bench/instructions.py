@@ -22,7 +22,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import urllib.request
 from pathlib import Path
 
 from bench.common import ROOT
-from bench.run import Server, make_servers
+from bench.run import Server, make_servers, stop_server
 
 _COLLECTED = re.compile(rb"Collected : ([\d,]+)")
 
@@ -88,12 +87,7 @@ def count(server: Server, path: str, n: int, warmup: int, extra: dict[str, str])
             _ab(url, n)
             _control(proc.pid, "off", env)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_server(proc)  # valgrind writes its count as the server exits
         found = _COLLECTED.search(log.read_bytes())
         if found is None:
             raise SystemExit(f"valgrind reported no count:\n{log.read_text()[-2000:]}")
