@@ -83,20 +83,21 @@ class AccessLog:
     """One JSON line per request, without the logging module's overhead.
 
     A request only appends its AccessLine; the lines are encoded and written together every
-    FLUSH_S (`run`, started with the app), at max_pending lines, and at shutdown. With
+    flush_s (`run`, started with the app), at max_pending lines, and at shutdown. With
     PYTHONUNBUFFERED (usual in containers) a write per request was one system call per request
     (9 % of a /healthz profile), and formatting a line inside each request cost ~6 us of its CPU
     in the server (bench A/B against ACCESS_LOG=false). msgspec encodes a batch of Structs in one
-    call: building the Struct in the request and encoding it here cost ~4k instructions per line
-    where a dict per line given to orjson.dumps cost ~9k (callgrind, bench/ notes in
-    docs/PERFORMANCE.md).
+    call: 2.3k instructions per line, against 8.4k for a dict per line given to orjson.dumps and
+    5.3k for Structs built here from tuples (callgrind; docs/PERFORMANCE.md notes), so the Struct
+    is built in the request.
     """
 
-    FLUSH_S = 0.5
-
-    def __init__(self, stream: IO[bytes] | None = None, *, max_pending: int = 1024) -> None:
+    def __init__(
+        self, stream: IO[bytes] | None = None, *, max_pending: int = 1024, flush_s: float = 0.5
+    ) -> None:
         self.stream = stream if stream is not None else sys.stdout.buffer
         self.max_pending = max_pending
+        self.flush_s = flush_s
         self.pending: list[AccessLine] = []  # the pipeline appends to this very list
         # Requests read perf_counter(); their wall-clock time is that plus this offset, read
         # again at every flush instead of a time.time() call per request.
@@ -117,9 +118,9 @@ class AccessLog:
             log.error("%d access log lines could not be written: %s", lines.count(b"\n"), exc)
 
     async def run(self) -> None:
-        """Flush every FLUSH_S until cancelled."""
+        """Flush every flush_s until cancelled."""
         while True:
-            await asyncio.sleep(self.FLUSH_S)
+            await asyncio.sleep(self.flush_s)
             self.flush()
 
 

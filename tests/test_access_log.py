@@ -96,7 +96,7 @@ async def test_lines_wait_for_the_flush_and_keep_their_order(
     aiohttp_client: Any, config: Config
 ) -> None:
     stream = io.BytesIO()
-    log = AccessLog(stream)
+    log = AccessLog(stream, flush_s=3600)  # the timer runs from start-up: keep it out of the way
     client = await aiohttp_client(create_app(configured(config, access_log=True), access_log=log))
     for i in range(5):
         assert (await client.get("/healthz", headers={"X-Request-ID": f"r{i}"})).status == 200
@@ -110,7 +110,7 @@ async def test_lines_wait_for_the_flush_and_keep_their_order(
 
 async def test_a_full_batch_is_written_at_once(aiohttp_client: Any, config: Config) -> None:
     stream = io.BytesIO()
-    log = AccessLog(stream, max_pending=3)
+    log = AccessLog(stream, max_pending=3, flush_s=3600)
     client = await aiohttp_client(create_app(configured(config, access_log=True), access_log=log))
     for _ in range(2):
         assert (await client.get("/healthz")).status == 200
@@ -124,7 +124,7 @@ async def test_lines_are_written_by_the_timer(aiohttp_client: Any, config: Confi
     log = AccessLog(stream)
     client = await aiohttp_client(create_app(configured(config, access_log=True), access_log=log))
     assert (await client.get("/healthz")).status == 200
-    deadline = time.monotonic() + AccessLog.FLUSH_S + 5
+    deadline = time.monotonic() + log.flush_s + 5
     while not stream.getvalue():
         assert time.monotonic() < deadline, "the pending line was never written"
         await asyncio.sleep(0.05)
@@ -148,7 +148,7 @@ class Broken(io.RawIOBase):
 async def test_a_broken_stdout_loses_lines_not_requests(
     aiohttp_client: Any, config: Config, caplog: pytest.LogCaptureFixture
 ) -> None:
-    log = AccessLog(Broken(), max_pending=2)  # type: ignore[arg-type]
+    log = AccessLog(Broken(), max_pending=2, flush_s=3600)  # type: ignore[arg-type]
     client = await aiohttp_client(create_app(configured(config, access_log=True), access_log=log))
     statuses = [(await client.get("/healthz")).status for _ in range(5)]
     assert statuses == [200] * 5
