@@ -21,7 +21,7 @@ _HEALTHY = orjson.dumps({"status": "ok"})
 _PROBE_TIMEOUT_S = 1.0
 
 
-async def healthz(request: web.Request) -> web.Response:
+def healthz(request: web.Request) -> web.Response:
     return web.Response(body=_HEALTHY, content_type="application/json")
 
 
@@ -54,7 +54,7 @@ async def readyz(request: web.Request) -> web.Response:
     return web.Response(body=body, status=code, content_type="application/json")
 
 
-async def metrics_endpoint(request: web.Request) -> web.Response:
+def metrics_endpoint(request: web.Request) -> web.Response:
     resp = web.Response(body=metrics.exposition())
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return resp
@@ -65,7 +65,7 @@ def _spec_bytes() -> bytes:
     return orjson.dumps(SPEC)
 
 
-async def openapi_json(request: web.Request) -> web.Response:
+def openapi_json(request: web.Request) -> web.Response:
     return web.Response(body=_spec_bytes(), content_type="application/json")
 
 
@@ -126,7 +126,7 @@ def _docs_page() -> tuple[str, str]:
     return page, csp
 
 
-async def docs(request: web.Request) -> web.Response:
+def docs(request: web.Request) -> web.Response:
     page, csp = _docs_page()
     resp = web.Response(text=page, content_type="text/html")
     resp.headers["Content-Security-Policy"] = csp

@@ -42,25 +42,19 @@ class RouteMeter:
     """One route's (method, route template) request figures, kept as plain numbers.
 
     The pipeline builds one per route when the route is registered, so a request pays no label
-    lookup: two method calls on this object (0.26 us in-process, against 0.48 us for a
-    (method, route) dict lookup per request).
+    lookup: one method call on this object when it is answered.
     """
 
-    __slots__ = ("counts", "in_flight", "latency", "method", "route")
+    __slots__ = ("counts", "latency", "method", "route")
 
     def __init__(self, method: str, route: str) -> None:
         self.method = method
         self.route = route
-        self.in_flight = 0
         self.counts: dict[int, int] = {}  # by status
         # one count per bucket, then +Inf, then the sum of seconds
         self.latency = [0.0] * (len(LATENCY_BUCKETS) + 2)
 
-    def started(self) -> None:
-        self.in_flight += 1
-
     def finished(self, status: int, seconds: float) -> None:
-        self.in_flight -= 1
         latency = self.latency
         latency[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # le: the first bound >= seconds
         latency[-1] += seconds
@@ -83,6 +77,9 @@ class HttpMetrics(Collector):
 
     def __init__(self) -> None:
         self._meters: dict[tuple[str, str], RouteMeter] = {}
+        # Requests started and not yet answered, counted by the pipeline itself: an attribute
+        # update instead of a method call per request (callgrind: ~500 instructions less).
+        self.in_flight = 0
 
     def route(self, method: str, route: str) -> RouteMeter:
         """The meter of (method, route): made on first use, the same object afterwards."""
@@ -90,10 +87,6 @@ class HttpMetrics(Collector):
         if meter is None:
             meter = self._meters[method, route] = RouteMeter(method, route)
         return meter
-
-    @property
-    def in_flight(self) -> int:
-        return sum(m.in_flight for m in self._meters.values())
 
     def collect(self) -> Iterable[Metric]:
         requests = CounterMetricFamily(
@@ -127,22 +120,17 @@ class PromRouteMeter:
     """A RouteMeter on prometheus-client's children, bound once per route (.labels() takes a
     lock and builds a key per call)."""
 
-    __slots__ = ("_counts", "_gauge", "_latency", "_owner", "method", "route")
+    __slots__ = ("_counts", "_latency", "_owner", "method", "route")
 
     def __init__(self, owner: PromHttpMetrics, method: str, route: str) -> None:
         self.method = method
         self.route = route
-        self._gauge = owner.gauge
         self._owner = owner
         # made at the first answer: a child exists (and is exposed) from .labels() on
         self._latency: Any = None
         self._counts: dict[int, Any] = {}
 
-    def started(self) -> None:
-        self._gauge.inc()
-
     def finished(self, status: int, seconds: float) -> None:
-        self._gauge.dec()
         if self._latency is None:
             self._latency = self._owner.latency.labels(self.method, self.route)
         self._latency.observe(seconds)
@@ -171,12 +159,19 @@ class PromHttpMetrics:
             registry=REGISTRY,
         )  # fmt: skip
         self._meters: dict[tuple[str, str], PromRouteMeter] = {}
+        self.in_flight = 0  # counted by the pipeline, as HttpMetrics.in_flight
 
     def route(self, method: str, route: str) -> PromRouteMeter:
         meter = self._meters.get((method, route))
         if meter is None:
             meter = self._meters[method, route] = PromRouteMeter(self, method, route)
         return meter
+
+    def publish(self) -> None:
+        """The in-flight count into this worker's shared file: every second, with the pool
+        gauges (server/runner.py), instead of a gauge update (a lock and a file write) twice per
+        request."""
+        self.gauge.set(self.in_flight)
 
 
 HTTP: HttpMetrics | PromHttpMetrics

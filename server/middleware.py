@@ -6,6 +6,7 @@ the problem+json shape.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import logging
 import os
@@ -13,7 +14,7 @@ import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import IO, NoReturn
+from typing import IO, NoReturn, cast
 from uuid import UUID
 
 import asyncpg
@@ -31,6 +32,16 @@ from server.tokens import TOKENS, TokenError
 from server.tracing import TRACEPARENT, Tracing, trace_id_of
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# A handler that never waits may be a plain function: the pipeline calls it without a coroutine
+# of its own (callgrind: ~1k instructions less per /healthz).
+PlainHandler = Callable[[web.Request], web.StreamResponse]
+
+
+def plain(handler: PlainHandler) -> Handler:
+    """A plain-function handler, for a route table typed for coroutine handlers (aiohttp's):
+    the pipeline tells the two apart when it wraps them."""
+    return cast(Handler, handler)
+
 
 log = logging.getLogger("surge")
 
@@ -124,7 +135,7 @@ class AccessLog:
             self.flush()
 
 
-Wrap = Callable[[Handler, str, str], Handler]
+Wrap = Callable[[Handler | PlainHandler, str, str], Handler]
 
 
 def pipeline(
@@ -145,11 +156,16 @@ def pipeline(
     """
 
     clock = time.perf_counter
-    route_meter = metrics.HTTP.route
+    http = metrics.HTTP
+    route_meter = http.route
     if access_log is not None:
         pending, max_pending, flush = access_log.pending, access_log.max_pending, access_log.flush
 
-    def wrap(handler: Handler, method: str, path: str) -> Handler:
+    def wrap(any_handler: Handler | PlainHandler, method: str, path: str) -> Handler:
+        handler = cast(Handler, any_handler)
+        plain_handler = (
+            None if inspect.iscoroutinefunction(any_handler) else cast(PlainHandler, any_handler)
+        )
         unmatched = path == UNMATCHED
         route = "unmatched" if unmatched else path
         # A plain route's path is its template (aiohttp matched it by equality): the log line
@@ -178,7 +194,7 @@ def pipeline(
             start = clock()
             # the catch-all answers every method: its meter is looked up per request
             req_meter = meter if meter is not None else route_meter(request.method, route)
-            req_meter.started()
+            http.in_flight += 1
             status = 499  # the client went away before an answer
             principal: Principal | None = None
             is_gated, is_api = gated, api
@@ -210,11 +226,20 @@ def pipeline(
                         limits = await _rate_limit(request, principal)
                         if principal is None and not public:
                             _unauthorized(request)
-                        resp = await handler(request)
-                        if not resp.prepared:
-                            resp.headers.update(limits)
+                        resp = (
+                            plain_handler(request)
+                            if plain_handler is not None
+                            else await handler(request)
+                        )
+                        # A response the handler prepared itself (a stream) has sent its
+                        # headers: these changes are then no-ops, cheaper than asking.
+                        resp.headers.update(limits)
                     else:
-                        resp = await handler(request)
+                        resp = (
+                            plain_handler(request)
+                            if plain_handler is not None
+                            else await handler(request)
+                        )
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -225,26 +250,31 @@ def pipeline(
                     if is_gated:
                         shed_gate.release()
                 status = resp.status
-                if not resp.prepared:
-                    resp.headers[X_REQUEST_ID] = rid
-                    if span is not None:
-                        resp.headers[TRACEPARENT] = span.traceparent
+                resp.headers[X_REQUEST_ID] = rid
+                if span is not None:
+                    resp.headers[TRACEPARENT] = span.traceparent
                 return resp
             finally:
                 end = clock()
                 elapsed = end - start
+                http.in_flight -= 1
                 req_meter.finished(status, elapsed)
                 if span is not None:
                     span.end(status)
                 if access_log is not None:
+                    trace_id: str | None
+                    if span is not None:
+                        trace_id = span.trace_id
+                    elif (traceparent := headers.get(TRACEPARENT)) is not None:
+                        trace_id = trace_id_of(traceparent)
+                    else:
+                        trace_id = None
                     pending.append(
                         AccessLine(
                             end + access_log.wall, "request", req_meter.method, route,
                             route if plain else request.path, status,
                             int(elapsed * 1_000_000) / 1000,  # round(x, 3) costs 3x more
-                            rid, None if principal is None else principal.tenant_id,
-                            span.trace_id if span is not None
-                            else trace_id_of(headers.get(TRACEPARENT)),
+                            rid, None if principal is None else principal.tenant_id, trace_id,
                         )
                     )  # fmt: skip
                     if len(pending) >= max_pending:

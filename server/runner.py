@@ -137,7 +137,7 @@ async def serve_app(
         if worker_of is not None:
             background.append(asyncio.create_task(_orphan_watch(worker_of, stop)))
         if metrics.MULTIPROC_DIR is not None:
-            background.append(asyncio.create_task(_publish_pools()))
+            background.append(asyncio.create_task(_publish_gauges()))
         if ready is not None:
             ready.set()
         await stop.wait()
@@ -161,9 +161,12 @@ async def _orphan_watch(supervisor: int, stop: asyncio.Event) -> None:
     stop.set()
 
 
-async def _publish_pools() -> None:
+async def _publish_gauges() -> None:
+    """Multiprocess mode: the gauges a worker keeps in memory, into its shared file."""
+    assert isinstance(metrics.HTTP, metrics.PromHttpMetrics), "set with PROMETHEUS_MULTIPROC_DIR"
     while True:
         metrics.POOLS.publish()
+        metrics.HTTP.publish()
         await asyncio.sleep(1.0)
 
 

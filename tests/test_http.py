@@ -18,7 +18,9 @@ from aiohttp.test_utils import TestClient
 from server import metrics
 from server.app import add_routes, create_app
 from server.config import Config
+from server.errors import NotFound
 from server.keys import LIFECYCLE
+from server.middleware import plain
 from server.runner import free_port, serve_app
 from server.validation import read_json
 
@@ -179,6 +181,49 @@ async def test_ops_endpoints(aiohttp_client: Any, config: Config) -> None:
     assert 'surge_http_requests_total{method="GET",route="/healthz",status="200"}' in text
     assert 'surge_db_pool_max{pool="primary"} 8.0' in text
     assert "surge_http_request_duration_seconds_bucket" in text
+
+
+def plain_ok(request: web.Request) -> web.Response:
+    return web.json_response({"plain": True})
+
+
+def plain_missing(request: web.Request) -> web.Response:
+    raise NotFound("thing")
+
+
+def plain_broken(request: web.Request) -> web.Response:
+    raise RuntimeError("a bug in a plain handler")
+
+
+@pytest.mark.parametrize(
+    ("handler", "status", "body"),
+    [
+        (plain_ok, 200, {"plain": True}),
+        (plain_missing, 404, {"detail": "thing not found"}),
+        (plain_broken, 500, {"detail": "an internal error occurred"}),
+    ],
+)
+async def test_plain_function_handlers_run_in_the_whole_pipeline(
+    aiohttp_client: Any, config: Config, handler: Any, status: int, body: dict[str, Any]
+) -> None:
+    """A handler may be a plain function (no coroutine of its own): the pipeline gives its
+    answer, or its exception as problem+json, with the request id and metrics of any other."""
+    app = make_app(config)
+    add_routes(app, [web.get("/test/plain", plain(handler))])
+    client = await aiohttp_client(app)
+    resp = await client.get("/test/plain", headers={"X-Request-ID": "plain-1"})
+    got = await resp.json()
+    assert resp.status == status
+    assert resp.headers["X-Request-ID"] == "plain-1"
+    assert got.items() >= body.items()
+    if status >= 400:
+        assert got["request_id"] == "plain-1"
+    text = await (await client.get("/metrics")).text()
+    assert re.search(
+        rf'surge_http_requests_total{{method="GET",route="/test/plain",status="{status}"}} '
+        r"[1-9]",
+        text,
+    )
 
 
 async def test_metrics_use_route_templates_not_paths(aiohttp_client: Any, config: Config) -> None:

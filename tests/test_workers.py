@@ -185,6 +185,47 @@ def test_a_token_from_one_worker_verifies_on_the_other(instance: Instance) -> No
             assert json.loads(r.read())["email"] == "ann@example.com"
 
 
+def in_flight(url: str) -> float:
+    text = get(url + "/metrics")[1].decode()
+    m = re.search(r"^surge_http_requests_in_flight (\S+)$", text, re.M)
+    assert m is not None, text
+    return float(m.group(1))
+
+
+def test_an_open_stream_is_in_flight_on_every_workers_metrics(instance: Instance) -> None:
+    """Workers publish their in-flight count every second (not per request): a request held
+    open shows up within that, whichever worker answers the scrape, and leaves when it ends."""
+    body = json.dumps(
+        {
+            "tenant_name": "Streams",
+            "email": "bo@example.com",
+            "username": "bo",
+            "password": "correct horse battery",
+        }
+    ).encode()
+    req = urllib.request.Request(
+        instance.url + "/v1/auth/signup", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        token = json.loads(r.read())["access_token"]
+    assert in_flight(instance.url) == 0
+    stream = urllib.request.urlopen(
+        urllib.request.Request(
+            instance.url + "/v1/analytics/live", headers={"Authorization": f"Bearer {token}"}
+        ),
+        timeout=10,
+    )
+    try:
+        assert stream.status == 200
+        assert stream.readline() == b"retry: 2000\n"  # the handler is running
+        # scrapes on new connections: both workers answer some, each with the instance's figure
+        wait_for("the stream counted", lambda: in_flight(instance.url) == 1, instance, 5)
+        assert [in_flight(instance.url) for _ in range(6)] == [1] * 6
+    finally:
+        stream.close()
+    wait_for("the stream no longer counted", lambda: in_flight(instance.url) == 0, instance, 5)
+
+
 def test_a_killed_worker_is_replaced_and_requests_keep_succeeding(instance: Instance) -> None:
     before = children(instance.proc.pid)
     victim = min(before)
