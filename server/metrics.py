@@ -36,6 +36,8 @@ IN_FLIGHT_DOC = "Requests being handled now"
 # Budget is p99 <= 25 ms; the buckets are dense around it.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _LE = [floatToGoString(b) for b in LATENCY_BUCKETS]  # type: ignore[no-untyped-call]
+_FIRST_BOUND = LATENCY_BUCKETS[0]
+_SUM = len(LATENCY_BUCKETS) + 1  # RouteMeter.latency: the buckets, +Inf, then the sum
 
 
 class RouteMeter:
@@ -56,8 +58,10 @@ class RouteMeter:
 
     def finished(self, status: int, seconds: float) -> None:
         latency = self.latency
-        latency[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # le: the first bound >= seconds
-        latency[-1] += seconds
+        # le: the first bound >= seconds. Most answers take less than the first bound: one float
+        # comparison (~30 instructions) spares them the bisect call (~800; callgrind).
+        latency[0 if seconds <= _FIRST_BOUND else bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        latency[_SUM] += seconds  # a non-negative index: the interpreter's fast path for lists
         counts = self.counts
         counts[status] = counts.get(status, 0) + 1
 

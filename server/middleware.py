@@ -68,15 +68,17 @@ STREAM_PATHS = frozenset({"/v1/analytics/live"})
 
 
 # Request ids need to be unique, not unguessable: a random per-process prefix and a counter
-# cost a fraction of an os.urandom() system call per request. Counting from 2**44 keeps the
-# counter at 12 hex digits for 2.6e14 requests. The pipeline formats it inline: a function call
-# per request was measurable.
-_RID_PREFIX = os.urandom(6).hex()
-_rid_counter = itertools.count(1 << 44)
+# cost a fraction of an os.urandom() system call per request. The counter's 12 hex digits come
+# from itertools.product over two-digit strings, joined in C: formatting an int per request
+# (f"{prefix}{n:x}") cost 2.3k instructions, this 1.2k (callgrind). 16**12 ids: 89 years at
+# 100k requests/s.
+_HEX2 = [f"{i:02x}" for i in range(256)]
+_rids = map("".join, itertools.product((os.urandom(6).hex(),), *[_HEX2] * 6))
 
 
-class AccessLine(msgspec.Struct, omit_defaults=True):
-    """One access-log line; its fields are the line's keys, in this order."""
+class AccessLine(msgspec.Struct, omit_defaults=True, gc=False):
+    """One access-log line; its fields are the line's keys, in this order. Untracked by the
+    garbage collector: its fields are strings, numbers and None, which cannot make a cycle."""
 
     ts: float  # when the answer was done, seconds since the epoch
     msg: str  # always "request": tells these lines from the application's log lines
@@ -187,7 +189,7 @@ def pipeline(
             headers = request.headers
             rid = headers.get(X_REQUEST_ID)
             if rid is None or _RID.fullmatch(rid) is None:
-                rid = f"{_RID_PREFIX}{next(_rid_counter):x}"
+                rid = next(_rids)
             if keep_rid:
                 request[REQUEST_ID] = rid
             span = None if tracing is None else tracing.start_request(request, route, rid)

@@ -162,6 +162,17 @@ async def test_request_id(aiohttp_client: Any, config: Config, sent: str, echoed
         assert re.fullmatch(r"[0-9a-f]{24}", resp.headers["X-Request-ID"])
 
 
+async def test_generated_request_ids_count_up_behind_the_process_prefix(
+    aiohttp_client: Any, config: Config
+) -> None:
+    client = await aiohttp_client(make_app(config))
+    ids = [(await client.get(path)).headers["X-Request-ID"] for path in ("/healthz", "/nope") * 3]
+    assert all(re.fullmatch(r"[0-9a-f]{24}", rid) for rid in ids)
+    assert len({rid[:12] for rid in ids}) == 1  # one random prefix per process
+    counters = [int(rid[12:], 16) for rid in ids]
+    assert counters == list(range(counters[0], counters[0] + 6))
+
+
 async def test_ops_endpoints(aiohttp_client: Any, config: Config) -> None:
     client = await aiohttp_client(make_app(config))
     resp = await client.get("/healthz")
