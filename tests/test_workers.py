@@ -22,6 +22,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -160,12 +161,12 @@ def test_metrics_on_any_worker_report_the_whole_instance(instance: Instance) -> 
         assert re.search(r"^surge_db_pool_max\{pool=\"primary\"\} (\S+)$", text, re.M)
 
 
-def test_a_token_from_one_worker_verifies_on_the_other(instance: Instance) -> None:
+def signup(instance: Instance, tenant_name: str, username: str) -> dict[str, Any]:
     body = json.dumps(
         {
-            "tenant_name": "Workers",
-            "email": "ann@example.com",
-            "username": "ann",
+            "tenant_name": tenant_name,
+            "email": f"{username}@example.com",
+            "username": username,
             "password": "correct horse battery",
         }
     ).encode()
@@ -174,7 +175,12 @@ def test_a_token_from_one_worker_verifies_on_the_other(instance: Instance) -> No
     )
     with urllib.request.urlopen(req, timeout=10) as r:
         assert r.status == 201
-        signed = json.loads(r.read())
+        signed: dict[str, Any] = json.loads(r.read())
+    return signed
+
+
+def test_a_token_from_one_worker_verifies_on_the_other(instance: Instance) -> None:
+    signed = signup(instance, "Workers", "ann")
     for _ in range(12):  # new connections: both workers answer some
         req = urllib.request.Request(
             f"{instance.url}/v1/users/{signed['user']['id']}",
@@ -195,19 +201,7 @@ def in_flight(url: str) -> float:
 def test_an_open_stream_is_in_flight_on_every_workers_metrics(instance: Instance) -> None:
     """Workers publish their in-flight count every second (not per request): a request held
     open shows up within that, whichever worker answers the scrape, and leaves when it ends."""
-    body = json.dumps(
-        {
-            "tenant_name": "Streams",
-            "email": "bo@example.com",
-            "username": "bo",
-            "password": "correct horse battery",
-        }
-    ).encode()
-    req = urllib.request.Request(
-        instance.url + "/v1/auth/signup", data=body, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=10) as r:
-        token = json.loads(r.read())["access_token"]
+    token = signup(instance, "Streams", "bo")["access_token"]
     assert in_flight(instance.url) == 0
     stream = urllib.request.urlopen(
         urllib.request.Request(
