@@ -34,7 +34,6 @@ from bench.common import ROOT
 from bench.run import Server, make_servers, stop_server
 
 _EVENTS = re.compile(rb"Events +: ([\w ]+)")
-_COLLECTED = re.compile(rb"Collected : ([\d ,]+)")
 
 
 def _wait_up(proc: subprocess.Popen[bytes], url: str, log: Path, limit_s: float = 300) -> None:
@@ -104,38 +103,45 @@ def count(
             _ab(url, warmup)
             # valgrind runs the program in its own process: the pid is the server's
             _control(proc.pid, "on", env)
+            idle_from = time.monotonic()
             time.sleep(idle_s)
             _control(proc.pid, "dump", env)  # the idle part, in its own file; counters zeroed
             started = time.monotonic()
+            idle_s = started - idle_from  # the windows as the control commands bounded them
             _ab(url, n)
-            elapsed = time.monotonic() - started
             _control(proc.pid, "off", env)
+            elapsed = time.monotonic() - started
         finally:
             stop_server(proc)  # valgrind writes its count as the server exits
         if keep is not None:  # for callgrind_annotate: the counts by C function
             keep.mkdir(parents=True, exist_ok=True)
             shutil.copy(Path(tmp) / "callgrind.out", keep / f"callgrind.{server.name}.out")
-        text = log.read_bytes()
-        names, found = _EVENTS.search(text), _COLLECTED.search(text)
-        if names is None or found is None:
+        names = _EVENTS.search(log.read_bytes())
+        if names is None:
             raise SystemExit(f"valgrind reported no count:\n{log.read_text()[-2000:]}")
-        totals = [int(v.replace(b",", b"")) for v in found[1].split()]
-        idle = _totals(next(Path(tmp).glob("callgrind.out.*")))
+        events = names[1].decode().split()
+        # valgrind's own "Collected" line sums every part: the measured one is the last dump,
+        # written at exit (the idle part went to callgrind.out.1, and a dump zeroes the counts)
+        totals = _totals(Path(tmp) / "callgrind.out", len(events))
+        idle = _totals(next(Path(tmp).glob("callgrind.out.*")), len(events))
         scale = elapsed / idle_s
         figures = {
             name: (total - scale * quiet) / n
-            for name, total, quiet in zip(names[1].decode().split(), totals, idle, strict=True)
+            for name, total, quiet in zip(events, totals, idle, strict=True)
         }
         figures["bg"] = scale * idle[0] / n
         figures["raw"] = totals[0] / n
         return figures
 
 
-def _totals(dump: Path) -> list[int]:
-    """The event totals of one callgrind dump file."""
+def _totals(dump: Path, events: int) -> list[int]:
+    """The event totals of one callgrind dump file (trailing zeros are left out there). Its
+    "totals:" line, not "summary:": in the last part of a dumped run that one is garbage
+    (2**64 minus a little)."""
     for line in dump.read_text().splitlines():
-        if line.startswith(("totals:", "summary:")):
-            return [int(v) for v in line.split()[1:]]
+        if line.startswith("totals:"):
+            values = [int(v) for v in line.split()[1:]]
+            return values + [0] * (events - len(values))
     raise SystemExit(f"no totals in {dump}")
 
 
@@ -181,11 +187,10 @@ def main(argv: list[str] | None = None) -> int:
             " at the idle rate: that estimate varies by a few hundred between runs, the count by"
             " ~0.1 %: compare counts for A/B)"
         )
-        misses = "  ".join(
-            f"{k} {v:,.1f}" for k, v in events.items() if k not in ("Ir", "bg", "raw")
-        )
-        if misses:
-            print(f"{'':10s} cache misses per request: {misses}", flush=True)
+        if "D1mr" in events:
+            accesses = f"Dr {events['Dr']:,.0f}  Dw {events['Dw']:,.0f}"
+            misses = "  ".join(f"{k} {events[k]:,.1f}" for k in events if k[-2:] in ("mr", "mw"))
+            print(f"{'':10s} data reads/writes: {accesses}; cache misses: {misses}", flush=True)
     if "surge" in figures and "baseline" in figures:
         print(f"baseline / surge: {figures['baseline']['Ir'] / figures['surge']['Ir']:.3f}")
     return 0

@@ -267,8 +267,8 @@ async def live(request: web.Request) -> web.StreamResponse:
                 "Content-Type": "text/event-stream",
                 "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no",  # proxies must pass each message on at once
-                # The middleware adds these only to unprepared responses; this one is prepared
-                # here, so it carries them itself.
+                # The pipeline sets these on the response it gets back, when a stream has long
+                # sent its headers; this one is prepared here, so it carries them itself.
                 "X-Request-ID": request[REQUEST_ID],
                 **request.get(RATELIMIT_HEADERS, {}),
             }

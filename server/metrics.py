@@ -174,7 +174,8 @@ class PromHttpMetrics:
     def publish(self) -> None:
         """The in-flight count into this worker's shared file: every second, with the pool
         gauges (server/runner.py), instead of a gauge update (a lock and a file write) twice per
-        request."""
+        request. Not at a scrape: the scrape would count itself and leave that count behind
+        until the next tick (a single process's scrape does count itself)."""
         self.gauge.set(self.in_flight)
 
 

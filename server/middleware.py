@@ -38,9 +38,19 @@ PlainHandler = Callable[[web.Request], web.StreamResponse]
 
 
 def plain(handler: PlainHandler) -> Handler:
-    """A plain-function handler, for a route table typed for coroutine handlers (aiohttp's):
-    the pipeline tells the two apart when it wraps them."""
+    """Marks a plain-function handler, and types it for aiohttp's route table (which expects
+    coroutine functions). The pipeline refuses any other handler that is not a coroutine
+    function (a class-based view, a callable object): it would be called without an await."""
+    handler.__surge_plain__ = True  # type: ignore[attr-defined]
     return cast(Handler, handler)
+
+
+def _plain_or_none(handler: Handler | PlainHandler) -> PlainHandler | None:
+    if inspect.iscoroutinefunction(handler):
+        return None
+    if getattr(handler, "__surge_plain__", False):
+        return cast(PlainHandler, handler)
+    raise TypeError(f"{handler!r} is neither a coroutine function nor marked with plain()")
 
 
 log = logging.getLogger("surge")
@@ -165,9 +175,7 @@ def pipeline(
 
     def wrap(any_handler: Handler | PlainHandler, method: str, path: str) -> Handler:
         handler = cast(Handler, any_handler)
-        plain_handler = (
-            None if inspect.iscoroutinefunction(any_handler) else cast(PlainHandler, any_handler)
-        )
+        plain_handler = _plain_or_none(any_handler)
         unmatched = path == UNMATCHED
         route = "unmatched" if unmatched else path
         # A plain route's path is its template (aiohttp matched it by equality): the log line

@@ -144,9 +144,11 @@ async def serve_app(
         log.info("shutting down: draining for up to %ss", config.shutdown_grace_s)
         app[LIFECYCLE].draining = True
     finally:
-        for task in background:
-            task.cancel()
-        await runner.cleanup()
+        try:
+            await runner.cleanup()  # the gauges go on being published while requests drain
+        finally:
+            for task in background:
+                task.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     log.info("stopped")

@@ -237,6 +237,54 @@ async def test_plain_function_handlers_run_in_the_whole_pipeline(
     )
 
 
+def test_a_handler_that_is_neither_async_nor_plain_is_refused(config: Config) -> None:
+    """It would be called without an await: refused when the route is added, not at a request."""
+
+    def unmarked(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    with pytest.raises(TypeError, match="plain"):
+        add_routes(make_app(config), [web.get("/test/unmarked", unmarked)])  # type: ignore[arg-type]
+
+
+async def wait_in_flight(expected: int) -> None:
+    for _ in range(200):
+        if metrics.HTTP.in_flight == expected:
+            return
+        await asyncio.sleep(0.01)
+    assert metrics.HTTP.in_flight == expected
+
+
+async def test_in_flight_counts_every_way_a_request_ends(
+    aiohttp_client: Any, config: Config
+) -> None:
+    """Answered, refused by a handler, broken, shed, unknown, or abandoned by its client:
+    in flight while running, and not afterwards."""
+    gate = asyncio.Event()
+    app = make_app(dataclasses.replace(config, max_in_flight=1, shed_queue_timeout_ms=50), gate)
+    add_routes(app, [web.get("/test/broken", plain(plain_broken))])
+    client = await aiohttp_client(app)
+    start = metrics.HTTP.in_flight
+    for path, status in [("/healthz", 200), ("/test/broken", 500), ("/no/such", 404)]:
+        assert (await client.get(path)).status == status
+        assert metrics.HTTP.in_flight == start
+    gone_before = await slow_gone(client)
+    held = asyncio.create_task(client.get("/test/slow"))
+    await wait_in_flight(start + 1)
+    assert (await client.get("/test/slow")).status == 503  # shed: the one slot is taken
+    assert metrics.HTTP.in_flight == start + 1
+    held.cancel()  # the client goes away: the server's handler is cancelled
+    await wait_in_flight(start)
+    assert await slow_gone(client) == gone_before + 1  # recorded as 499
+    gate.set()
+
+
+async def slow_gone(client: TestClient[web.Request, web.Application]) -> float:
+    text = await (await client.get("/metrics")).text()
+    m = re.search(r'route="/test/slow",status="499"\} (\S+)$', text, re.M)
+    return float(m[1]) if m else 0.0
+
+
 async def test_metrics_use_route_templates_not_paths(aiohttp_client: Any, config: Config) -> None:
     client = await aiohttp_client(make_app(config))
     for i in range(3):
