@@ -53,8 +53,8 @@ class RouteMeter:
         self.method = method
         self.route = route
         self.counts: dict[int, int] = {}  # by status
-        # one count per bucket, then +Inf, then the sum of seconds
-        self.latency = [0.0] * (len(LATENCY_BUCKETS) + 2)
+        # one count per bucket, then +Inf, then the sum of seconds (at _SUM)
+        self.latency = [0.0] * (_SUM + 1)
 
     def finished(self, status: int, seconds: float) -> None:
         latency = self.latency
@@ -111,7 +111,7 @@ class HttpMetrics(Collector):
                 cumulative += in_bucket
                 buckets.append((le, cumulative))
             buckets.append(("+Inf", cumulative + counts[len(LATENCY_BUCKETS)]))
-            latency.add_metric([meter.method, meter.route], buckets, sum_value=counts[-1])
+            latency.add_metric([meter.method, meter.route], buckets, sum_value=counts[_SUM])
         yield requests
         yield latency
         yield GaugeMetricFamily("surge_http_requests_in_flight", IN_FLIGHT_DOC, self.in_flight)

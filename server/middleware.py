@@ -178,9 +178,10 @@ def pipeline(
         plain_handler = _plain_or_none(any_handler)
         unmatched = path == UNMATCHED
         route = "unmatched" if unmatched else path
-        # A plain route's path is its template (aiohttp matched it by equality): the log line
-        # takes the template instead of asking the request to decode its path again.
-        plain = "{" not in path
+        # A route without parameters matches one path, its template (aiohttp compared them for
+        # equality): the log line takes the template instead of asking the request to decode
+        # its path again.
+        fixed_path = "{" not in path
         meter = None if unmatched else route_meter(method, route)
         # Ops endpoints are never shed, rate limited or authenticated; POST /graphql is an API call
         # like any /v1 one (its handler charges the rest of a query's cost), while GET /graphql
@@ -236,20 +237,15 @@ def pipeline(
                         limits = await _rate_limit(request, principal)
                         if principal is None and not public:
                             _unauthorized(request)
-                        resp = (
-                            plain_handler(request)
-                            if plain_handler is not None
-                            else await handler(request)
-                        )
+                    resp = (
+                        plain_handler(request)
+                        if plain_handler is not None
+                        else await handler(request)
+                    )
+                    if is_api:
                         # A response the handler prepared itself (a stream) has sent its
                         # headers: these changes are then no-ops, cheaper than asking.
                         resp.headers.update(limits)
-                    else:
-                        resp = (
-                            plain_handler(request)
-                            if plain_handler is not None
-                            else await handler(request)
-                        )
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -282,7 +278,7 @@ def pipeline(
                     pending.append(
                         AccessLine(
                             end + access_log.wall, "request", req_meter.method, route,
-                            route if plain else request.path, status,
+                            route if fixed_path else request.path, status,
                             int(elapsed * 1_000_000) / 1000,  # round(x, 3) costs 3x more
                             rid, None if principal is None else principal.tenant_id, trace_id,
                         )
