@@ -309,7 +309,7 @@ def lib_bench(n: int) -> dict[str, float]:
     # graphql-core, the SDL Surge serves
     import graphql
 
-    from handlers.graphql_schema import SDL
+    from handlers.graphql.schema import SDL
 
     schema = graphql.build_schema(SDL)
 

@@ -296,8 +296,10 @@ async def _micro_mode(mode: str, calls: int, sink_url: str, devnull: io.Buffered
     from aiohttp.test_utils import make_mocked_request
 
     from db.gate import FairGate
-    from server import middleware
+    from server.access_log import AccessLog
+    from server.chain import Chain
     from server.config import Config
+    from server.routes import get
     from server.tracing import Tracing
 
     async def handler(request: web.Request) -> web.StreamResponse:
@@ -310,7 +312,7 @@ async def _micro_mode(mode: str, calls: int, sink_url: str, devnull: io.Buffered
     headers = {"traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"} if traced else {}
     request = make_mocked_request("GET", "/healthz", headers=headers, app=app)
     request._match_info = await app.router.resolve(request)  # the route, as aiohttp would
-    log = middleware.AccessLog(devnull)
+    log = AccessLog(devnull)
     gate = FairGate(512, 0.1)
     tracing = None
     if mode.startswith("on"):
@@ -321,7 +323,7 @@ async def _micro_mode(mode: str, calls: int, sink_url: str, devnull: io.Buffered
         tracing = Tracing(config)
         tracing.start()
     # the route's handler inside the chain, as server.app.add_routes registers it
-    wrapped = middleware.pipeline(log, gate, tracing)(handler, "GET", "/healthz")
+    wrapped = Chain(log, gate, tracing).wrap(get("/healthz", handler, ops=True), "GET")
     for _ in range(1000):  # warm-up
         await wrapped(request)
     t0 = time.process_time()  # every thread of the process: the exporter's too

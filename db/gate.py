@@ -11,11 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from types import TracebackType
-
-
-class GateTimeout(Exception):
-    """No slot became free within the timeout."""
 
 
 def _expire(fut: asyncio.Future[None]) -> None:
@@ -71,17 +66,3 @@ class FairGate:
                 fut.set_result(None)
                 return
         self._free += 1
-
-    async def __aenter__(self) -> None:
-        try:
-            await self.acquire()
-        except TimeoutError:
-            raise GateTimeout from None
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()

@@ -6,6 +6,9 @@ import os
 import time
 import uuid
 
+# A UUID in its canonical 36-character text form (any version); anchor it where it is used.
+UUID_RE = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+
 _last = 0
 
 

@@ -17,7 +17,7 @@ PgBouncer in front of many replicas, for the peak (docs/DEPLOY.md).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -25,7 +25,7 @@ import asyncpg
 import orjson
 from asyncpg import Connection, Record
 
-from db.gate import FairGate, GateTimeout
+from db.gate import FairGate
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
@@ -157,10 +157,6 @@ class Database:
             result: str = await con.execute(query, *args)
             return result
 
-    async def executemany(self, query: str, args: Sequence[Sequence[Any]]) -> None:
-        async with self.connection() as con:
-            await con.executemany(query, args)
-
     def stats(self) -> dict[str, int]:
         return {
             "size": len(self._all) + self._opening,
@@ -256,4 +252,4 @@ async def open_database(
     return db
 
 
-__all__ = ["Database", "Executor", "GateTimeout", "PoolTimeout", "open_database"]
+__all__ = ["Database", "Executor", "PoolTimeout", "open_database"]

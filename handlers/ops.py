@@ -13,9 +13,9 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from handlers.api import SPEC
 from server import metrics
 from server.keys import LIFECYCLE, PG, REDIS
-from server.openapi import SPEC
 
 _HEALTHY = orjson.dumps({"status": "ok"})
 _PROBE_TIMEOUT_S = 1.0

@@ -7,36 +7,32 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable
 
 from aiohttp import web
+from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
 
 import handlers
 from db.gate import FairGate
 from db.pool import open_database
-from handlers import analytics, events, order_saga, relay
-from handlers.passwords import Hasher
-from handlers.user_cache import UserCache
-from handlers.users import ViewMemo
 from server import metrics
+from server.access_log import AccessLog
+from server.chain import UNMATCHED, Chain
 from server.config import Config
-from server.keys import (
-    CONFIG,
-    HASHER,
-    LIFECYCLE,
-    LIMITER,
-    PG,
-    PG_READ,
-    PIPELINE,
-    REDIS,
-    TRACING,
-    USER_CACHE,
-    USER_VIEWS,
-)
-from server.middleware import UNMATCHED, AccessLog, pipeline, unmatched
+from server.keys import CONFIG, LIFECYCLE, LIMITER, PG, PG_READ, REDIS, TRACING
 from server.ratelimit import LocalLimiter, RedisLimiter
+from server.routes import Route
 from server.state import Lifecycle
 from server.tokens import TOKENS, TokenService
-from server.tracing import Tracing, instrument_redis, tracer_of
-from server.validation import compile_all
+from server.tracing import Tracing, instrument_redis
+from server.validation import VALIDATORS, Validators
+
+# The chain that wraps each route's handler; add_routes reads it.
+CHAIN = web.AppKey("chain", Chain)
+
+
+def tracer_of(app: web.Application) -> Tracer | None:
+    """The app's tracer once its Tracing has started, else None (tracing off)."""
+    tracing = app.get(TRACING)
+    return tracing.tracer if tracing is not None else None
 
 
 async def _postgres(app: web.Application) -> AsyncIterator[None]:
@@ -94,21 +90,6 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
         await asyncio.wait({closing}, timeout=2.0)
 
 
-async def _hasher(app: web.Application) -> AsyncIterator[None]:
-    app[HASHER] = Hasher(app[CONFIG].hash_concurrency)
-    try:
-        yield
-    finally:
-        app[HASHER].close()
-
-
-async def _user_cache(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG]
-    app[USER_CACHE] = UserCache(app[REDIS], config.redis_key_prefix, config.user_cache_ttl_s)
-    app[USER_VIEWS] = ViewMemo(config.user_view_memo)
-    yield
-
-
 async def _limiter(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     if config.rate_limit_backend == "redis":
@@ -133,13 +114,13 @@ def _flushed_at_exit(access_log: AccessLog) -> Callable[[web.Application], Async
 
 
 def create_app(config: Config, *, access_log: AccessLog | None = None) -> web.Application:
-    compile_all()
     if access_log is None and config.access_log:
         access_log = AccessLog()
     tracing = Tracing(config) if config.otel_exporter_otlp_endpoint else None
     app = web.Application(client_max_size=config.max_body_bytes)
     app[CONFIG] = config
-    app[PIPELINE] = pipeline(
+    app[VALIDATORS] = Validators(handlers.SPEC["components"]["schemas"])
+    app[CHAIN] = Chain(
         access_log, FairGate(config.max_in_flight, config.shed_queue_timeout_ms / 1000), tracing
     )
     app[LIFECYCLE] = Lifecycle()
@@ -149,32 +130,23 @@ def create_app(config: Config, *, access_log: AccessLog | None = None) -> web.Ap
     if tracing is not None:  # before the pools: they trace with it; flushed after they close
         app[TRACING] = tracing
         app.cleanup_ctx.append(tracing.ctx)
-    app.cleanup_ctx.extend([_postgres, _redis, _limiter, _hasher, _user_cache])
-    # After the pools: closed in reverse, the writer commits what is pending before they close.
-    app.cleanup_ctx.extend(
-        [
-            events.partitions_ctx,
-            events.counters_ctx,
-            events.writer_ctx,
-            analytics.live_ctx,
-            relay.relay_ctx,
-            relay.consumer_ctx,
-            order_saga.payments_ctx,
-        ]
-    )
+    app.cleanup_ctx.extend([_postgres, _redis, _limiter])
+    # After the pools, in the URL map's order: closed in reverse, so a domain's workers finish
+    # (the event writer commits what is pending) before the pools close.
+    for contexts in handlers.contexts:
+        app.cleanup_ctx.extend(contexts)
     add_routes(app, handlers.routes)
     # Last, so every route is tried before it (aiohttp tries the longest path prefix first).
-    app.router.add_route("*", UNMATCHED, app[PIPELINE](unmatched, "*", UNMATCHED))
+    app.router.add_route("*", UNMATCHED, app[CHAIN].unmatched())
     return app
 
 
-def add_routes(app: web.Application, routes: Iterable[web.RouteDef]) -> None:
-    """Each route's handler inside the pipeline (server/middleware.py), labelled by its path
-    template; GET routes answer HEAD too, as aiohttp's add_get does."""
-    wrap = app[PIPELINE]
+def add_routes(app: web.Application, routes: Iterable[Route]) -> None:
+    """Each route's handler inside the chain (server/chain.py); GET routes answer HEAD too."""
+    chain = app[CHAIN]
     for route in routes:
         resource = app.router.add_resource(route.path)
-        if route.method == "GET" and route.kwargs.get("allow_head", True):
+        if route.method == "GET":
             # its own wrapper: a wrapper knows its method (the metrics' and log's label)
-            resource.add_route("HEAD", wrap(route.handler, "HEAD", resource.canonical))
-        resource.add_route(route.method, wrap(route.handler, route.method, resource.canonical))
+            resource.add_route("HEAD", chain.wrap(route, "HEAD"))
+        resource.add_route(route.method, chain.wrap(route, route.method))

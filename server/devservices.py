@@ -216,7 +216,3 @@ def tcp_reachable(host: str, port: int, timeout: float = 0.5) -> bool:
             return True
     except OSError:
         return False
-
-
-def data_dir_default() -> Path:
-    return Path(os.environ.get("DATA_DIR", ".surge"))

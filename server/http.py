@@ -117,3 +117,11 @@ def page(items: list[Any], limit: int, last_id: uuid.UUID | None) -> dict[str, A
         "items": items[:limit],
         "next_cursor": encode_cursor(last_id) if has_more and last_id is not None else None,
     }
+
+
+def client_ip(request: web.Request, trust_forwarded_for: bool) -> str:
+    if trust_forwarded_for:
+        fwd = request.headers.get("X-Forwarded-For")
+        if fwd:
+            return fwd.split(",", 1)[0].strip()
+    return request.remote or "unknown"

@@ -7,9 +7,14 @@ keep them within the JSON Schema subset fastjsonschema understands (draft-07 key
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from typing import Any
 
+from db.ids import UUID_RE
+
 Json = dict[str, Any]
+
+UUID_PATTERN = f"^{UUID_RE}$"
 
 
 def ref(name: str) -> Json:
@@ -92,7 +97,8 @@ def op(
     return out
 
 
-SCHEMAS: Json = {
+# The schema every error answer shares; the document always has it.
+PROBLEM_SCHEMAS: Json = {
     "Problem": {
         "type": "object",
         "description": "RFC 9457 problem details",
@@ -113,134 +119,57 @@ SCHEMAS: Json = {
             },
         },
     },
-    "Health": {
-        "type": "object",
-        "required": ["status"],
-        "properties": {"status": {"type": "string", "enum": ["ok"]}},
-    },
-    "Readiness": {
-        "type": "object",
-        "required": ["status", "checks"],
-        "properties": {
-            "status": {"type": "string", "enum": ["ready", "unavailable", "draining"]},
-            "checks": {
-                "type": "object",
-                "properties": {
-                    "postgres": {"type": "string", "enum": ["ok", "error"]},
-                    "redis": {"type": "string", "enum": ["ok", "error"]},
-                },
+}
+
+
+def document(sections: Iterable[tuple[Json, Json]]) -> Json:
+    """The OpenAPI document from each part's (paths, schemas), in order; a schema defined
+    twice is a mistake and refused."""
+    paths: Json = {}
+    schemas: Json = dict(PROBLEM_SCHEMAS)
+    for section_paths, section_schemas in sections:
+        for name in section_schemas:
+            if name in schemas:
+                raise ValueError(f"schema {name} defined twice")
+        schemas.update(section_schemas)
+        for path, ops in section_paths.items():
+            paths.setdefault(path, {}).update(ops)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Surge API",
+            "version": "1.0.0",
+            "description": (
+                "Multi-tenant JSON API. Errors are application/problem+json (RFC 9457); lists "
+                "use keyset pagination (`limit`, `cursor` -> `next_cursor`); every /v1 response "
+                "carries RateLimit-* headers."
+            ),
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
             },
         },
-    },
-}
-
-PATHS: Json = {
-    "/healthz": {
-        "get": op(
-            "Liveness: 200 while the process runs",
-            "ops",
-            {"200": json_content("Alive", ref("Health"))},
-            auth=False,
-            ratelimited=False,
-        )
-    },
-    "/readyz": {
-        "get": op(
-            "Readiness: PostgreSQL and Redis answer and the process is not draining",
-            "ops",
-            {
-                "200": json_content("Ready", ref("Readiness")),
-                "503": json_content(
-                    "Not ready; `checks` says which dependency failed", ref("Readiness")
-                ),
-            },
-            auth=False,
-            ratelimited=False,
-        )
-    },
-    "/metrics": {
-        "get": op(
-            "Prometheus text exposition",
-            "ops",
-            {
-                "200": {
-                    "description": "Metrics",
-                    "content": {"text/plain": {"schema": {"type": "string"}}},
-                }
-            },
-            auth=False,
-            ratelimited=False,
-        )
-    },
-    "/openapi.json": {
-        "get": op(
-            "This document",
-            "ops",
-            {"200": json_content("OpenAPI 3.1", {"type": "object"})},
-            auth=False,
-            ratelimited=False,
-        )
-    },
-    "/docs": {
-        "get": op(
-            "A browsable API reference rendered from this document",
-            "ops",
-            {
-                "200": {
-                    "description": "HTML",
-                    "content": {"text/html": {"schema": {"type": "string"}}},
-                }
-            },
-            auth=False,
-            ratelimited=False,
-        )
-    },
-}
-
-SPEC: Json = {
-    "openapi": "3.1.0",
-    "info": {
-        "title": "Surge API",
-        "version": "1.0.0",
-        "description": (
-            "Multi-tenant JSON API. Errors are application/problem+json (RFC 9457); lists use "
-            "keyset pagination (`limit`, `cursor` -> `next_cursor`); every /v1 response carries "
-            "RateLimit-* headers."
-        ),
-    },
-    "paths": PATHS,
-    "components": {
-        "schemas": SCHEMAS,
-        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
-    },
-}
+    }
 
 
-def register(paths: Json, schemas: Json) -> None:
-    """Domain modules add their paths and schemas at import time."""
-    for name in schemas:
-        if name in SCHEMAS:
-            raise ValueError(f"schema {name} defined twice")
-    SCHEMAS.update(schemas)
-    for path, ops in paths.items():
-        PATHS.setdefault(path, {}).update(ops)
-
-
-def _resolve(node: Any, seen: tuple[str, ...]) -> Any:
+def _resolve(schemas: Json, node: Any, seen: tuple[str, ...]) -> Any:
     if isinstance(node, dict):
         target = node.get("$ref")
         if isinstance(target, str):
             name = target.rsplit("/", 1)[-1]
             if name in seen:
                 raise ValueError(f"recursive schema {name}")
-            return _resolve(SCHEMAS[name], (*seen, name))
-        return {k: _resolve(v, seen) for k, v in node.items()}
+            return _resolve(schemas, schemas[name], (*seen, name))
+        return {k: _resolve(schemas, v, seen) for k, v in node.items()}
     if isinstance(node, list):
-        return [_resolve(v, seen) for v in node]
+        return [_resolve(schemas, v, seen) for v in node]
     return node
 
 
-def resolved_schema(name: str) -> Json:
-    """components.schemas[name] with every $ref inlined (fastjsonschema wants one document)."""
-    out: Json = _resolve(SCHEMAS[name], (name,))
+def resolved_schema(schemas: Json, name: str) -> Json:
+    """schemas[name] with every $ref inlined (fastjsonschema wants one document)."""
+    out: Json = _resolve(schemas, schemas[name], (name,))
     return out

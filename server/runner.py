@@ -33,11 +33,11 @@ from aiohttp import web
 
 from db.migrate import migrate
 from server import metrics
+from server.access_log import AccessLog
 from server.app import create_app
 from server.config import Config
 from server.devservices import DevServiceError, EmbeddedServices
 from server.keys import LIFECYCLE
-from server.middleware import AccessLog
 from server.tls import server_context
 
 log = logging.getLogger("surge")

@@ -211,14 +211,6 @@ def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) ->
         fut.set_result(result)
 
 
-def tracer_of(app: web.Application) -> Tracer | None:
-    """The app's tracer once its Tracing has started, else None (tracing off)."""
-    from server.keys import TRACING  # server.keys imports handlers, which import this module
-
-    tracing = app.get(TRACING)
-    return tracing.tracer if tracing is not None else None
-
-
 class ClientSpan:
     """What `client_span` yields: record the answer's status with `set_status`."""
 
@@ -332,5 +324,4 @@ __all__ = [
     "client_span",
     "instrument_redis",
     "trace_id_of",
-    "tracer_of",
 ]

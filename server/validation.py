@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from functools import cache
 from typing import Any
 
 import fastjsonschema
@@ -13,22 +12,33 @@ import orjson
 from aiohttp import web
 
 from server.errors import ApiError, BadRequest, ValidationFailed
-from server.openapi import SPEC, resolved_schema
+from server.openapi import Json, resolved_schema
 
 
 class UnsupportedMediaType(ApiError):
     status, slug, title = 415, "unsupported-media-type", "Unsupported Media Type"
 
 
-@cache
-def validator(schema_name: str) -> Callable[[Any], Any]:
-    return fastjsonschema.compile(resolved_schema(schema_name), detailed_exceptions=True)
+class Validators:
+    """A validator per schema (an OpenAPI document's components.schemas), all compiled up
+    front: a broken schema fails the boot, not a request."""
+
+    def __init__(self, schemas: Json) -> None:
+        self._compiled: dict[str, Callable[[Any], Any]] = {
+            name: fastjsonschema.compile(resolved_schema(schemas, name), detailed_exceptions=True)
+            for name in schemas
+        }
+
+    def validate(self, schema_name: str, data: Any) -> Any:
+        """`data` if it matches components.schemas[schema_name], else ValidationFailed naming
+        each offending field."""
+        try:
+            return self._compiled[schema_name](data)
+        except fastjsonschema.JsonSchemaValueException as exc:
+            raise ValidationFailed(_errors(exc)) from None
 
 
-def compile_all() -> None:
-    """Compile every request schema at start-up: a broken schema fails the boot, not a request."""
-    for name in SPEC["components"]["schemas"]:
-        validator(name)
+VALIDATORS = web.AppKey("validators", Validators)
 
 
 def _field(path: list[str]) -> str:
@@ -69,13 +79,6 @@ def _errors(exc: fastjsonschema.JsonSchemaValueException) -> list[dict[str, str]
     return [{"field": base, "message": message}]
 
 
-def validate(schema_name: str, data: Any) -> Any:
-    try:
-        return validator(schema_name)(data)
-    except fastjsonschema.JsonSchemaValueException as exc:
-        raise ValidationFailed(_errors(exc)) from None
-
-
 async def read_json(request: web.Request, schema_name: str) -> dict[str, Any]:
     """The request body, parsed and validated against components.schemas[schema_name]."""
     ctype = request.content_type
@@ -88,7 +91,7 @@ async def read_json(request: web.Request, schema_name: str) -> dict[str, Any]:
         raise BadRequest(f"malformed JSON: {exc.args[0] if exc.args else 'parse error'}") from None
     # Validation messages name fields and rules, never values, so a card number in a field of
     # the wrong shape is already refused without being repeated.
-    result: dict[str, Any] = validate(schema_name, data)
+    result: dict[str, Any] = request.app[VALIDATORS].validate(schema_name, data)
     # Card data never enters Surge (PCI DSS scope stays with the payment provider).
     if _DIGIT_RUN.search(raw):
         path = _card_path(result, "")

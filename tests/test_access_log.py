@@ -10,9 +10,9 @@ from typing import Any
 import orjson
 import pytest
 
+from server.access_log import AccessLog
 from server.app import create_app
 from server.config import Config
-from server.middleware import AccessLog
 
 from .conftest import configured
 from .helpers import signup

@@ -15,10 +15,11 @@ import pytest
 from aiohttp import ClientResponse
 from redis.asyncio import Redis
 
-from handlers.analytics import CountsQuery, bucket_counts
+from handlers.events.analytics import CountsQuery, bucket_counts
+from handlers.events.keys import EVENT_COUNTERS, LIVE_HUB
 from server.app import create_app
 from server.config import Config
-from server.keys import EVENT_COUNTERS, LIFECYCLE, LIVE_HUB, PG_READ
+from server.keys import LIFECYCLE, PG_READ
 from server.runner import free_port
 
 from .helpers import signup

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
+from handlers import SPEC
 from server.app import create_app
 from server.config import Config
-from server.openapi import SPEC
 
 CHROMIUM = "/usr/bin/chromium"
 

@@ -50,11 +50,14 @@ def test_never_more_than_capacity_at_once(capacity: int, workers: int) -> None:
 
         async def worker() -> None:
             nonlocal active, peak
-            async with gate:
+            await gate.acquire()
+            try:
                 active += 1
                 peak = max(peak, active)
                 await asyncio.sleep(0.001)
                 active -= 1
+            finally:
+                gate.release()
 
         await asyncio.gather(*(worker() for _ in range(workers)))
         assert gate.in_use == 0

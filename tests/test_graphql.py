@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from handlers.graphql import sdl
+from handlers.graphql.routes import sdl
 from server.app import create_app
 from server.config import Config
 from server.keys import PG, PG_READ
@@ -592,7 +592,7 @@ def _type_fields() -> dict[str, dict[str, str]]:
     """Object type -> field -> named type, from the served schema."""
     from graphql import GraphQLObjectType, get_named_type
 
-    from handlers.graphql_schema import SCHEMA
+    from handlers.graphql.schema import SCHEMA
 
     out: dict[str, dict[str, str]] = {}
     for name, t in SCHEMA.type_map.items():
@@ -662,7 +662,7 @@ async def test_generated_queries_never_produce_a_5xx(aiohttp_client: Any, config
 def test_the_readme_examples_are_valid_queries() -> None:
     from graphql import parse, validate
 
-    from handlers.graphql_schema import SCHEMA
+    from handlers.graphql.schema import SCHEMA
 
     from .conftest import ROOT
 

@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 from argon2 import PasswordHasher
 
-from handlers.passwords import Hasher
+from handlers.identity.passwords import Hasher
 from server.app import create_app
 from server.config import Config
 

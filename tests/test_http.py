@@ -20,7 +20,7 @@ from server.app import add_routes, create_app
 from server.config import Config
 from server.errors import NotFound
 from server.keys import LIFECYCLE
-from server.middleware import plain
+from server.routes import get, post
 from server.runner import free_port, serve_app
 from server.validation import read_json
 
@@ -42,7 +42,7 @@ def make_app(config: Config, gate: asyncio.Event | None = None) -> web.Applicati
             await asyncio.sleep(0.5)
         return web.json_response({"slow": True})
 
-    add_routes(app, [web.post("/test/echo", echo), web.get("/test/slow", slow)])
+    add_routes(app, [post("/test/echo", echo, page=True), get("/test/slow", slow, page=True)])
     return app
 
 
@@ -220,7 +220,7 @@ async def test_plain_function_handlers_run_in_the_whole_pipeline(
     """A handler may be a plain function (no coroutine of its own): the pipeline gives its
     answer, or its exception as problem+json, with the request id and metrics of any other."""
     app = make_app(config)
-    add_routes(app, [web.get("/test/plain", plain(handler))])
+    add_routes(app, [get("/test/plain", handler, page=True, plain=True)])
     client = await aiohttp_client(app)
     resp = await client.get("/test/plain", headers={"X-Request-ID": "plain-1"})
     got = await resp.json()
@@ -244,7 +244,7 @@ def test_a_handler_that_is_neither_async_nor_plain_is_refused(config: Config) ->
         return web.json_response({})
 
     with pytest.raises(TypeError, match="plain"):
-        add_routes(make_app(config), [web.get("/test/unmarked", unmarked)])  # type: ignore[arg-type]
+        add_routes(make_app(config), [get("/test/unmarked", unmarked)])
 
 
 async def wait_in_flight(expected: int) -> None:
@@ -262,7 +262,7 @@ async def test_in_flight_counts_every_way_a_request_ends(
     in flight while running, and not afterwards."""
     gate = asyncio.Event()
     app = make_app(dataclasses.replace(config, max_in_flight=1, shed_queue_timeout_ms=50), gate)
-    add_routes(app, [web.get("/test/broken", plain(plain_broken))])
+    add_routes(app, [get("/test/broken", plain_broken, page=True, plain=True)])
     client = await aiohttp_client(app)
     start = metrics.HTTP.in_flight
     for path, status in [("/healthz", 200), ("/test/broken", 500), ("/no/such", 404)]:

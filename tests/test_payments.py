@@ -15,9 +15,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from bench.fake_provider import FakeProvider, sign
+from handlers.orders.keys import PAYMENTS
 from server.app import create_app
 from server.config import Config
-from server.keys import PAYMENTS
 
 from .helpers import Actor, add_user, signup
 

@@ -12,6 +12,7 @@ from server.app import add_routes, create_app
 from server.config import Config
 from server.keys import PG
 from server.ratelimit import LocalLimiter
+from server.routes import get
 from server.runner import free_port
 
 PATH = "/v1/no-such-thing"  # rate limited like every /v1 route, answers 404
@@ -115,7 +116,7 @@ async def test_pool_exhaustion_is_503_not_a_hang(aiohttp_client: Any, config: Co
     async def query(request: web.Request) -> web.Response:
         return web.json_response({"one": await request.app[PG].fetchval("SELECT 1")})
 
-    add_routes(app, [web.get("/test/hold", hold), web.get("/test/query", query)])
+    add_routes(app, [get("/test/hold", hold, page=True), get("/test/query", query, page=True)])
     client = await aiohttp_client(app)
     holder = asyncio.create_task(client.get("/test/hold"))
     await asyncio.sleep(0.1)

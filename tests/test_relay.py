@@ -21,7 +21,13 @@ from redis.asyncio import Redis
 
 from db import outbox
 from db.pool import Database, open_database
-from handlers.relay import IDLE_MAX_S, OutboxRelay, UserEventsConsumer, next_pause, stream_key
+from handlers.events.relay import (
+    IDLE_MAX_S,
+    OutboxRelay,
+    UserEventsConsumer,
+    next_pause,
+    stream_key,
+)
 from server import metrics
 from server.app import create_app
 from server.config import Config
@@ -169,7 +175,7 @@ _KILLED_RELAY = """
 import asyncio, sys
 from redis.asyncio import Redis
 from db.pool import open_database
-from handlers.relay import OutboxRelay
+from handlers.events.relay import OutboxRelay
 
 async def main(dsn, redis_url, stream):
     pg = await open_database(dsn, min_size=1, max_size=2, acquire_timeout=5, command_timeout=60)

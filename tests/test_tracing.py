@@ -26,10 +26,10 @@ from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from server import tracing
-from server.app import create_app
+from server.access_log import AccessLog
+from server.app import create_app, tracer_of
 from server.config import Config
 from server.keys import PG, REDIS, TRACING
-from server.middleware import AccessLog
 
 from .conftest import configured
 from .helpers import add_user, signup
@@ -205,7 +205,7 @@ async def test_client_span_unsampled_parent_and_errors(
     _, fresh_trace, fresh_span, flags = fresh.headers["traceparent"].split("-")
     assert int(flags, 16) & 1  # sampled (03: also W3C level 2's "random trace id" flag)
 
-    tracer = tracing.tracer_of(client.app)
+    tracer = tracer_of(client.app)
     assert tracer is not None
     headers: dict[str, str] = {"Content-Type": "application/json"}
     with (
@@ -295,7 +295,7 @@ async def test_off_builds_nothing_and_logs_the_incoming_trace_id(
     # No span of our own, so nothing to answer (echoing the caller's would name its span as ours).
     assert "traceparent" not in traced.headers
     assert TRACING not in client.app
-    assert tracing.tracer_of(client.app) is None
+    assert tracer_of(client.app) is None
     assert client.app[PG].connection_class is asyncpg.Connection
     assert "execute_command" not in vars(client.app[REDIS])
     assert not any(t.name.startswith("OtelBatch") for t in threading.enumerate())

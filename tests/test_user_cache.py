@@ -89,7 +89,7 @@ async def test_every_write_refreshes_the_entry(
 async def test_a_stale_fill_never_overwrites_a_newer_entry(
     aiohttp_client: Any, config: Config
 ) -> None:
-    from server.keys import USER_CACHE
+    from handlers.identity.keys import USER_CACHE
 
     app = create_app(config)
     client = await aiohttp_client(app)
@@ -159,7 +159,7 @@ async def test_another_tenants_id_is_not_served_from_cache(
 
 
 async def test_gets_in_one_iteration_leave_as_one_mget(config: Config) -> None:
-    from handlers.user_cache import GetBatcher
+    from handlers.identity.cache import GetBatcher
 
     r = aioredis.Redis.from_url(config.redis_url or "")
     prefix = config.redis_key_prefix
@@ -187,7 +187,7 @@ async def test_gets_in_one_iteration_leave_as_one_mget(config: Config) -> None:
 async def test_a_failed_mget_fails_every_waiter(config: Config) -> None:
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    from handlers.user_cache import GetBatcher
+    from handlers.identity.cache import GetBatcher
 
     r = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
     batcher = GetBatcher(r)

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from handlers.identity_api import SCHEMAS
+from handlers.identity.api import SCHEMAS
 from server.app import create_app
 from server.config import Config
 from tests.helpers import PASSWORD, Actor, add_user, signup

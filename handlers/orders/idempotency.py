@@ -23,7 +23,7 @@ from aiohttp import web
 from asyncpg import Connection
 
 from db import payments
-from handlers import rbac
+from server import rbac
 from server.errors import Conflict, ValidationFailed
 from server.keys import PG
 

@@ -3,8 +3,7 @@ validators)."""
 
 from __future__ import annotations
 
-from handlers.identity_api import UUID_PATTERN
-from server.openapi import Json, json_content, op, problem, query_param, ref, register
+from server.openapi import UUID_PATTERN, Json, json_content, op, problem, query_param, ref
 
 STR_UUID = {"type": "string", "format": "uuid"}
 DATE = {"type": "string", "format": "date-time"}
@@ -321,5 +320,3 @@ PATHS: Json = {
         )
     },
 }
-
-register(PATHS, SCHEMAS)

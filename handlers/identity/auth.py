@@ -18,12 +18,12 @@ from asyncpg import Connection
 
 from db import audit, tokens, users
 from db.ids import parse_uuid, uuid7
-from handlers.users import user_body, user_view
+from handlers.identity.keys import HASHER, USER_CACHE
+from handlers.identity.users import user_body, user_view
 from server import metrics
 from server.errors import TooManyRequests, Unauthorized
-from server.http import json_response, timestamp
-from server.keys import CONFIG, HASHER, LIMITER, PG, RATELIMIT_HEADERS, REQUEST_ID, USER_CACHE
-from server.middleware import client_ip
+from server.http import client_ip, json_response, timestamp
+from server.keys import CONFIG, LIMITER, PG, RATELIMIT_HEADERS, REQUEST_ID
 from server.tokens import TOKENS
 from server.validation import read_json
 

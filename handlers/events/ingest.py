@@ -31,33 +31,24 @@ from redis.exceptions import RedisError
 
 from db import events, outbox
 from db.events import MinuteCounts, pg_micros
+from db.ids import UUID_RE
 from db.pool import Database
-from handlers import rbac
-from server import metrics
+from handlers.events.api import MAX_EVENTS, MAX_PROPS_BYTES, MAX_PROPS_KEYS, NAME_RE, SCHEMAS, TS_RE
+from handlers.events.keys import EVENT_COUNTERS, EVENT_WRITER
+from server import metrics, rbac
 from server.errors import BadRequest, ServiceUnavailable, ValidationFailed
 from server.http import raw_json_response
-from server.keys import CONFIG, EVENT_COUNTERS, EVENT_WRITER, PG, REDIS
-from server.validation import UnsupportedMediaType, validate
+from server.keys import CONFIG, PG, REDIS
+from server.validation import UnsupportedMediaType, Validators
 
 log = logging.getLogger("surge.events")
 
-MAX_EVENTS = 1000
-MAX_PROPS_BYTES = 2048
-MAX_PROPS_KEYS = 50
 MAX_SKEW = timedelta(hours=24)
-# Unanchored, for fullmatch here; the schema (events_api.py) anchors them with ^...$, which
-# fastjsonschema applies to the whole string as JSON Schema means (Python's $ alone would also
-# accept a trailing newline).
-NAME_RE = r"[A-Za-z][A-Za-z0-9_.:-]{0,63}"
-TS_RE = (
-    r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T([01]\d|2[0-3]):[0-5]\d:[0-5]\d"
-    r"(\.\d{1,9})?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)"
-)
-UUID_RE = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 
 _NAME = re.compile(NAME_RE)
 _TS = re.compile(TS_RE)
 _UUID = re.compile(UUID_RE)
+_SCHEMAS = Validators(SCHEMAS)
 _EMPTY_PROPS = b"\x01{}"  # binary jsonb: a version byte, then the JSON text
 
 # Partitions exist from yesterday (ts may be 24 h old) to three days ahead, so ingestion keeps
@@ -199,7 +190,7 @@ def _has_nul(value: Any) -> bool:
 
 
 def _refuse(data: Any) -> NoReturn:
-    validate("EventBatch", data)  # raises with the schema's own field path when it applies
+    _SCHEMAS.validate("EventBatch", data)  # raises with the schema's own field path when it applies
     now = datetime.now(UTC)
     errors = []
     for i, event in enumerate(data["events"]):

@@ -22,11 +22,12 @@ import orjson
 from aiohttp import web
 
 from db import payments
-from handlers import order_saga
+from handlers.orders import saga as order_saga
+from handlers.orders.keys import PAYMENTS
 from server import metrics
 from server.errors import BadRequest, ServiceUnavailable
 from server.http import json_response
-from server.keys import CONFIG, PAYMENTS, PG
+from server.keys import CONFIG, PG
 
 log = logging.getLogger("surge.payments")
 

@@ -34,8 +34,8 @@ from db import users as users_db
 from db.ids import parse_uuid
 from db.orders import list_orders
 from db.pool import Database
-from handlers.graphql_loaders import Loaders, Node, order_node, user_node
-from handlers.users import _prefix_pattern
+from handlers.graphql.loaders import Loaders, Node, order_node, user_node
+from handlers.identity.users import _prefix_pattern
 from server.http import encode_cursor, parse_cursor
 
 MAX_PAGE = 200  # as REST's ?limit=

@@ -26,12 +26,13 @@ from redis.exceptions import RedisError
 
 from db import events
 from db.pool import Database
-from handlers import rbac
-from handlers.events import MINUTE_WINDOW_S, NAME_RE, minute_key, parse_ts, second_key
-from server import metrics
+from handlers.events.api import NAME_RE
+from handlers.events.ingest import MINUTE_WINDOW_S, minute_key, parse_ts, second_key
+from handlers.events.keys import LIVE_HUB
+from server import metrics, rbac
 from server.errors import ServiceUnavailable, ValidationFailed
 from server.http import json_response, timestamp
-from server.keys import CONFIG, LIFECYCLE, LIVE_HUB, PG_READ, RATELIMIT_HEADERS, REDIS, REQUEST_ID
+from server.keys import CONFIG, LIFECYCLE, PG_READ, RATELIMIT_HEADERS, REDIS, REQUEST_ID
 from server.state import Lifecycle
 
 log = logging.getLogger("surge.analytics")

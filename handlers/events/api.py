@@ -3,8 +3,20 @@ validator that names the offending field when POST /v1/events refuses a body."""
 
 from __future__ import annotations
 
-from handlers.events import MAX_EVENTS, MAX_PROPS_BYTES, MAX_PROPS_KEYS, NAME_RE, TS_RE, UUID_RE
-from server.openapi import Json, json_content, op, problem, query_param, ref, register
+from db.ids import UUID_RE
+from server.openapi import Json, json_content, op, problem, query_param, ref
+
+MAX_EVENTS = 1000
+MAX_PROPS_BYTES = 2048
+MAX_PROPS_KEYS = 50
+# Unanchored, for fullmatch in ingest.py; the schemas below anchor them with ^...$, which
+# fastjsonschema applies to the whole string as JSON Schema means (Python's $ alone would also
+# accept a trailing newline).
+NAME_RE = r"[A-Za-z][A-Za-z0-9_.:-]{0,63}"
+TS_RE = (
+    r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T([01]\d|2[0-3]):[0-5]\d:[0-5]\d"
+    r"(\.\d{1,9})?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)"
+)
 
 EVENT_NAME = {
     "type": "string",
@@ -134,5 +146,3 @@ PATHS: Json = {
         )
     },
 }
-
-register(PATHS, SCHEMAS)

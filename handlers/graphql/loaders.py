@@ -20,9 +20,9 @@ from uuid import UUID
 from db import graphql as gql_db
 from db import orders
 from db.pool import Database
-from handlers.order_saga import order_view
-from handlers.orders import product_view
-from handlers.users import user_view
+from handlers.identity.users import user_view
+from handlers.orders.routes import product_view
+from handlers.orders.saga import order_view
 
 K = TypeVar("K", bound=Hashable)
 Node = dict[str, Any]

@@ -13,7 +13,8 @@ from asyncpg import Connection, Record
 from db import audit, tokens, users
 from db.ids import uuid7
 from db.pool import Database
-from handlers import rbac
+from handlers.identity.keys import HASHER, USER_CACHE, USER_VIEWS
+from server import rbac
 from server.errors import NotFound, PreconditionFailed, ValidationFailed
 from server.http import (
     decode_cursor,
@@ -25,7 +26,7 @@ from server.http import (
     raw_json_response,
     timestamp,
 )
-from server.keys import HASHER, PG, PG_READ, REQUEST_ID, USER_CACHE, USER_VIEWS
+from server.keys import PG, PG_READ, REQUEST_ID
 from server.principal import Principal
 from server.validation import read_json
 

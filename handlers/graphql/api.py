@@ -3,7 +3,7 @@ handlers/graphql.py checks it itself, to answer in the GraphQL error shape)."""
 
 from __future__ import annotations
 
-from server.openapi import Json, json_content, op, problem, ref, register
+from server.openapi import Json, json_content, op, problem, ref
 
 
 def _graphql(desc: str) -> Json:
@@ -121,5 +121,3 @@ PATHS: Json = {
         )
     },
 }
-
-register(PATHS, SCHEMAS)

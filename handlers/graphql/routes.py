@@ -35,13 +35,11 @@ from graphql import (
 )
 from graphql.execution.values import get_variable_values
 
-from db.gate import GateTimeout
 from db.pool import PoolTimeout
-from handlers import rbac
-from handlers.graphql_explorer import PAGE
-from handlers.graphql_loaders import Loaders
-from handlers.graphql_schema import SCHEMA, Context, QueryRefused, measure
-from server import metrics
+from handlers.graphql.explorer import PAGE
+from handlers.graphql.loaders import Loaders
+from handlers.graphql.schema import SCHEMA, Context, QueryRefused, measure
+from server import metrics, rbac
 from server.errors import NotFound
 from server.keys import CONFIG, LIMITER, PG_READ, RATELIMIT_HEADERS
 
@@ -259,7 +257,7 @@ async def graphql_post(request: web.Request) -> web.Response:
                 errors.append(_formatted(error, "INTERNAL_SERVER_ERROR"))
                 continue
             entry: dict[str, Any] = {"message": "an internal error occurred", "path": error.path}
-            if isinstance(original, PoolTimeout | GateTimeout):
+            if isinstance(original, PoolTimeout):
                 metrics.POOL_TIMEOUTS.inc()
                 entry["message"] = "the database is busy; retry shortly"
                 entry["extensions"] = {"code": "SERVICE_UNAVAILABLE"}

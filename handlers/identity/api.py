@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from server.openapi import Json, json_content, op, problem, query_param, ref, register
+from server.openapi import UUID_PATTERN, Json, json_content, op, problem, query_param, ref
 
-UUID_PATTERN = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 EMAIL = {
     "type": "string",
     "minLength": 3,
@@ -327,5 +326,3 @@ PATHS: Json = {
         ),
     },
 }
-
-register(PATHS, SCHEMAS)

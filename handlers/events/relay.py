@@ -41,10 +41,11 @@ from redis.exceptions import RedisError, ResponseError
 from db import events, outbox
 from db.events import MinuteCounts
 from db.pool import Database
-from handlers.events import EventCounters, maintain_partitions
+from handlers.events.ingest import EventCounters, maintain_partitions
+from handlers.events.keys import EVENT_COUNTERS
 from server import metrics
 from server.http import timestamp
-from server.keys import CONFIG, EVENT_COUNTERS, PG, REDIS
+from server.keys import CONFIG, PG, REDIS
 
 log = logging.getLogger("surge.relay")
 

@@ -38,7 +38,8 @@ from asyncpg import Connection, Record
 
 from db import audit, orders, payments
 from db.pool import Database
-from handlers.payments_client import (
+from handlers.orders.keys import PAYMENTS
+from handlers.orders.provider import (
     BreakerOpen,
     CircuitBreaker,
     Declined,
@@ -50,7 +51,7 @@ from handlers.payments_client import (
 from server import metrics
 from server.config import Config
 from server.http import timestamp
-from server.keys import CONFIG, PAYMENTS, PG
+from server.keys import CONFIG, PG
 
 log = logging.getLogger("surge.payments")
 

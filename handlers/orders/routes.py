@@ -13,8 +13,10 @@ from aiohttp import web
 
 from db import audit, orders, payments
 from db.ids import parse_uuid, uuid7
-from handlers import order_saga, rbac
-from handlers.idempotency import idempotent, store_with
+from handlers.orders import saga as order_saga
+from handlers.orders.idempotency import idempotent, store_with
+from handlers.orders.keys import PAYMENTS
+from server import rbac
 from server.errors import Conflict, NotFound, ServiceUnavailable, ValidationFailed
 from server.http import (
     decode_cursor,
@@ -26,7 +28,7 @@ from server.http import (
     raw_json_response,
     timestamp,
 )
-from server.keys import CONFIG, PAYMENTS, PG, PG_READ, REQUEST_ID
+from server.keys import CONFIG, PG, PG_READ, REQUEST_ID
 from server.validation import read_json
 
 ORDER_STATUSES = ("pending", "paying", "paid", "payment_failed", "cancelled")

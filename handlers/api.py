@@ -1,0 +1,108 @@
+"""The OpenAPI document (GET /openapi.json), assembled from each domain's section in order.
+
+Request bodies are validated against the same document (server/validation.py), so what it
+says and what the server accepts cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from handlers.events import api as events_api
+from handlers.graphql import api as graphql_api
+from handlers.identity import api as identity_api
+from handlers.orders import api as orders_api
+from server.openapi import Json, document, json_content, op, ref
+
+OPS_SCHEMAS: Json = {
+    "Health": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": {"type": "string", "enum": ["ok"]}},
+    },
+    "Readiness": {
+        "type": "object",
+        "required": ["status", "checks"],
+        "properties": {
+            "status": {"type": "string", "enum": ["ready", "unavailable", "draining"]},
+            "checks": {
+                "type": "object",
+                "properties": {
+                    "postgres": {"type": "string", "enum": ["ok", "error"]},
+                    "redis": {"type": "string", "enum": ["ok", "error"]},
+                },
+            },
+        },
+    },
+}
+
+OPS_PATHS: Json = {
+    "/healthz": {
+        "get": op(
+            "Liveness: 200 while the process runs",
+            "ops",
+            {"200": json_content("Alive", ref("Health"))},
+            auth=False,
+            ratelimited=False,
+        )
+    },
+    "/readyz": {
+        "get": op(
+            "Readiness: PostgreSQL and Redis answer and the process is not draining",
+            "ops",
+            {
+                "200": json_content("Ready", ref("Readiness")),
+                "503": json_content(
+                    "Not ready; `checks` says which dependency failed", ref("Readiness")
+                ),
+            },
+            auth=False,
+            ratelimited=False,
+        )
+    },
+    "/metrics": {
+        "get": op(
+            "Prometheus text exposition",
+            "ops",
+            {
+                "200": {
+                    "description": "Metrics",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+            auth=False,
+            ratelimited=False,
+        )
+    },
+    "/openapi.json": {
+        "get": op(
+            "This document",
+            "ops",
+            {"200": json_content("OpenAPI 3.1", {"type": "object"})},
+            auth=False,
+            ratelimited=False,
+        )
+    },
+    "/docs": {
+        "get": op(
+            "A browsable API reference rendered from this document",
+            "ops",
+            {
+                "200": {
+                    "description": "HTML",
+                    "content": {"text/html": {"schema": {"type": "string"}}},
+                }
+            },
+            auth=False,
+            ratelimited=False,
+        )
+    },
+}
+
+SPEC: Json = document(
+    [
+        (OPS_PATHS, OPS_SCHEMAS),
+        (events_api.PATHS, events_api.SCHEMAS),
+        (graphql_api.PATHS, graphql_api.SCHEMAS),
+        (identity_api.PATHS, identity_api.SCHEMAS),
+        (orders_api.PATHS, orders_api.SCHEMAS),
+    ]
+)

@@ -1,0 +1,2 @@
+"""Catalog, orders and payments: products, orders, the payment saga and its provider,
+webhooks, idempotency."""

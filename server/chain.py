@@ -1,0 +1,275 @@
+"""The chain around every route's handler, built once per route from its policy (server/routes.py).
+
+Outermost first, as each request meets it:
+
+    observe  request id, trace span, latency and status metrics, access-log line, and every
+             exception rendered as problem+json (server/problems.py)
+    shed     a bounded, fair gate; a request that waits too long for a slot is refused 503
+    api      access token verified in memory, token-bucket rate limit, RateLimit-* headers
+    handler
+
+A route leaves out what its policy says it does not need (ops routes are only observed), so
+a request pays for no lookup of its own policy. The chain is not an aiohttp middleware: the
+route's label, its meter and its layers are fixed when the route is added.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import re
+import time
+from collections.abc import Callable
+from typing import NoReturn
+
+from aiohttp import web
+from multidict import istr
+
+from db.gate import FairGate
+from server import metrics
+from server.access_log import AccessLine, AccessLog
+from server.errors import ApiError, TooManyRequests, Unauthorized
+from server.http import client_ip
+from server.keys import CONFIG, LIMITER, PRINCIPAL, RATELIMIT_HEADERS, REQUEST_ID
+from server.principal import Principal
+from server.problems import problem_for
+from server.routes import Handler, Route, handler_of, plain_handler_of
+from server.tokens import TOKENS, TokenError
+from server.tracing import TRACEPARENT, Tracing, trace_id_of
+
+_RID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+X_REQUEST_ID = istr("X-Request-ID")  # istr, as aiohttp's hdrs: no case-folding per lookup
+
+# Request ids need to be unique, not unguessable: a random per-process prefix and a 12-hex
+# counter (16**12 ids: 89 years at 100k requests/s), its digits joined in C.
+_HEX2 = [f"{i:02x}" for i in range(256)]
+_rids = map("".join, itertools.product((os.urandom(6).hex(),), *[_HEX2] * 6))
+
+# The catch-all route: it answers what aiohttp's router would have (405 with Allow when
+# another method has the path, else 404), inside the chain like any route.
+UNMATCHED = "/{unmatched:.*}"
+# An unknown path under the API's prefix is still an API call: rate limited, with headers.
+API_PREFIX = "/v1/"
+
+
+class Overloaded(ApiError):
+    status, slug, title = 503, "overloaded", "Service Unavailable"
+
+    def __init__(self) -> None:
+        super().__init__("the server is at capacity; retry shortly", headers={"Retry-After": "1"})
+
+
+class Chain:
+    """Builds the handler aiohttp runs for each route (`wrap`)."""
+
+    def __init__(
+        self, access_log: AccessLog | None, shed_gate: FairGate, tracing: Tracing | None = None
+    ) -> None:
+        self.access_log = access_log
+        self.shed_gate = shed_gate
+        self.tracing = tracing
+        self.ops_paths: frozenset[str] = frozenset()
+
+    def wrap(self, route: Route, method: str) -> Handler:
+        """The handler registered for `route` under `method` (GET routes answer HEAD too)."""
+        if route.ops:
+            self.ops_paths |= {route.path}
+        inner: Handler | None = None
+        if not route.plain:
+            inner = handler_of(route)
+            if route.api:
+                inner = _api(inner, public=route.public)
+            if route.shed:
+                inner = _shed(inner, self.shed_gate)
+        return self._observe(
+            inner,
+            None if inner is not None else plain_handler_of(route),
+            method,
+            route.path,
+            keep_rid=not route.ops,
+        )
+
+    def unmatched(self) -> Handler:
+        """The catch-all's handler: whether it is shed and rate limited follows the path asked
+        for (an ops path is never shed; an API path answers with RateLimit-* headers)."""
+        api = _shed(_api(_unmatched, public=True), self.shed_gate)
+        page = _shed(_unmatched, self.shed_gate)
+
+        async def dispatch(request: web.Request) -> web.StreamResponse:
+            path = request.path
+            if path in self.ops_paths:
+                return await _unmatched(request)
+            return await (api if path.startswith(API_PREFIX) else page)(request)
+
+        return self._observe(dispatch, None, "*", UNMATCHED, keep_rid=False)
+
+    def _observe(
+        self,
+        handler: Handler | None,
+        plain: Callable[[web.Request], web.StreamResponse] | None,
+        method: str,
+        path: str,
+        *,
+        keep_rid: bool,
+    ) -> Handler:
+        clock = time.perf_counter
+        http = metrics.HTTP
+        tracing = self.tracing
+        access_log = self.access_log
+        if access_log is not None:
+            pending, max_pending, flush = (
+                access_log.pending,
+                access_log.max_pending,
+                access_log.flush,
+            )
+        unmatched = path == UNMATCHED
+        route = "unmatched" if unmatched else path
+        # A route without parameters matches one path, its template: the log line takes it
+        # instead of asking the request to decode its path again.
+        fixed_path = "{" not in path
+        meter = None if unmatched else http.route(method, route)
+        call = handler if handler is not None else _never
+
+        async def observe(request: web.Request) -> web.StreamResponse:
+            headers = request.headers
+            rid = headers.get(X_REQUEST_ID)
+            if rid is None or _RID.fullmatch(rid) is None:
+                rid = next(_rids)
+            if keep_rid:  # for handlers that audit or stream; ops never read it
+                request[REQUEST_ID] = rid
+            span = None if tracing is None else tracing.start_request(request, route, rid)
+            start = clock()
+            # the catch-all answers every method: its meter is looked up per request
+            req_meter = meter if meter is not None else http.route(request.method, route)
+            http.in_flight += 1
+            status = 499  # the client went away before an answer
+            try:
+                try:
+                    resp = plain(request) if plain is not None else await call(request)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    resp = problem_for(request, exc, rid)
+                    if span is not None and resp.status >= 500 and not isinstance(exc, Overloaded):
+                        span.error(exc)
+                status = resp.status
+                resp.headers[X_REQUEST_ID] = rid
+                if span is not None:
+                    resp.headers[TRACEPARENT] = span.traceparent
+                return resp
+            finally:
+                end = clock()
+                elapsed = end - start
+                http.in_flight -= 1
+                req_meter.finished(status, elapsed)
+                if span is not None:
+                    span.end(status)
+                if access_log is not None:
+                    principal = request.get(PRINCIPAL) if keep_rid or unmatched else None
+                    trace_id: str | None
+                    if span is not None:
+                        trace_id = span.trace_id
+                    elif (traceparent := headers.get(TRACEPARENT)) is not None:
+                        trace_id = trace_id_of(traceparent)
+                    else:
+                        trace_id = None
+                    pending.append(
+                        AccessLine(
+                            end + access_log.wall, "request", req_meter.method, route,
+                            route if fixed_path else request.path, status,
+                            int(elapsed * 1_000_000) / 1000,  # round(x, 3) costs 3x more
+                            rid, None if principal is None else principal.tenant_id, trace_id,
+                        )
+                    )  # fmt: skip
+                    if len(pending) >= max_pending:
+                        flush()
+
+        return observe
+
+
+async def _never(request: web.Request) -> web.StreamResponse:
+    raise AssertionError("a plain route's handler is called directly")
+
+
+def _shed(handler: Handler, gate: FairGate) -> Handler:
+    async def shed(request: web.Request) -> web.StreamResponse:
+        try:
+            await gate.acquire()
+        except TimeoutError:
+            metrics.SHED.inc()
+            raise Overloaded() from None
+        try:
+            return await handler(request)
+        finally:
+            gate.release()
+
+    return shed
+
+
+def _api(handler: Handler, *, public: bool) -> Handler:
+    async def api(request: web.Request) -> web.StreamResponse:
+        principal = request[PRINCIPAL] = bearer_principal(request)
+        limits = await _rate_limit(request, principal)
+        if principal is None and not public:
+            _unauthorized(request)
+        resp = await handler(request)
+        # A response its handler prepared itself (a stream) has sent its headers: this is
+        # then a no-op.
+        resp.headers.update(limits)
+        return resp
+
+    return api
+
+
+async def _unmatched(request: web.Request) -> web.StreamResponse:
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource.canonical != "/{unmatched}":
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
+
+
+def rate_key(request: web.Request, principal: Principal | None) -> str:
+    """The token bucket a request draws from: its user's, else its client address's."""
+    if principal is not None:
+        return principal.rate_key
+    return f"ip:{client_ip(request, request.app[CONFIG].trust_forwarded_for)}"
+
+
+async def _rate_limit(request: web.Request, principal: Principal | None) -> dict[str, str]:
+    config = request.app[CONFIG]
+    decision = await request.app[LIMITER].take(
+        rate_key(request, principal), config.rate_limit_rate, config.rate_limit_burst
+    )
+    headers = decision.headers()
+    request[RATELIMIT_HEADERS] = headers
+    if not decision.allowed:
+        metrics.RATELIMITED.labels("general").inc()
+        raise TooManyRequests("rate limit exceeded; retry after the Retry-After delay")
+    return headers
+
+
+def bearer_principal(request: web.Request) -> Principal | None:
+    """The principal of a valid bearer token (verified in memory, no database round trip)."""
+    auth = request.headers.get("Authorization")
+    if auth is None:
+        return None
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return None
+    try:
+        return request.app[TOKENS].verify(token.strip())
+    except TokenError:
+        return None
+
+
+def _unauthorized(request: web.Request) -> NoReturn:
+    if "Authorization" not in request.headers:
+        raise Unauthorized("an access token is required", error="")
+    raise Unauthorized("the access token is invalid or expired")
+
+
+__all__ = ["UNMATCHED", "Chain", "Overloaded", "bearer_principal", "rate_key"]

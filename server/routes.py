@@ -1,0 +1,100 @@
+"""A route and its policy: what the chain (server/chain.py) does around its handler.
+
+Every route is an API call unless it says otherwise: shed under overload, rate limited, and
+refused without a valid access token. The URL map (handlers/__init__.py) declares the
+exceptions next to each route, so no other place needs to know which paths are which.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import cast
+
+from aiohttp import web
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# A handler that never waits may be a plain function: the chain calls it without a coroutine.
+PlainHandler = Callable[[web.Request], web.StreamResponse]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler | PlainHandler
+    # No access token needed; still shed and rate limited (signup, login, the webhook).
+    public: bool = False
+    # Probes, the scrape and the docs: never shed, rate limited or authenticated, so an
+    # overloaded process still answers its load balancer and its Prometheus.
+    ops: bool = False
+    # A page for a browser (the GraphQL explorer, the SDL): shed, but no token and no limit.
+    page: bool = False
+    # A long-lived stream: not shed (it would hold a slot for its whole life); its own limit
+    # caps it (EVENTS_LIVE_MAX_CLIENTS).
+    stream: bool = False
+    # The handler is a plain function that never waits (see PlainHandler).
+    plain: bool = False
+
+    @property
+    def api(self) -> bool:
+        """Rate limited, authenticated unless public, and answered with RateLimit-* headers."""
+        return not (self.ops or self.page)
+
+    @property
+    def shed(self) -> bool:
+        return not (self.ops or self.stream)
+
+
+def route(
+    method: str,
+    path: str,
+    handler: Handler | PlainHandler,
+    *,
+    public: bool = False,
+    ops: bool = False,
+    page: bool = False,
+    stream: bool = False,
+    plain: bool = False,
+) -> Route:
+    if plain == inspect.iscoroutinefunction(handler):
+        kind = "a plain function" if plain else "a coroutine function (or mark it plain=True)"
+        raise TypeError(f"{method} {path}: {handler!r} is not {kind}")
+    if sum((public, ops, page)) > 1:
+        raise TypeError(f"{method} {path}: public, ops and page exclude each other")
+    return Route(method, path, handler, public, ops, page, stream, plain)
+
+
+def handler_of(route: Route) -> Handler:
+    """The route's handler typed as a coroutine function; only for a route that is not plain."""
+    assert not route.plain
+    return cast(Handler, route.handler)
+
+
+def plain_handler_of(route: Route) -> PlainHandler:
+    assert route.plain
+    return cast(PlainHandler, route.handler)
+
+
+def get(path: str, handler: Handler | PlainHandler, **policy: bool) -> Route:
+    return route("GET", path, handler, **policy)
+
+
+def post(path: str, handler: Handler | PlainHandler, **policy: bool) -> Route:
+    return route("POST", path, handler, **policy)
+
+
+def put(path: str, handler: Handler | PlainHandler, **policy: bool) -> Route:
+    return route("PUT", path, handler, **policy)
+
+
+def patch(path: str, handler: Handler | PlainHandler, **policy: bool) -> Route:
+    return route("PATCH", path, handler, **policy)
+
+
+def delete(path: str, handler: Handler | PlainHandler, **policy: bool) -> Route:
+    return route("DELETE", path, handler, **policy)
+
+
+__all__ = ["Handler", "PlainHandler", "Route", "delete", "get", "patch", "post", "put", "route"]
