@@ -21,7 +21,6 @@ from handlers.identity import contexts as identity_contexts
 from handlers.identity import routes as identity
 from handlers.orders import contexts as orders_contexts
 from handlers.orders import routes as orders
-from handlers.orders import webhooks
 from server.routes import delete, get, patch, post, put
 
 routes = [
@@ -54,7 +53,7 @@ routes = [
     get("/v1/orders/{order_id}", orders.get_order),
     post("/v1/orders/{order_id}/pay", orders.pay_order),
     post("/v1/orders/{order_id}/cancel", orders.cancel_order),
-    post("/v1/webhooks/payments", webhooks.payments_webhook, public=True),
+    post("/v1/webhooks/payments", orders.payments_webhook, public=True),
     get("/v1/audit", orders.list_audit),
     post("/graphql", graphql.graphql_post),
     get("/graphql", graphql.graphql_explorer, page=True),

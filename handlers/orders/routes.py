@@ -16,6 +16,7 @@ from db.ids import parse_uuid, uuid7
 from handlers.orders import saga as order_saga
 from handlers.orders.idempotency import idempotent, store_with
 from handlers.orders.keys import PAYMENTS
+from handlers.orders.webhooks import payments_webhook as payments_webhook
 from server import rbac
 from server.errors import Conflict, NotFound, ServiceUnavailable, ValidationFailed
 from server.http import (
