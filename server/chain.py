@@ -178,7 +178,7 @@ class Chain:
                         AccessLine(
                             end + access_log.wall, "request", req_meter.method, route,
                             route if fixed_path else request.path, status,
-                            int(elapsed * 1_000_000) / 1000,  # round(x, 3) costs 3x more
+                            int(elapsed * 1_000_000) / 1000,  # ms to 3 places, cheaper than round()
                             rid, None if principal is None else principal.tenant_id, trace_id,
                         )
                     )  # fmt: skip

@@ -43,7 +43,7 @@ _SUM = len(LATENCY_BUCKETS) + 1  # RouteMeter.latency: the buckets, +Inf, then t
 class RouteMeter:
     """One route's (method, route template) request figures, kept as plain numbers.
 
-    The pipeline builds one per route when the route is registered, so a request pays no label
+    The chain builds one per route when the route is registered, so a request pays no label
     lookup: one method call on this object when it is answered.
     """
 
@@ -58,8 +58,8 @@ class RouteMeter:
 
     def finished(self, status: int, seconds: float) -> None:
         latency = self.latency
-        # le: the first bound >= seconds. Most answers take less than the first bound: one float
-        # comparison (~30 instructions) spares them the bisect call (~800; callgrind).
+        # le: the first bound >= seconds. Most answers take less than the first bound, so one
+        # comparison spares them the bisect.
         latency[0 if seconds <= _FIRST_BOUND else bisect_left(LATENCY_BUCKETS, seconds)] += 1
         latency[_SUM] += seconds  # a non-negative index: the interpreter's fast path for lists
         counts = self.counts
@@ -72,8 +72,7 @@ class HttpMetrics(Collector):
     route.
 
     Every request updates these three, and prometheus-client's objects take a lock per update
-    and check themselves on every call; in the server these were about a tenth of the
-    middleware's cost. Only the event loop's thread updates and reads these numbers (the
+    and check themselves on every call. Only the event loop's thread updates and reads these numbers (the
     /metrics handler runs there too), so no lock is needed; they become metric families when
     scraped. With several workers (multiprocess mode) the numbers must live in prometheus-client's
     shared files instead: PromHttpMetrics below.
@@ -81,8 +80,7 @@ class HttpMetrics(Collector):
 
     def __init__(self) -> None:
         self._meters: dict[tuple[str, str], RouteMeter] = {}
-        # Requests started and not yet answered, counted by the pipeline itself: an attribute
-        # update instead of a method call per request (callgrind: ~500 instructions less).
+        # Requests started and not yet answered, counted by the chain itself (server/chain.py).
         self.in_flight = 0
 
     def route(self, method: str, route: str) -> RouteMeter:
@@ -163,7 +161,7 @@ class PromHttpMetrics:
             registry=REGISTRY,
         )  # fmt: skip
         self._meters: dict[tuple[str, str], PromRouteMeter] = {}
-        self.in_flight = 0  # counted by the pipeline, as HttpMetrics.in_flight
+        self.in_flight = 0  # counted by the chain, as HttpMetrics.in_flight
 
     def route(self, method: str, route: str) -> PromRouteMeter:
         meter = self._meters.get((method, route))

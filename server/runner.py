@@ -257,8 +257,7 @@ class StartupError(Exception):
 class Supervisor:
     """N worker processes on one port, kept at N, stopped together.
 
-    Prefork with SO_REUSEPORT rather than gunicorn's aiohttp worker: on Surge's /healthz,
-    one worker pinned to a core served 29-30k requests/s against gunicorn's 23-27k
+    Prefork with SO_REUSEPORT rather than gunicorn's aiohttp worker: faster per worker
     (docs/DEPLOY.md, "Several cores"), and the workers keep Surge's own drain (readyz 503 first).
 
     - The port is checked (and, for PORT=0, chosen) by binding it here with SO_REUSEPORT, without
