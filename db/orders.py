@@ -11,6 +11,10 @@ from db.pool import Executor
 
 _Q = queries.load("orders.sql")
 
+# The states of orders.status, in the order an order moves through them (the CHECK of
+# sql/migrations/0004_orders.sql).
+ORDER_STATUSES = ("pending", "paying", "paid", "payment_failed", "cancelled")
+
 
 async def insert_product(
     pg: Executor,

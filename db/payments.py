@@ -12,7 +12,17 @@ from db.pool import Executor
 
 _Q = queries.load("payments.sql")
 
-IN_FLIGHT = ("authorizing", "capturing", "voiding", "refunding")
+# The steps of payments.step (the CHECK of sql/migrations/0004_orders.sql).
+PAYMENT_STEPS = (
+    "authorizing",
+    "capturing",
+    "captured",
+    "voiding",
+    "voided",
+    "refunding",
+    "refunded",
+    "failed",
+)
 
 
 async def insert_payment(

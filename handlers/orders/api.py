@@ -3,28 +3,15 @@ validators)."""
 
 from __future__ import annotations
 
+from db.orders import ORDER_STATUSES
+from db.payments import PAYMENT_STEPS
 from server.openapi import UUID_PATTERN, Json, json_content, op, problem, query_param, ref
 
 STR_UUID = {"type": "string", "format": "uuid"}
 DATE = {"type": "string", "format": "date-time"}
 CURRENCY = {"type": "string", "pattern": "^[A-Z]{3}$", "description": "ISO 4217, e.g. USD"}
-ORDER_STATUS = {
-    "type": "string",
-    "enum": ["pending", "paying", "paid", "payment_failed", "cancelled"],
-}
-PAYMENT_STATUS = {
-    "type": "string",
-    "enum": [
-        "authorizing",
-        "capturing",
-        "captured",
-        "voiding",
-        "voided",
-        "refunding",
-        "refunded",
-        "failed",
-    ],
-}
+ORDER_STATUS = {"type": "string", "enum": list(ORDER_STATUSES)}
+PAYMENT_STATUS = {"type": "string", "enum": list(PAYMENT_STEPS)}
 
 
 def _obj(required: list[str], props: Json) -> Json:

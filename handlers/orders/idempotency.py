@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import orjson
@@ -36,6 +36,14 @@ ABANDONED_S = 60.0
 STORED_HEADERS = ("Location", "ETag")
 
 
+class Answer(NamedTuple):
+    """A response as a service decides it: what the route sends and a replay gives back."""
+
+    status: int
+    data: dict[str, Any]
+    headers: dict[str, str] | None = None
+
+
 @dataclass
 class Scope:
     tenant_id: UUID
@@ -43,12 +51,13 @@ class Scope:
     key: str
     completed: bool = field(default=False)
 
-    async def complete(self, con: Connection, response: web.Response) -> None:
+    async def save(
+        self, con: Connection, status: int, body: bytes, headers: Mapping[str, str]
+    ) -> None:
         """Store the response; call inside the transaction that makes the change."""
-        assert isinstance(response.body, bytes)
-        headers = {h: response.headers[h] for h in STORED_HEADERS if h in response.headers}
+        kept = {h: headers[h] for h in STORED_HEADERS if h in headers}
         await payments.complete_idempotency_key(
-            con, self.tenant_id, self.user_id, self.key, response.status, response.body, headers
+            con, self.tenant_id, self.user_id, self.key, status, body, kept
         )
         self.completed = True
 
@@ -56,11 +65,15 @@ class Scope:
 SCOPE = web.RequestKey("idempotency_scope", Scope)
 
 
-async def store_with(con: Connection, request: web.Request, response: web.Response) -> None:
-    """If the request carried a key, store its response in the caller's transaction."""
-    scope = request.get(SCOPE)
+def scope_of(request: web.Request) -> Scope | None:
+    """The request's claimed key, if it carried one."""
+    return request.get(SCOPE)
+
+
+async def store(con: Connection, scope: Scope | None, answer: Answer) -> None:
+    """With a key, store the answer in the caller's transaction (the one making the change)."""
     if scope is not None:
-        await scope.complete(con, response)
+        await scope.save(con, answer.status, orjson.dumps(answer.data), answer.headers or {})
 
 
 def _fingerprint(request: web.Request, raw: bytes) -> bytes:
@@ -114,8 +127,9 @@ def idempotent(handler: Handler) -> Handler:
         if not scope.completed:
             # Answers that changed nothing (an order already settled) are stored on their own.
             if isinstance(response, web.Response) and 200 <= response.status < 300:
+                assert isinstance(response.body, bytes)
                 async with pg.transaction() as con:
-                    await scope.complete(con, response)
+                    await scope.save(con, response.status, response.body, response.headers)
             else:
                 await payments.drop_idempotency_key(pg, p.tenant_id, p.user_id, key)
         return response

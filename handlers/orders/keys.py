@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from aiohttp import web
 
-if TYPE_CHECKING:  # temporary: these modules import this one
-    from handlers.orders.saga import SagaRunner
+from handlers.orders.saga import SagaRunner
 
-
-PAYMENTS: web.AppKey[SagaRunner] = web.AppKey("payments")
+PAYMENTS = web.AppKey("payments", SagaRunner)

@@ -19,10 +19,16 @@ import aiohttp
 import orjson
 
 from server import metrics
+from server.errors import ServiceUnavailable
 from server.tracing import client_span
 
 CLOSED, HALF_OPEN, OPEN = 0, 1, 2
 MAX_RETRY_AFTER_S = 30.0
+
+
+def not_configured() -> ServiceUnavailable:
+    """What a payment request gets from a server started without the provider's settings."""
+    return ServiceUnavailable("payments are not configured on this server", retry_after=60)
 
 
 class ProviderError(Exception):

@@ -29,16 +29,14 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from uuid import UUID
 
-from aiohttp import web
 from asyncpg import Connection, Record
 
 from db import audit, orders, payments
 from db.pool import Database
-from handlers.orders.keys import PAYMENTS
 from handlers.orders.provider import (
     BreakerOpen,
     CircuitBreaker,
@@ -48,53 +46,15 @@ from handlers.orders.provider import (
     Rejected,
     Unavailable,
 )
+from handlers.orders.views import order_view
 from server import metrics
 from server.config import Config
-from server.http import timestamp
-from server.keys import CONFIG, PG
 
 log = logging.getLogger("surge.payments")
 
 SWEEP_BATCH = 100
 CANCELLED = "cancelled"  # the outcome of a payment compensated because its order was cancelled
 MAX_STEP_PAUSE_S = 30.0
-
-
-def order_view(row: Record, items: list[Record], payment: Record | None = None) -> dict[str, Any]:
-    if payment is not None:
-        step, outcome = payment["step"], payment["outcome"]
-    else:
-        step = row.get("payment_step")
-        outcome = row.get("payment_outcome")
-    return {
-        "id": str(row["id"]),
-        "tenant_id": str(row["tenant_id"]),
-        "user_id": str(row["user_id"]),
-        "status": row["status"],
-        "items": [
-            {
-                "product_id": str(i["product_id"]),
-                "quantity": i["quantity"],
-                "unit_price_cents": i["unit_price_cents"],
-            }
-            for i in items
-        ],
-        "total_cents": row["total_cents"],
-        "currency": row["currency"],
-        "payment": None if step is None else {"status": step, "failure_code": outcome},
-        "version": row["version"],
-        "created_at": timestamp(row["created_at"]),
-        "updated_at": timestamp(row["updated_at"]),
-    }
-
-
-async def load_order_view(
-    con: Connection | Database, tenant_id: UUID, order_id: UUID
-) -> dict[str, Any] | None:
-    row = await orders.get_order(con, tenant_id, order_id)
-    if row is None:
-        return None
-    return order_view(row, await orders.items_of_orders(con, tenant_id, [order_id]))
 
 
 def reference(tenant_id: UUID, order_id: UUID) -> str:
@@ -241,6 +201,8 @@ class SagaRunner:
         self.pg = pg
         self.client = client
         self.lease_s = config.payments_saga_lease_s
+        # How long a cancel waits for its refund before answering 202: about one provider call.
+        self.answer_wait_s = config.payments_timeout_s
         self.max_attempts = config.payments_saga_attempts
         self.backoff_s = config.payments_backoff_ms / 1000
         self.tasks: dict[tuple[UUID, UUID], asyncio.Task[None]] = {}
@@ -435,30 +397,3 @@ class SagaRunner:
         for tenant_id, order_id in interrupted:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(payments.release_payment(self.pg, tenant_id, order_id), 2.0)
-
-
-async def payments_ctx(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG]
-    client = None
-    if config.payments_url:
-        assert config.payments_api_key is not None
-        client = PaymentsClient(
-            config.payments_url,
-            config.payments_api_key,
-            timeout_s=config.payments_timeout_s,
-            retries=config.payments_retries,
-            backoff_s=config.payments_backoff_ms / 1000,
-            breaker=CircuitBreaker(
-                config.payments_breaker_failures, config.payments_breaker_reset_s
-            ),
-        )
-        await client.start()
-    runner = SagaRunner(app[PG], client, config)
-    app[PAYMENTS] = runner
-    runner.start_sweeper()
-    try:
-        yield
-    finally:
-        await runner.close()
-        if client is not None:
-            await client.close()

@@ -19,15 +19,15 @@ from typing import Any
 from uuid import UUID
 
 import orjson
-from aiohttp import web
+from asyncpg import Connection
 
 from db import payments
-from handlers.orders import saga as order_saga
-from handlers.orders.keys import PAYMENTS
+from db.pool import Database
+from handlers.orders import saga
+from handlers.orders.provider import not_configured
 from server import metrics
-from server.errors import BadRequest, ServiceUnavailable
-from server.http import json_response
-from server.keys import CONFIG, PG
+from server.config import Config
+from server.errors import BadRequest
 
 log = logging.getLogger("surge.payments")
 
@@ -84,33 +84,39 @@ def _event(body: bytes) -> tuple[str, str, dict[str, Any]]:
     return event_id, event_type, data
 
 
-async def payments_webhook(request: web.Request) -> web.Response:
-    config = request.app[CONFIG]
+def webhook_secrets(config: Config) -> list[str]:
+    """The secrets a signature may use (503 while none is configured)."""
     if not config.payments_webhook_secret:
-        raise ServiceUnavailable("payments are not configured on this server", retry_after=60)
-    body = await request.read()
-    secrets = [s.strip() for s in config.payments_webhook_secret.split(",") if s.strip()]
+        raise not_configured()
+    return [s.strip() for s in config.payments_webhook_secret.split(",") if s.strip()]
+
+
+async def receive(
+    pg: Database,
+    runner: saga.SagaRunner,
+    secrets: list[str],
+    tolerance_s: int,
+    signature: str | None,
+    body: bytes,
+) -> str:
+    """Verify, parse and apply one event; the result as counted and answered."""
     try:
-        verify_signature(
-            request.headers.get("Surge-Signature"), body, secrets, config.webhook_tolerance_s,
-            time.time(),
-        )  # fmt: skip
+        verify_signature(signature, body, secrets, tolerance_s, time.time())
     except BadRequest:
         metrics.WEBHOOKS.labels("bad_signature").inc()
         raise
     event_id, event_type, data = _event(body)
-    result = await apply_event(request.app, event_id, event_type, data)
+    result = await apply_event(pg, runner, event_id, event_type, data)
     metrics.WEBHOOKS.labels(result).inc()
-    return json_response({"received": True, "result": result})
+    return result
 
 
 async def apply_event(
-    app: web.Application, event_id: str, event_type: str, data: dict[str, Any]
+    pg: Database, runner: saga.SagaRunner, event_id: str, event_type: str, data: dict[str, Any]
 ) -> str:
     """'applied', 'duplicate' or 'ignored' (nothing to change: unknown, late or out of order)."""
-    pg = app[PG]
     auth_id: str = data["authorization_id"]
-    found = order_saga.parse_reference(data.get("reference"))
+    found = saga.parse_reference(data.get("reference"))
     payment = None
     if found is not None:
         payment = await payments.get_payment(pg, *found)
@@ -131,16 +137,16 @@ async def apply_event(
         source = f"webhook {event_id}"
         moved = False
         if event_type == "authorization.authorized":
-            moved = await order_saga.authorized(con, tenant_id, order_id, auth_id, source)
+            moved = await saga.authorized(con, tenant_id, order_id, auth_id, source)
             if not moved and payment["step"] == "failed" and known is None:
                 # The saga gave up on an authorization that happened after all: void it.
                 moved = await _late_authorization(con, tenant_id, order_id, auth_id, source)
             kick = moved
         elif event_type == "authorization.captured":
-            moved = await order_saga.paid(con, tenant_id, order_id, auth_id, source)
+            moved = await saga.paid(con, tenant_id, order_id, auth_id, source)
         elif event_type in ("authorization.declined", "authorization.voided"):
             declined = event_type == "authorization.declined"
-            moved = await order_saga.failed(
+            moved = await saga.failed(
                 con, tenant_id, order_id,
                 ["authorizing"] if declined else ["authorizing", "voiding"],
                 "failed" if declined else "voided",
@@ -148,14 +154,14 @@ async def apply_event(
                 source, auth_id,
             )  # fmt: skip
         elif event_type == "authorization.refunded":
-            moved = await order_saga.refunded(con, tenant_id, order_id, source)
+            moved = await saga.refunded(con, tenant_id, order_id, source)
     if kick:
-        app[PAYMENTS].start(tenant_id, order_id)
+        runner.start(tenant_id, order_id)
     return "applied" if moved else "ignored"
 
 
 async def _late_authorization(
-    con: Any, tenant_id: UUID, order_id: UUID, auth_id: str, source: str
+    con: Connection, tenant_id: UUID, order_id: UUID, auth_id: str, source: str
 ) -> bool:
     moved = await payments.move_payment(
         con, tenant_id, order_id, ["failed"], "voiding", authorization_id=auth_id
