@@ -15,9 +15,12 @@ from db.pool import Executor
 
 _Q = queries.load("events.sql")
 
-# The COPY column order; a record is (tenant_id, ts, name, user_id, props), see copy_events.
+# The COPY column order, that of CopyRecord.
 COLUMNS = ("tenant_id", "ts", "name", "user_id", "props")
 PARTITIONED = ("events", "event_counts")
+
+# (tenant_id, ts as pg_micros, name, user_id, props as binary jsonb): a row for copy_events.
+CopyRecord = tuple[str, int, str, str | None, bytes]
 
 # (tenant_id, name, minute) -> count
 MinuteCounts = dict[tuple[str, str, datetime], int]
@@ -45,7 +48,7 @@ def _count_arrays(
 
 async def copy_events(
     con: Connection | PoolConnectionProxy,
-    records: Sequence[tuple[str, int, str, str | None, bytes]],
+    records: Sequence[CopyRecord],
     counts: MinuteCounts,
     shard: int,
 ) -> None:
@@ -54,7 +57,7 @@ async def copy_events(
     COPY is binary, and encoding a datetime costs asyncpg more than the rest of a row. So the
     connection must carry binary codecs that take timestamptz as int microseconds since
     2000-01-01 UTC (pg_micros) and jsonb as its binary form (b"\x01" + the JSON text), and
-    records come in that form: the writer's own pool (handlers/events.py) has them.
+    records come in that form: db.pool.open_copy_pool's connections have them.
     """
     await con.copy_records_to_table("events", records=records, columns=COLUMNS)
     await con.execute(_Q["add_counts"], *_count_arrays(counts, True), shard)

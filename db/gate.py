@@ -1,9 +1,9 @@
 """A fair (FIFO), bounded admission gate.
 
 asyncio.Queue-based pools let a newly arriving task take a just-released slot ahead of one
-that has been waiting (PERF-FINDINGS.md #1: p99 of 0.5 s at p50 2 ms). Here a released slot is
-handed directly to the oldest waiter, so waits are first come, first served, and bounded by a
-timeout after which the caller is refused instead of queueing forever.
+that has been waiting, which stretches the tail of the waits (PERF-FINDINGS.md #1). Here a
+released slot is handed directly to the oldest waiter, so waits are first come, first served,
+and bounded by a timeout after which the caller is refused instead of queueing forever.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class FairGate:
         fut: asyncio.Future[None] = loop.create_future()
         self._waiters.append(fut)
         # A timer that fails the future, not asyncio.wait_for: under load most requests wait
-        # here, and wait_for's wrapping showed up in profiles of the pool gate.
+        # here, and a timer costs less per wait than wait_for's wrapping.
         timer = loop.call_later(self.timeout, _expire, fut)
         try:
             await fut

@@ -1,22 +1,24 @@
-"""The connection pool: asyncpg connections behind a fair admission gate.
+"""Every connection pool: `Database` (asyncpg connections behind a fair admission gate) for
+statements, and `open_copy_pool` for the event writer's COPY connections.
 
 Every statement goes through `Database`: a FIFO gate sized to the pool decides who gets the
 next connection (asyncpg's own queue lets newcomers barge ahead of waiters, which is where the
-0.5 s p99 in PERF-FINDINGS.md came from), and a wait longer than the acquire timeout raises
-PoolTimeout (the errors middleware answers 503) instead of hanging.
+long p99 tail in PERF-FINDINGS.md came from), and a wait longer than the acquire timeout
+raises PoolTimeout (the errors middleware answers 503) instead of hanging.
 
-Connections go back without a reset statement (asyncpg's pool sends four: one round trip per
-query saved, +20-44 % on single row reads). That is safe because nothing here leaves session
-state behind: no SET (only SET LOCAL inside transactions), no LISTEN, no session advisory
-locks (the migrations runner uses its own connection); tests/test_sql_hygiene.py enforces it.
-A connection that comes back inside a transaction, or from an interrupted statement, is
-dropped instead. Connections stay open until shutdown (no idle reaping): size the pool, and
-PgBouncer in front of many replicas, for the peak (docs/DEPLOY.md).
+Connections go back without a reset statement (asyncpg's pool sends four: a round trip saved
+on every query). That is safe because nothing here leaves session state behind: no SET (only
+SET LOCAL inside transactions), no LISTEN, no session advisory locks (the migrations runner
+uses its own connection); tests/test_sql_hygiene.py enforces it. A connection that comes back
+inside a transaction, or from an interrupted statement, is dropped instead. Connections stay
+open until shutdown (no idle reaping): size the pool, and PgBouncer in front of many replicas,
+for the peak (docs/DEPLOY.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import asyncpg
 import orjson
 from asyncpg import Connection, Record
+from asyncpg.pool import Pool
 
 from db.gate import FairGate
 
@@ -59,10 +62,9 @@ async def _init_connection(con: Connection) -> None:
 class Database:
     """The pool: a FIFO gate sized to the pool in front of a stack of idle connections.
 
-    Hand-written instead of asyncpg's Pool because a statement through that pool cost about
-    35 µs of CPU more than on a bare connection (21 µs for acquire and release alone, measured
-    with 20,000 cycles on this machine): its release runs in a task under asyncio.shield and
-    goes through a holder queue. Here acquire is the gate plus a list pop, release a list append
+    Hand-written instead of asyncpg's Pool because that pool's release runs in a task under
+    asyncio.shield and goes through a holder queue, CPU every statement pays (figures in
+    docs/PERFORMANCE.md). Here acquire is the gate plus a list pop, release a list append
     plus the gate; the gate gives the FIFO order and the acquire timeout. A connection is opened
     when a slot is taken and none is idle, and dropped (and replaced on demand) when a statement
     was interrupted (cancelled, timed out, connection lost) or left a transaction open.
@@ -252,4 +254,65 @@ async def open_database(
     return db
 
 
-__all__ = ["Database", "Executor", "PoolTimeout", "open_database"]
+_INT64 = struct.Struct("!q")
+
+
+async def _init_copy_connection(con: Connection) -> None:
+    # The forms db.events.copy_events needs. Binary jsonb is a version byte and the JSON text:
+    # records carry it ready-made (the ingest parser produced it to check the size), so props
+    # are serialised once. Binary timestamptz is int64 microseconds since 2000: an int per
+    # record (one per request for events stamped now) instead of a datetime asyncpg converts
+    # per row.
+    await con.set_type_codec(
+        "jsonb",
+        encoder=bytes,
+        decoder=lambda value: orjson.loads(value[1:]),
+        schema="pg_catalog",
+        format="binary",
+    )
+    await con.set_type_codec(
+        "timestamptz",
+        encoder=_INT64.pack,
+        decoder=lambda value: _INT64.unpack(value)[0],
+        schema="pg_catalog",
+        format="binary",
+    )
+
+
+async def open_copy_pool(
+    dsn: str, *, max_size: int, command_timeout: float, statement_cache_size: int, name: str
+) -> Pool:
+    """asyncpg's own pool of connections carrying the binary codecs of db.events.copy_events
+    (timestamptz as pg_micros, jsonb as its binary form): the event writer's, apart from the
+    request pool so ingestion neither waits behind nor starves it. Connects on first use, so a
+    database down at start-up is not fatal."""
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=0,
+        max_size=max_size,
+        command_timeout=command_timeout,
+        statement_cache_size=statement_cache_size,
+        init=_init_copy_connection,
+        server_settings={"application_name": f"surge-{name}"},
+    )
+    assert pool is not None
+    return pool
+
+
+async def close_copy_pool(pool: Pool, grace_s: float) -> None:
+    """Close the pool, letting in-use connections come back for `grace_s`; then terminate."""
+    closing = asyncio.ensure_future(pool.close())
+    done, _ = await asyncio.wait({closing}, timeout=grace_s)
+    if not done:
+        pool.terminate()
+        closing.cancel()
+
+
+__all__ = [
+    "Database",
+    "Executor",
+    "PoolTimeout",
+    "close_copy_pool",
+    "open_copy_pool",
+    "open_database",
+]

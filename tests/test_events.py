@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 
 from db import events as events_db
 from db.pool import Database, open_database
-from handlers.events.api import SCHEMAS
-from handlers.events.ingest import MAX_PROPS_BYTES, maintain_partitions, parse_batch
+from handlers.events.api import MAX_PROPS_BYTES, SCHEMAS
+from handlers.events.ingest import parse_batch
 from handlers.events.keys import EVENT_WRITER
+from handlers.events.partitions import maintain_partitions
 from server import metrics
 from server.app import create_app
 from server.config import Config

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from aiohttp import web
 
-if TYPE_CHECKING:  # temporary: these modules import this one
-    from handlers.events.analytics import LiveHub
-    from handlers.events.ingest import EventCounters, EventWriter
-
+from handlers.events.counters import EventCounters
+from handlers.events.live import LiveHub
+from handlers.events.writer import EventWriter
 
 EVENT_WRITER: web.AppKey[EventWriter] = web.AppKey("event_writer")
 EVENT_COUNTERS: web.AppKey[EventCounters] = web.AppKey("event_counters")

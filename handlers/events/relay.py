@@ -26,14 +26,13 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 from uuid import UUID
 
 import asyncpg
 import orjson
-from aiohttp import web
 from asyncpg import Record
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
@@ -41,11 +40,10 @@ from redis.exceptions import RedisError, ResponseError
 from db import events, outbox
 from db.events import MinuteCounts
 from db.pool import Database
-from handlers.events.ingest import EventCounters, maintain_partitions
-from handlers.events.keys import EVENT_COUNTERS
+from handlers.events.counters import EventCounters
+from handlers.events.partitions import maintain_partitions
 from server import metrics
 from server.http import timestamp
-from server.keys import CONFIG, PG, REDIS
 
 log = logging.getLogger("surge.relay")
 
@@ -53,10 +51,9 @@ LAG_INTERVAL_S = 1.0
 
 Message = tuple[bytes, dict[bytes, bytes] | None]  # (stream id, fields); None: trimmed
 MAX_BACKOFF_S = 5.0
-# While a round finds nothing, the pause before the next doubles from poll_s up to this: an idle
-# process polled PostgreSQL 10 times and Redis 5 times a second, 1.4 % of its core (measured
-# under no load), which a busy /healthz paid as lost throughput. The first event after a quiet
-# spell waits up to this long; under steady traffic the pause stays at poll_s.
+# While a round finds nothing, the pause before the next doubles from poll_s up to this, so an
+# idle process does not spend its core polling PostgreSQL and Redis. The first event after a
+# quiet spell waits up to this long; under steady traffic the pause stays at poll_s.
 IDLE_MAX_S = 1.0
 
 
@@ -346,8 +343,8 @@ class UserEventsConsumer:
                 await self.redis.xgroup_delconsumer(self.stream, self.group, self.name)
 
 
-class _Worker:
-    """A relay or consumer task that finishes its round when asked to stop."""
+class Worker:
+    """A relay or consumer running as a task that finishes its round when asked to stop."""
 
     def __init__(self, worker: OutboxRelay | UserEventsConsumer) -> None:
         self.name = type(worker).__name__
@@ -362,43 +359,3 @@ class _Worker:
             log.warning("%s did not stop within %.1fs; cancelled", self.name, grace_s)
             self.task.cancel()
             await asyncio.wait({self.task}, timeout=1.0)
-
-
-async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG]
-    if not config.outbox_relay:
-        yield
-        return
-    relay = OutboxRelay(
-        app[PG],
-        app[REDIS],
-        stream_key(config.redis_key_prefix),
-        batch=config.outbox_relay_batch,
-        poll_s=config.outbox_relay_poll_ms / 1000,
-        maxlen=config.outbox_stream_maxlen,
-    )
-    worker = _Worker(relay)
-    try:
-        yield
-    finally:
-        await worker.close(config.shutdown_grace_s)
-
-
-async def consumer_ctx(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG]
-    if not config.analytics_consumer:
-        yield
-        return
-    consumer = UserEventsConsumer(
-        app[PG],
-        app[REDIS],
-        stream_key(config.redis_key_prefix),
-        app[EVENT_COUNTERS],
-        retention_days=config.events_retention_days,
-    )
-    worker = _Worker(consumer)
-    try:
-        yield
-    finally:
-        await worker.close(config.shutdown_grace_s)
-        await consumer.leave()

@@ -1,0 +1,106 @@
+"""The Redis counters fed after each commit: per-second counts (for GET /v1/analytics/live) and
+per-minute counts for the last hour (GET /v1/analytics/counts), and their keys."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from db.events import MinuteCounts
+from server import metrics
+
+log = logging.getLogger("surge.events")
+
+# Per-second counts are by arrival, kept two minutes; per-minute counts are by event time for
+# the last hour, kept an hour past their minute plus a margin for clock skew between replicas.
+SECOND_TTL_S = 120
+MINUTE_WINDOW_S = 3600
+MINUTE_KEEP_S = MINUTE_WINDOW_S + 300
+
+
+def second_key(prefix: str, tenant_id: str, second: int) -> str:
+    return f"{prefix}ev:s:{tenant_id}:{second}"
+
+
+def minute_key(prefix: str, tenant_id: str, minute: int) -> str:
+    return f"{prefix}ev:m:{tenant_id}:{minute}"
+
+
+class EventCounters:
+    """Per-second and per-minute counts in Redis, updated after commits and off their path.
+
+    `add` only merges into dicts; one task pushes what has accumulated in one pipeline, so a
+    slow or absent Redis never delays a 202, and under load many commits share one round
+    trip. What fails to reach Redis is lost to Redis only: the rollups in PostgreSQL have it.
+    """
+
+    def __init__(self, redis: Redis, prefix: str) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self._seconds: dict[tuple[str, int, str], int] = {}
+        self._minutes: MinuteCounts = {}
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task = asyncio.create_task(self._run())
+
+    def add(self, counts: MinuteCounts) -> None:
+        now = time.time()
+        second = int(now)
+        oldest = now - MINUTE_KEEP_S  # older minutes are answered by PostgreSQL only
+        for (tenant, name, minute), n in counts.items():
+            skey = (tenant, second, name)
+            self._seconds[skey] = self._seconds.get(skey, 0) + n
+            if minute.timestamp() >= oldest:
+                mkey = (tenant, name, minute)
+                self._minutes[mkey] = self._minutes.get(mkey, 0) + n
+        self._idle.clear()
+        self._wake.set()
+
+    async def flushed(self) -> None:
+        """Wait until everything added so far has been sent (or has failed to be)."""
+        await self._idle.wait()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            seconds, self._seconds = self._seconds, {}
+            minutes, self._minutes = self._minutes, {}
+            try:
+                await self._push(seconds, minutes)
+            except (RedisError, OSError):
+                metrics.EVENT_COUNTER_ERRORS.inc()
+                log.warning("event counters not updated in Redis", exc_info=True)
+            if not self._wake.is_set():
+                self._idle.set()
+
+    async def _push(self, seconds: dict[tuple[str, int, str], int], minutes: MinuteCounts) -> None:
+        expiries: dict[str, int] = {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for (tenant, second, name), n in seconds.items():
+                key = second_key(self.prefix, tenant, second)
+                pipe.hincrby(key, name, n)
+                expiries[key] = second + SECOND_TTL_S
+            for (tenant, name, minute), n in minutes.items():
+                m = int(minute.timestamp())
+                key = minute_key(self.prefix, tenant, m)
+                pipe.hincrby(key, name, n)
+                expiries[key] = m + MINUTE_KEEP_S
+            for key, at in expiries.items():
+                pipe.expireat(key, at)
+            await pipe.execute()
+
+    async def close(self) -> None:
+        if self._seconds or self._minutes:
+            self._wake.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.flushed(), 2.0)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
