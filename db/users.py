@@ -12,6 +12,17 @@ from db.pool import Executor
 
 _Q = queries.load("users.sql")
 
+# users.status, as its CHECK constraint allows (sql/migrations/0002_identity.sql).
+STATUSES = ("active", "suspended", "deleted")
+
+
+def prefix_pattern(q: str) -> str:
+    """The LIKE pattern list_users takes for a case-insensitive literal prefix: %, _ and \\
+    escaped. Not lower-cased here: PostgreSQL folds it (lower($3)) as it folds the column, and
+    Python folds some characters (U+0130) differently."""
+    escaped = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "%"
+
 
 async def insert_tenant(pg: Executor, tenant_id: UUID, name: str) -> Record:
     row = await pg.fetchrow(_Q["insert_tenant"], tenant_id, name)

@@ -59,7 +59,8 @@ LIMIT $5;
 
 -- name: list_user_versions
 -- list_users' page as (id, version) only: a version names a user's whole visible state, so a body
--- serialized at that version is reused (handlers/users.py ViewMemo) without decoding the row.
+-- serialized at that version is reused (ViewMemo, handlers/identity/views.py) without decoding
+-- the row.
 SELECT id, version
 FROM users
 WHERE tenant_id = $1
@@ -79,7 +80,8 @@ WHERE tenant_id = $1
 
 -- name: patch_user
 -- Optimistic locking in one statement: the row changes only if its version is still $3 and
--- the caller outranks or equals the target ($7). No row back: see diagnose_user.
+-- the caller outranks or equals the target ($7). No row back: handlers/identity/service.py
+-- tells why (404, 403 or 412).
 UPDATE users
 SET username   = coalesce($4, username),
     profile    = coalesce($5, profile),

@@ -438,7 +438,7 @@ async def test_a_page_is_byte_for_byte_orjson_of_its_items(setup: Any) -> None:
 
 
 def test_the_view_memo_drops_its_oldest_past_its_size() -> None:
-    from handlers.identity.users import ViewMemo
+    from handlers.identity.views import ViewMemo
 
     memo = ViewMemo(2)
     rows = [
@@ -465,7 +465,7 @@ def test_the_view_memo_drops_its_oldest_past_its_size() -> None:
 
 
 def test_kept_pages_stay_within_their_bytes() -> None:
-    from handlers.identity.users import ViewMemo
+    from handlers.identity.views import ViewMemo
 
     memo = ViewMemo(10)  # 5,000 bytes of pages
     assert memo.max_page_bytes == 5000
@@ -500,7 +500,8 @@ class WriteBetween:
 async def test_a_page_is_one_snapshot_when_a_user_is_written_between_its_queries(
     setup: Any, written: bool
 ) -> None:
-    from handlers.identity.users import ViewMemo, _page_bodies
+    from handlers.identity.service import list_users as _page_bodies
+    from handlers.identity.views import ViewMemo
     from server.keys import PG
 
     client, owner, con = setup
@@ -539,7 +540,8 @@ async def test_a_page_is_one_snapshot_when_a_user_is_written_between_its_queries
 
 
 async def test_a_kept_page_is_served_only_for_the_same_ids_and_versions(setup: Any) -> None:
-    from handlers.identity.users import ViewMemo, _page_bodies
+    from handlers.identity.service import list_users as _page_bodies
+    from handlers.identity.views import ViewMemo
     from server.keys import PG
 
     client, owner, con = setup

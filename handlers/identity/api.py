@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from db.users import STATUSES
 from server.openapi import UUID_PATTERN, Json, json_content, op, problem, query_param, ref
+from server.rbac import ROLES
+
+MAX_PROFILE_BYTES = 4096
 
 EMAIL = {
     "type": "string",
@@ -18,11 +22,11 @@ USERNAME = {
     "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
 }
 PASSWORD = {"type": "string", "minLength": 8, "maxLength": 128}
-ROLE = {"type": "string", "enum": ["owner", "admin", "member"]}
+ROLE = {"type": "string", "enum": list(ROLES)}
 PROFILE = {
     "type": "object",
     "maxProperties": 50,
-    "description": "Free-form JSON object, at most 4096 bytes serialised",
+    "description": f"Free-form JSON object, at most {MAX_PROFILE_BYTES} bytes serialised",
 }
 
 
@@ -88,7 +92,7 @@ SCHEMAS: Json = {
         {
             "username": USERNAME,
             "profile": PROFILE,
-            "status": {"type": "string", "enum": ["active", "suspended"]},
+            "status": {"type": "string", "enum": [s for s in STATUSES if s != "deleted"]},
         },
         minProperties=1,
     ),
@@ -111,7 +115,7 @@ SCHEMAS: Json = {
             "tenant_id": {"type": "string", "format": "uuid"},
             "email": {"type": "string"},
             "username": {"type": "string"},
-            "status": {"type": "string", "enum": ["active", "suspended", "deleted"]},
+            "status": {"type": "string", "enum": list(STATUSES)},
             "roles": {"type": "array", "items": ROLE},
             "profile": {"type": "object"},
             "version": {"type": "integer"},
@@ -191,7 +195,7 @@ LIST_PARAMS = [
     ),
     query_param(
         "status",
-        {"type": "string", "enum": ["active", "suspended", "deleted"]},
+        {"type": "string", "enum": list(STATUSES)},
         "Default: all but deleted",
     ),
 ]

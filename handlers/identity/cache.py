@@ -98,8 +98,7 @@ class UserCache:
         self._gets = GetBatcher(redis)
         self._inflight: dict[tuple[UUID | str, UUID], asyncio.Future[Entry | None]] = {}
         self._down_until = 0.0
-        # The counter's children, looked up once: .labels() takes a lock and builds a key
-        # (1.7 vs 0.4 us per hit in-process).
+        # The counter's children, looked up once: .labels() takes a lock and builds a key.
         self._hits, self._misses, self._errors = (
             metrics.CACHE.labels(result) for result in ("hit", "miss", "error")
         )
@@ -109,8 +108,8 @@ class UserCache:
         return self.ttl_s > 0
 
     def _key(self, tenant_id: UUID | str, user_id: UUID) -> str:
-        # A tenant may come as its text (Principal.tenant_text, formatted once per token):
-        # str(UUID) is Python code, ~0.8 us a call.
+        # A tenant may come as its text (Principal.tenant_text, formatted once per token), which
+        # spares a str(UUID) per request.
         return f"{self.prefix}{tenant_id}:{user_id}"
 
     def _usable(self) -> bool:

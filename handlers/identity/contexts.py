@@ -9,7 +9,7 @@ from aiohttp import web
 from handlers.identity.cache import UserCache
 from handlers.identity.keys import HASHER, USER_CACHE, USER_VIEWS
 from handlers.identity.passwords import Hasher
-from handlers.identity.users import ViewMemo
+from handlers.identity.views import ViewMemo
 from server.keys import CONFIG, REDIS
 
 

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from aiohttp import web
 
-if TYPE_CHECKING:  # temporary: these modules import this one
-    from handlers.identity.cache import UserCache
-    from handlers.identity.passwords import Hasher
-    from handlers.identity.users import ViewMemo
-
+from handlers.identity.cache import UserCache
+from handlers.identity.passwords import Hasher
+from handlers.identity.views import ViewMemo
 
 HASHER: web.AppKey[Hasher] = web.AppKey("hasher")
 USER_CACHE: web.AppKey[UserCache] = web.AppKey("user_cache")

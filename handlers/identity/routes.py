@@ -1,30 +1,194 @@
-"""The identity routes (temporary re-export while the domain is reshaped)."""
+"""The identity routes: /v1/auth/*, /v1/me and /v1/users, each scoped to the caller's tenant.
 
-from handlers.identity.auth import login, logout, refresh, signup
-from handlers.identity.users import (
-    change_password,
-    create_user,
-    delete_user,
-    get_me,
-    get_user,
-    grant_role,
-    list_users,
-    patch_user,
-    revoke_role,
+Each handler reads its input, calls one function of service.py and answers.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from db.users import STATUSES, prefix_pattern
+from handlers.identity import service
+from handlers.identity.keys import HASHER, USER_CACHE, USER_VIEWS
+from server import metrics, rbac
+from server.errors import TooManyRequests, ValidationFailed
+from server.http import (
+    client_ip,
+    decode_cursor,
+    etag,
+    if_match,
+    json_response,
+    path_uuid,
+    query_limit,
+    raw_json_response,
 )
+from server.keys import CONFIG, LIMITER, PG, PG_READ, RATELIMIT_HEADERS, REQUEST_ID
+from server.tokens import TOKENS
+from server.validation import read_json
 
-__all__ = [
-    "change_password",
-    "create_user",
-    "delete_user",
-    "get_me",
-    "get_user",
-    "grant_role",
-    "list_users",
-    "login",
-    "logout",
-    "patch_user",
-    "refresh",
-    "revoke_role",
-    "signup",
-]
+
+async def _limit_attempts(request: web.Request, email: str | None = None) -> None:
+    """The brute-force limit on top of the general one: AUTH_RATE_LIMIT_PER_MINUTE per client
+    IP and, for credentials, per email."""
+    config = request.app[CONFIG]
+    per_minute = config.auth_rate_limit_per_minute
+    keys = [f"auth-ip:{client_ip(request, config.trust_forwarded_for)}"]
+    if email is not None:
+        keys.append(f"auth-email:{email.lower()}")
+    for key in keys:
+        decision = await request.app[LIMITER].take(key, per_minute / 60, per_minute)
+        if not decision.allowed:
+            metrics.RATELIMITED.labels("auth").inc()
+            request[RATELIMIT_HEADERS] = decision.headers()
+            raise TooManyRequests("too many attempts; retry after the Retry-After delay")
+
+
+async def signup(request: web.Request) -> web.Response:
+    await _limit_attempts(request)
+    body = await read_json(request, "SignupRequest")
+    app = request.app
+    answer = await service.signup(
+        app[PG], app[HASHER], app[USER_CACHE], app[TOKENS], app[CONFIG], body, request[REQUEST_ID]
+    )
+    return json_response(answer, status=201)
+
+
+async def login(request: web.Request) -> web.Response:
+    body = await read_json(request, "LoginRequest")
+    await _limit_attempts(request, body["email"])
+    app = request.app
+    return json_response(await service.login(app[PG], app[HASHER], app[TOKENS], app[CONFIG], body))
+
+
+async def refresh(request: web.Request) -> web.Response:
+    await _limit_attempts(request)
+    body = await read_json(request, "RefreshRequest")
+    app = request.app
+    return json_response(
+        await service.refresh(app[PG], app[TOKENS], app[CONFIG], body["refresh_token"])
+    )
+
+
+async def logout(request: web.Request) -> web.Response:
+    body = await read_json(request, "LogoutRequest")
+    await service.logout(request.app[PG], body["refresh_token"])
+    return web.Response(status=204)
+
+
+async def get_me(request: web.Request) -> web.Response:
+    p = rbac.caller(request)
+    version, body = await service.read_user(
+        request.app[PG_READ], request.app[USER_CACHE], p, p.user_id
+    )
+    return raw_json_response(body, headers={"ETag": etag(version)})
+
+
+async def get_user(request: web.Request) -> web.Response:
+    p = rbac.caller(request)
+    user_id = path_uuid(request, "user_id", "user")
+    version, body = await service.read_user(
+        request.app[PG_READ], request.app[USER_CACHE], p, user_id
+    )
+    return raw_json_response(body, headers={"ETag": etag(version)})
+
+
+async def change_password(request: web.Request) -> web.Response:
+    p = rbac.caller(request)
+    body = await read_json(request, "PasswordChangeRequest")
+    app = request.app
+    await service.change_password(
+        app[PG], app[HASHER], app[USER_CACHE], p, body["old_password"], body["new_password"],
+        request[REQUEST_ID],
+    )  # fmt: skip
+    return web.Response(status=204)
+
+
+def _search(request: web.Request) -> tuple[str | None, str | None]:
+    """?q= (a literal prefix of username or email) as a LIKE pattern, and ?status=."""
+    q = request.query.get("q")
+    status = request.query.get("status")
+    errors = []
+    if q is not None and not 1 <= len(q) <= 254:
+        errors.append({"field": "q", "message": "must be 1 to 254 characters"})
+    elif q is not None and "\x00" in q:
+        errors.append({"field": "q", "message": "must not contain NUL characters"})
+    if status is not None and status not in STATUSES:
+        errors.append({"field": "status", "message": f"must be one of {', '.join(STATUSES)}"})
+    if errors:
+        raise ValidationFailed(errors, "invalid query parameter")
+    return (prefix_pattern(q) if q else None), status
+
+
+async def list_users(request: web.Request) -> web.Response:
+    p = rbac.caller(request)
+    limit = query_limit(request)
+    after = decode_cursor(request)
+    pattern, status = _search(request)
+    body = await service.list_users(
+        request.app[PG_READ], request.app[USER_VIEWS], p.tenant_id, after, pattern, status, limit
+    )
+    return raw_json_response(body)
+
+
+async def create_user(request: web.Request) -> web.Response:
+    p = rbac.caller(request)
+    rbac.require_admin(p)
+    body = await read_json(request, "CreateUserRequest")
+    app = request.app
+    row, answer = await service.create_user(
+        app[PG], app[HASHER], app[USER_CACHE], p, body, request[REQUEST_ID]
+    )
+    headers = {"ETag": etag(row["version"]), "Location": f"/v1/users/{row['id']}"}
+    return raw_json_response(answer, status=201, headers=headers)
+
+
+async def patch_user(request: web.Request) -> web.Response:
+    p = rbac.caller(request)
+    rbac.require_admin(p)
+    user_id = path_uuid(request, "user_id", "user")
+    version = if_match(request)
+    body = await read_json(request, "PatchUserRequest")
+    row, answer = await service.patch_user(
+        request.app[PG], request.app[USER_CACHE], p, user_id, version, body, request[REQUEST_ID]
+    )
+    return raw_json_response(answer, headers={"ETag": etag(row["version"])})
+
+
+async def delete_user(request: web.Request) -> web.Response:
+    p = rbac.caller(request)
+    rbac.require_admin(p)
+    user_id = path_uuid(request, "user_id", "user")
+    await service.delete_user(
+        request.app[PG], request.app[USER_CACHE], p, user_id, request[REQUEST_ID]
+    )
+    return web.Response(status=204)
+
+
+def _role(request: web.Request) -> str:
+    role = request.match_info["role"]
+    if role not in rbac.RANK:
+        raise ValidationFailed(
+            [{"field": "role", "message": f"must be one of {', '.join(rbac.ROLES)}"}],
+            "unknown role",
+        )
+    return role
+
+
+async def grant_role(request: web.Request) -> web.Response:
+    p = rbac.caller(request)
+    user_id = path_uuid(request, "user_id", "user")
+    role = _role(request)
+    await service.grant_role(
+        request.app[PG], request.app[USER_CACHE], p, user_id, role, request[REQUEST_ID]
+    )
+    return web.Response(status=204)
+
+
+async def revoke_role(request: web.Request) -> web.Response:
+    p = rbac.caller(request)
+    user_id = path_uuid(request, "user_id", "user")
+    role = _role(request)
+    await service.revoke_role(
+        request.app[PG], request.app[USER_CACHE], p, user_id, role, request[REQUEST_ID]
+    )
+    return web.Response(status=204)
