@@ -11,6 +11,7 @@ per caller (tenant and user), like Stripe's per account.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable, Mapping
@@ -23,6 +24,7 @@ from aiohttp import web
 from asyncpg import Connection
 
 from db import payments
+from db.pool import Database
 from server import rbac
 from server.errors import Conflict, ValidationFailed
 from server.keys import PG
@@ -61,6 +63,10 @@ class Scope:
         )
         self.completed = True
 
+    async def drop(self, pg: Database) -> None:
+        """Free the key: the request changed nothing, so its retry runs again."""
+        await payments.drop_idempotency_key(pg, self.tenant_id, self.user_id, self.key)
+
 
 SCOPE = web.RequestKey("idempotency_scope", Scope)
 
@@ -95,43 +101,56 @@ def _check_key(key: str) -> None:
         )
 
 
+async def _claim(request: web.Request, key: str) -> Scope | web.Response:
+    """The key claimed for this request, or the stored answer of the request that has it."""
+    _check_key(key)
+    p = rbac.caller(request)
+    fingerprint = _fingerprint(request, await request.read())
+    row = await payments.claim_idempotency_key(
+        request.app[PG], p.tenant_id, p.user_id, key, fingerprint, ABANDONED_S
+    )
+    if row["claimed"]:
+        return Scope(p.tenant_id, p.user_id, key)
+    if not hmac.compare_digest(row["fingerprint"], fingerprint):
+        raise ValidationFailed(
+            [{"field": HEADER, "message": "was already used with a different request"}],
+            "this Idempotency-Key belongs to another request",
+        )
+    if row["response_status"] is None:
+        raise Conflict("a request with this Idempotency-Key is still being processed")
+    return _replay(row["response_status"], row["response_body"], row["response_headers"])
+
+
+async def _settle(pg: Database, scope: Scope, response: web.StreamResponse) -> None:
+    """After a handler that stored nothing: keep a success that changed nothing (an order
+    already settled), free the key of anything else."""
+    if isinstance(response, web.Response) and 200 <= response.status < 300:
+        assert isinstance(response.body, bytes)
+        async with pg.transaction() as con:
+            await scope.save(con, response.status, response.body, response.headers)
+    else:
+        await scope.drop(pg)
+
+
 def idempotent(handler: Handler) -> Handler:
+    @functools.wraps(handler)
     async def wrapper(request: web.Request) -> web.StreamResponse:
         key = request.headers.get(HEADER)
         if key is None:
             return await handler(request)
-        _check_key(key)
-        p = rbac.caller(request)
+        claimed = await _claim(request, key)
+        if isinstance(claimed, web.Response):
+            return claimed
+        request[SCOPE] = claimed
         pg = request.app[PG]
-        fingerprint = _fingerprint(request, await request.read())
-        row = await payments.claim_idempotency_key(
-            pg, p.tenant_id, p.user_id, key, fingerprint, ABANDONED_S
-        )
-        if not row["claimed"]:
-            if not hmac.compare_digest(row["fingerprint"], fingerprint):
-                raise ValidationFailed(
-                    [{"field": HEADER, "message": "was already used with a different request"}],
-                    "this Idempotency-Key belongs to another request",
-                )
-            if row["response_status"] is None:
-                raise Conflict("a request with this Idempotency-Key is still being processed")
-            return _replay(row["response_status"], row["response_body"], row["response_headers"])
-        scope = Scope(p.tenant_id, p.user_id, key)
-        request[SCOPE] = scope
         try:
             response = await handler(request)
         except BaseException:
-            if not scope.completed:
-                await payments.drop_idempotency_key(pg, p.tenant_id, p.user_id, key)
+            if not claimed.completed:
+                await claimed.drop(pg)
             raise
-        if not scope.completed:
-            # Answers that changed nothing (an order already settled) are stored on their own.
-            if isinstance(response, web.Response) and 200 <= response.status < 300:
-                assert isinstance(response.body, bytes)
-                async with pg.transaction() as con:
-                    await scope.save(con, response.status, response.body, response.headers)
-            else:
-                await payments.drop_idempotency_key(pg, p.tenant_id, p.user_id, key)
+        if not claimed.completed:
+            await _settle(pg, claimed, response)
         return response
 
     return wrapper

@@ -14,7 +14,6 @@ from db.orders import ORDER_STATUSES
 from handlers.orders import service, webhooks
 from handlers.orders.idempotency import Answer, idempotent, scope_of
 from handlers.orders.keys import PAYMENTS
-from handlers.orders.views import product_view as product_view  # until graphql imports views
 from server import rbac
 from server.errors import ValidationFailed
 from server.http import decode_cursor, etag, json_response, path_uuid, query_limit
