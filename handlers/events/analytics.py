@@ -20,7 +20,7 @@ from db import events
 from db.pool import Database
 from handlers.events.api import NAME_RE
 from handlers.events.counters import MINUTE_WINDOW_S, minute_key
-from handlers.events.ingest import parse_ts
+from handlers.events.ingest import is_event_name, parse_ts
 from server import metrics
 from server.errors import ValidationFailed
 from server.http import timestamp
@@ -29,7 +29,6 @@ log = logging.getLogger("surge.analytics")
 
 BUCKETS = {"1m": 60, "1h": 3600, "1d": 86400}
 MAX_BUCKETS = 1440  # a day of minutes, two months of hours, four years of days
-_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +57,7 @@ def parse_counts_query(q: Mapping[str, str], now: float) -> CountsQuery:
     name = q.get("name")
     if name is None:
         errors.append({"field": "name", "message": "is required"})
-    elif not (1 <= len(name) <= 64 and name[0].isalpha() and set(name) <= _NAME_CHARS):
+    elif not is_event_name(name):
         errors.append({"field": "name", "message": f"must match ^{NAME_RE}$"})
     bucket_raw = q.get("bucket", "1m")
     bucket = BUCKETS.get(bucket_raw)

@@ -28,6 +28,10 @@ _SCHEMAS = Validators(SCHEMAS)
 _EMPTY_PROPS = b"\x01{}"  # binary jsonb: a version byte, then the JSON text
 
 
+def is_event_name(value: str) -> bool:
+    return _NAME.fullmatch(value) is not None
+
+
 def parse_ts(raw: str) -> datetime | None:
     """An RFC 3339 timestamp with an offset, as an aware datetime in UTC; else None."""
     if _TS.fullmatch(raw) is None:
