@@ -1,5 +1,5 @@
 """OpenAPI paths and schemas of the GraphQL section (the request schema documents the body;
-handlers/graphql.py checks it itself, to answer in the GraphQL error shape)."""
+routes.py checks it itself, to answer in the GraphQL error shape)."""
 
 from __future__ import annotations
 

@@ -20,9 +20,8 @@ from uuid import UUID
 from db import graphql as gql_db
 from db import orders
 from db.pool import Database
-from handlers.identity.users import user_view
-from handlers.orders.routes import product_view
-from handlers.orders.saga import order_view
+from handlers.identity.views import user_view
+from handlers.orders.views import order_view, product_view
 
 K = TypeVar("K", bound=Hashable)
 Node = dict[str, Any]

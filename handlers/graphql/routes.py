@@ -15,12 +15,11 @@ from graphql import print_schema
 
 from handlers.graphql import service
 from handlers.graphql.schema import SCHEMA
-from handlers.graphql.service import GraphQLRequest, Refused, refused
+from handlers.graphql.service import GraphQLRequest, Refused, refusal
 from server import rbac
 from server.errors import NotFound
+from server.http import JSON, json_response
 from server.keys import CONFIG, LIMITER, PG_READ, RATELIMIT_HEADERS, REQUEST_ID
-
-JSON = "application/json"
 
 # A small explorer, hand-written and self-contained (no CDN, no other asset): paste an access
 # token, write a query, run it, read the schema beside it.
@@ -31,7 +30,6 @@ _BODY_KEYS = frozenset({"query", "variables", "operationName", "extensions"})
 
 async def graphql_post(request: web.Request) -> web.Response:
     caller = rbac.caller(request)
-    config = request.app[CONFIG]
     try:
         query = await _graphql_request(request)
         answer = await service.run_query(
@@ -39,48 +37,43 @@ async def graphql_post(request: web.Request) -> web.Response:
             caller,
             pg=request.app[PG_READ],
             limiter=request.app[LIMITER],
-            config=config,
+            config=request.app[CONFIG],
             limits=request.get(RATELIMIT_HEADERS),
             request_id=request.get(REQUEST_ID, ""),
         )
     except Refused as exc:
         answer = exc.answer
-    return web.Response(
-        body=orjson.dumps(answer.body),
-        status=answer.status,
-        content_type=JSON,
-        headers=answer.headers,
-    )
+    return json_response(answer.body, answer.status, answer.headers)
 
 
 async def _graphql_request(request: web.Request) -> GraphQLRequest:
     """The body as {query, variables?, operationName?, extensions?}, or Refused."""
     if request.content_type != JSON:
-        raise refused(415, "send the query as application/json", "BAD_REQUEST")
+        raise refusal(415, "send the query as application/json", "BAD_REQUEST")
     try:
         body: Any = orjson.loads(await request.read())
     except orjson.JSONDecodeError:
-        raise refused(400, "the body is not valid JSON", "BAD_REQUEST") from None
+        raise refusal(400, "the body is not valid JSON", "BAD_REQUEST") from None
     if not isinstance(body, dict):
-        raise refused(422, "the body must be a JSON object with a `query`", "BAD_REQUEST")
+        raise refusal(422, "the body must be a JSON object with a `query`", "BAD_REQUEST")
     unknown = sorted(set(body) - _BODY_KEYS)
     if unknown:
-        raise refused(
+        raise refusal(
             422,
             f"unknown field {unknown[0]!r}: the body has query, variables, operationName",
             "BAD_REQUEST",
         )
     query = body.get("query")
     if not isinstance(query, str) or not query.strip():
-        raise refused(422, "`query` must be a non-empty string", "BAD_REQUEST")
+        raise refusal(422, "`query` must be a non-empty string", "BAD_REQUEST")
     variables = body.get("variables")
     if variables is None:
         variables = {}
     elif not isinstance(variables, dict):
-        raise refused(422, "`variables` must be a JSON object", "BAD_REQUEST")
+        raise refusal(422, "`variables` must be a JSON object", "BAD_REQUEST")
     name = body.get("operationName")
     if name is not None and not isinstance(name, str):
-        raise refused(422, "`operationName` must be a string", "BAD_REQUEST")
+        raise refusal(422, "`operationName` must be a string", "BAD_REQUEST")
     return GraphQLRequest(query, variables, name or None)
 
 

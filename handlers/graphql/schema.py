@@ -2,7 +2,7 @@
 depth, cost (the most nodes it can return) and argument ranges.
 
 Built on graphql-core directly (docs/PERFORMANCE.md has the measurement against strawberry and
-ariadne). Nodes are dicts (handlers/graphql_loaders.py), so graphql-core's default resolver reads
+ariadne). Nodes are dicts (loaders.py), so graphql-core's default resolver reads
 scalar fields by key; only fields that load something have a resolver here.
 """
 
@@ -35,7 +35,6 @@ from db.ids import parse_uuid
 from db.orders import list_orders
 from db.pool import Database
 from handlers.graphql.loaders import Loaders, Node, order_node, user_node
-from handlers.identity.users import _prefix_pattern
 from server.http import encode_cursor, parse_cursor
 
 MAX_PAGE = 200  # as REST's ?limit=
@@ -202,7 +201,7 @@ def not_found(what: str) -> GraphQLError:
 
 
 def _after(raw: str | None) -> UUID | None:
-    # Already checked by `check_arguments`; None here means no cursor.
+    # Already checked by `measure`; None here means no cursor.
     return None if raw is None else parse_cursor(raw)
 
 
@@ -242,7 +241,7 @@ async def _users(
     q: str | None = None,
 ) -> Node:
     ctx = info.context
-    pattern = _prefix_pattern(q) if q else None
+    pattern = users_db.prefix_pattern(q) if q else None
     rows = await users_db.list_users(ctx.pg, ctx.tenant_id, _after(after), pattern, None, first + 1)
     nodes = [user_node(r) for r in rows]
     for n in nodes[:first]:
@@ -277,9 +276,9 @@ async def _hydrate(ctx: Context, orders: list[Node], wanted: set[str]) -> None:
     """Attach the users, lines and products the query asks for to a list of orders, in one
     batched statement per kind, before graphql-core walks them.
 
-    Resolving them field by field with awaitables works too (the loaders batch either way),
-    but graphql-core then completes every nested value asynchronously: five times the CPU per
-    page in the bench. With everything attached, the whole subtree completes synchronously."""
+    Resolving them field by field with awaitables works too (the loaders batch either way), but
+    graphql-core then completes every nested value asynchronously, which costs far more CPU;
+    with everything attached, the whole subtree completes synchronously."""
     loaders = ctx.loaders
     users = [loaders.users.load(o["_user_id"]) for o in orders] if "user" in wanted else []
     items = [loaders.items.load(o["_id"]) for o in orders] if "items" in wanted else []

@@ -68,7 +68,7 @@ class Refused(Exception):
         self.answer = Answer(status, {"errors": errors}, headers)
 
 
-def refused(
+def refusal(
     status: int, message: str, code: str, headers: Mapping[str, str] | None = None
 ) -> Refused:
     return Refused(status, [{"message": message, "extensions": {"code": code}}], headers)
@@ -168,11 +168,11 @@ async def run_query(
 def _document(query: str, config: Config) -> DocumentNode:
     limit = config.graphql_max_bytes
     if len(query) > limit or len(query.encode()) > limit:
-        raise refused(413, f"the query is larger than {limit} bytes", "QUERY_TOO_LARGE")
+        raise refusal(413, f"the query is larger than {limit} bytes", "QUERY_TOO_LARGE")
     try:
         compiled = DOCUMENTS.get(query, config.graphql_introspection)
     except RecursionError:  # a pathologically nested document
-        raise refused(400, "the query is nested too deeply to parse", "QUERY_TOO_DEEP") from None
+        raise refusal(400, "the query is nested too deeply to parse", "QUERY_TOO_DEEP") from None
     if isinstance(compiled, list):
         raise Refused(400, compiled)
     return compiled
@@ -182,17 +182,17 @@ def _operation(document: DocumentNode, name: str | None) -> OperationDefinitionN
     operations = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
     if name is None:
         if len(operations) != 1:
-            raise refused(
+            raise refusal(
                 422, "the document has several operations: name one in operationName", "BAD_REQUEST"
             )
         found = operations[0]
     else:
         named = [op for op in operations if op.name is not None and op.name.value == name]
         if not named:
-            raise refused(422, f"the document has no operation named {name!r}", "BAD_REQUEST")
+            raise refusal(422, f"the document has no operation named {name!r}", "BAD_REQUEST")
         found = named[0]
     if found.operation is not OperationType.QUERY:  # validation already refuses these
-        raise refused(400, "only queries are served here", "BAD_REQUEST")
+        raise refusal(400, "only queries are served here", "BAD_REQUEST")
     return found
 
 
@@ -219,11 +219,11 @@ def _cost(
     try:
         size = measure(SCHEMA, operation, fragments, coerced, config.graphql_max_depth)
     except QueryRefused as exc:
-        raise refused(422 if exc.code == "BAD_USER_INPUT" else 400, exc.message, exc.code) from None
+        raise refusal(422 if exc.code == "BAD_USER_INPUT" else 400, exc.message, exc.code) from None
     except GraphQLError as exc:  # an argument that does not coerce
         raise Refused(422, [formatted(exc, "BAD_USER_INPUT")]) from None
     if size.cost > config.graphql_max_cost:
-        raise refused(
+        raise refusal(
             400,
             f"the query may return {size.cost} nodes, more than {config.graphql_max_cost}: "
             "ask for fewer (lower `first`)",
@@ -247,7 +247,7 @@ async def _charge(
         limits.update(decision.headers())
     if not decision.allowed:
         metrics.RATELIMITED.labels("graphql").inc()
-        raise refused(
+        raise refusal(
             429,
             f"this query costs {cost} of your rate limit; retry after Retry-After",
             "RATE_LIMITED",
