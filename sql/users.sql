@@ -80,8 +80,8 @@ WHERE tenant_id = $1
 
 -- name: patch_user
 -- Optimistic locking in one statement: the row changes only if its version is still $3 and
--- the caller outranks or equals the target ($7). No row back: handlers/identity/service.py
--- tells why (404, 403 or 412).
+-- the caller outranks or equals the target ($7; the CASE is server/rbac.py's RANK). No row back:
+-- handlers/identity/service.py tells why (404, 403 or 412).
 UPDATE users
 SET username   = coalesce($4, username),
     profile    = coalesce($5, profile),

@@ -92,6 +92,7 @@ SCHEMAS: Json = {
         {
             "username": USERNAME,
             "profile": PROFILE,
+            # Deleting is DELETE /v1/users/{id}, not a status a PATCH sets.
             "status": {"type": "string", "enum": [s for s in STATUSES if s != "deleted"]},
         },
         minProperties=1,
