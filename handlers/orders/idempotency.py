@@ -23,7 +23,7 @@ import orjson
 from aiohttp import web
 from asyncpg import Connection
 
-from db import payments
+from db import idempotency
 from db.pool import Database
 from server import rbac
 from server.errors import Conflict, ValidationFailed
@@ -58,14 +58,14 @@ class Scope:
     ) -> None:
         """Store the response; call inside the transaction that makes the change."""
         kept = {h: headers[h] for h in STORED_HEADERS if h in headers}
-        await payments.complete_idempotency_key(
+        await idempotency.complete_idempotency_key(
             con, self.tenant_id, self.user_id, self.key, status, body, kept
         )
         self.completed = True
 
     async def drop(self, pg: Database) -> None:
         """Free the key: the request changed nothing, so its retry runs again."""
-        await payments.drop_idempotency_key(pg, self.tenant_id, self.user_id, self.key)
+        await idempotency.drop_idempotency_key(pg, self.tenant_id, self.user_id, self.key)
 
 
 SCOPE = web.RequestKey("idempotency_scope", Scope)
@@ -106,7 +106,7 @@ async def _claim(request: web.Request, key: str) -> Scope | web.Response:
     _check_key(key)
     p = rbac.caller(request)
     fingerprint = _fingerprint(request, await request.read())
-    row = await payments.claim_idempotency_key(
+    row = await idempotency.claim_idempotency_key(
         request.app[PG], p.tenant_id, p.user_id, key, fingerprint, ABANDONED_S
     )
     if row["claimed"]:

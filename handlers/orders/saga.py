@@ -35,7 +35,7 @@ from uuid import UUID
 
 from asyncpg import Connection, Record
 
-from db import audit, orders, payments
+from db import audit, idempotency, orders, payments
 from db.pool import Database
 from handlers.orders.provider import (
     BreakerOpen,
@@ -374,7 +374,7 @@ class SagaRunner:
         while True:
             try:
                 await self.sweep()
-                await payments.prune_idempotency_keys(self.pg)
+                await idempotency.prune_idempotency_keys(self.pg)
             except asyncio.CancelledError:
                 raise
             except Exception:
