@@ -72,10 +72,10 @@ class HttpMetrics(Collector):
     route.
 
     Every request updates these three, and prometheus-client's objects take a lock per update
-    and check themselves on every call. Only the event loop's thread updates and reads these numbers (the
-    /metrics handler runs there too), so no lock is needed; they become metric families when
-    scraped. With several workers (multiprocess mode) the numbers must live in prometheus-client's
-    shared files instead: PromHttpMetrics below.
+    and check themselves on every call. Only the event loop's thread updates and reads these
+    numbers (the /metrics handler runs there too), so no lock is needed; they become metric
+    families when scraped. With several workers (multiprocess mode) the numbers must live in
+    prometheus-client's shared files instead: PromHttpMetrics below.
     """
 
     def __init__(self) -> None:

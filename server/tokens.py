@@ -24,12 +24,13 @@ from aiohttp import web
 
 from server.config import Config, parse_jwt_keys
 from server.principal import Principal
+from server.rbac import RANK
 
 log = logging.getLogger("surge.tokens")
 
 ALGORITHM = "HS256"
 TYP = "at+jwt"
-ROLES = frozenset({"owner", "admin", "member"})
+ROLES = frozenset(RANK)
 
 
 class TokenError(Exception):
@@ -120,9 +121,9 @@ class TokenService:
 
     def _verify(self, token: str) -> tuple[Principal, float]:
         """HS256 verification by hand: PyJWT's generic decode is on every request's path
-        (docs/PERFORMANCE.md). Stricter than the generic path: the header segment must be byte for byte one
-        this service issues (so alg, typ and kid are pinned), the signature is compared in
-        constant time on its canonical encoding, then every claim is checked."""
+        (docs/PERFORMANCE.md). Stricter than the generic path: the header segment must be byte
+        for byte one this service issues (so alg, typ and kid are pinned), the signature is
+        compared in constant time on its canonical encoding, then every claim is checked."""
         header_seg, dot, rest = token.partition(".")
         payload_seg, dot2, sig_seg = rest.partition(".")
         key = self._header_keys.get(header_seg)

@@ -79,16 +79,21 @@ def _errors(exc: fastjsonschema.JsonSchemaValueException) -> list[dict[str, str]
     return [{"field": base, "message": message}]
 
 
-async def read_json(request: web.Request, schema_name: str) -> dict[str, Any]:
-    """The request body, parsed and validated against components.schemas[schema_name]."""
+async def read_raw_json(request: web.Request) -> tuple[bytes, Any]:
+    """The raw body and its parsed JSON, not validated: 415 unless JSON, 400 if malformed."""
     ctype = request.content_type
     if ctype != "application/json" and not ctype.endswith("+json"):
         raise UnsupportedMediaType("the request body must be application/json")
     raw = await request.read()  # aiohttp raises 413 past client_max_size
     try:
-        data = orjson.loads(raw)
+        return raw, orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"malformed JSON: {exc.args[0] if exc.args else 'parse error'}") from None
+
+
+async def read_json(request: web.Request, schema_name: str) -> dict[str, Any]:
+    """The request body, parsed and validated against components.schemas[schema_name]."""
+    raw, data = await read_raw_json(request)
     # Validation messages name fields and rules, never values, so a card number in a field of
     # the wrong shape is already refused without being repeated.
     result: dict[str, Any] = request.app[VALIDATORS].validate(schema_name, data)

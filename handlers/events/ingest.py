@@ -11,13 +11,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
 import orjson
-from aiohttp import web
 
 from db.events import CopyRecord, MinuteCounts, pg_micros
 from db.ids import UUID_RE
 from handlers.events.api import MAX_EVENTS, MAX_PROPS_BYTES, MAX_PROPS_KEYS, NAME_RE, SCHEMAS, TS_RE
-from server.errors import BadRequest, ValidationFailed
-from server.validation import UnsupportedMediaType, Validators
+from server.errors import ValidationFailed
+from server.validation import Validators
 
 MAX_SKEW = timedelta(hours=24)
 
@@ -172,16 +171,3 @@ def _refuse(data: Any) -> NoReturn:
             )
     # Nothing left to blame would mean the fast path refused what the schema accepts.
     raise ValidationFailed(errors or [{"field": "events", "message": "is not valid"}])
-
-
-async def read_body(request: web.Request) -> Any:
-    """The parsed JSON body: server.validation.read_json minus the checks after parsing;
-    parse_batch validates in its own loop."""
-    ctype = request.content_type
-    if ctype != "application/json" and not ctype.endswith("+json"):
-        raise UnsupportedMediaType("the request body must be application/json")
-    raw = await request.read()
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"malformed JSON: {exc.args[0] if exc.args else 'parse error'}") from None

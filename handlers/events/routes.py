@@ -8,11 +8,12 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from handlers.events.analytics import bucket_counts, counts_view, parse_counts_query
-from handlers.events.ingest import parse_batch, read_body
+from handlers.events.ingest import parse_batch
 from handlers.events.keys import EVENT_WRITER, LIVE_HUB
 from server import rbac
 from server.http import json_response, raw_json_response
 from server.keys import CONFIG, PG_READ, RATELIMIT_HEADERS, REDIS, REQUEST_ID
+from server.validation import read_raw_json
 
 
 async def post_events(request: web.Request) -> web.Response:
@@ -22,7 +23,9 @@ async def post_events(request: web.Request) -> web.Response:
     # No name for the parsed body: its dicts are freed here, not kept through the wait for the
     # commit, where they would survive into the cyclic GC's oldest generation and make every
     # full collection (which scans the whole heap) come sooner.
-    records, counts = parse_batch(await read_body(request), str(p.tenant_id), datetime.now(UTC))
+    records, counts = parse_batch(
+        (await read_raw_json(request))[1], str(p.tenant_id), datetime.now(UTC)
+    )
     await writer.submit(records, counts)
     return raw_json_response(b'{"accepted":%d}' % len(records), status=202)
 
