@@ -71,7 +71,14 @@ def path_uuid(request: web.Request, name: str, what: str) -> uuid.UUID:
     return value
 
 
-def query_limit(request: web.Request, default: int = 50, maximum: int = 200) -> int:
+# Lists: ?limit= from 1 to MAX_PAGE_SIZE, DEFAULT_PAGE_SIZE when absent (GraphQL's `first` too).
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 200
+
+
+def query_limit(
+    request: web.Request, default: int = DEFAULT_PAGE_SIZE, maximum: int = MAX_PAGE_SIZE
+) -> int:
     raw = request.query.get("limit")
     if raw is None:
         return default

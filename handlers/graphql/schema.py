@@ -35,10 +35,8 @@ from db.ids import parse_uuid
 from db.orders import list_orders
 from db.pool import Database
 from handlers.graphql.loaders import Loaders, Node, order_node, user_node
-from server.http import encode_cursor, parse_cursor
+from server.http import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, encode_cursor, parse_cursor
 
-MAX_PAGE = 200  # as REST's ?limit=
-DEFAULT_PAGE = 50
 MAX_ORDER_ITEMS = 100  # CreateOrderRequest's maxItems: what `items` counts when not told less
 
 SDL = '''"""
@@ -236,7 +234,7 @@ async def _user(_root: None, info: Info, id: str) -> Node:
 async def _users(
     _root: None,
     info: Info,
-    first: int = DEFAULT_PAGE,
+    first: int = DEFAULT_PAGE_SIZE,
     after: str | None = None,
     q: str | None = None,
 ) -> Node:
@@ -298,7 +296,7 @@ async def _hydrate(ctx: Context, orders: list[Node], wanted: set[str]) -> None:
 async def _orders(
     _root: None,
     info: Info,
-    first: int = DEFAULT_PAGE,
+    first: int = DEFAULT_PAGE_SIZE,
     after: str | None = None,
     status: str | None = None,
 ) -> Node:
@@ -368,9 +366,9 @@ def _list_bound(type_name: str, field_name: str, args: dict[str, Any]) -> int:
     """How many elements a list field can return, checking the argument that bounds it."""
     if type_name == "Query" and field_name in ("users", "orders"):
         first = args.get("first")
-        if first is None or not 1 <= first <= MAX_PAGE:
+        if first is None or not 1 <= first <= MAX_PAGE_SIZE:
             raise QueryRefused(
-                f"`first` of {field_name} must be from 1 to {MAX_PAGE}", "BAD_USER_INPUT"
+                f"`first` of {field_name} must be from 1 to {MAX_PAGE_SIZE}", "BAD_USER_INPUT"
             )
         after = args.get("after")
         if after is not None and parse_cursor(after) is None:
