@@ -294,7 +294,8 @@ def _rows() -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
 
 def lib_bench(n: int) -> dict[str, float]:
     """Microseconds per execution of QUERY over the same in-memory rows, per library; each gets
-    its own idiomatic path (graphql-core: a cached parsed document, as handlers/graphql/service.py)."""
+    its own idiomatic path (graphql-core: a cached parsed document, as
+    handlers/graphql/service.py)."""
     orders, users, products = _rows()
 
     def page(first: int) -> dict[str, Any]:

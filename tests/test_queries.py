@@ -39,8 +39,9 @@ def test_every_shipped_file_loads(path: str) -> None:
 
 
 def test_a_page_and_its_versions_select_the_same_rows() -> None:
-    """list_user_versions is list_users' page as (id, version) pairs (handlers/identity/views.py ViewMemo):
-    the two must filter, order and limit alike, or a memoized page would differ from a read one."""
+    """list_user_versions is list_users' page as (id, version) pairs (ViewMemo in
+    handlers/identity/views.py): the two must filter, order and limit alike, or a memoized page
+    would differ from a read one."""
     q = load("users.sql")
     full, versions = q["list_users"], q["list_user_versions"]
     assert full.startswith("SELECT id, tenant_id, ") and versions.startswith("SELECT id, version\n")
