@@ -144,38 +144,44 @@ def looks_like_card(value: str) -> bool:
     return False
 
 
-def _card_path(value: Any, path: str) -> str | None:
-    """The path of the first string or integer that passes for a card number, else None."""
-    if isinstance(value, str):
-        return path if looks_like_card(value) else None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return path if looks_like_card(str(abs(value))) else None
+def _first_path(
+    value: Any, path: str, bad: Callable[[Any], bool], bad_key: Callable[[str], bool]
+) -> str | None:
+    """The path of the first leaf `bad` refuses (or of the object holding a key `bad_key`
+    refuses), else None."""
     if isinstance(value, dict):
         for k, v in value.items():
-            found = _card_path(v, _join(path, str(k)))
+            if bad_key(str(k)):
+                return path  # a bad key: name the object that holds it
+            found = _first_path(v, _join(path, str(k)), bad, bad_key)
             if found is not None:
                 return found
+        return None
     if isinstance(value, list):
         for i, v in enumerate(value):
-            found = _card_path(v, f"{path}[{i}]")
+            found = _first_path(v, f"{path}[{i}]", bad, bad_key)
             if found is not None:
                 return found
-    return None
+        return None
+    return path if bad(value) else None
+
+
+def _is_card(value: Any) -> bool:
+    if isinstance(value, str):
+        return looks_like_card(value)
+    return (
+        isinstance(value, int) and not isinstance(value, bool) and looks_like_card(str(abs(value)))
+    )
+
+
+def _has_nul(value: Any) -> bool:
+    return isinstance(value, str) and "\x00" in value
+
+
+def _card_path(value: Any, path: str) -> str | None:
+    """The path of the first string or integer that passes for a card number, else None."""
+    return _first_path(value, path, _is_card, lambda key: False)
 
 
 def _nul_path(value: Any, path: str) -> str | None:
-    if isinstance(value, str):
-        return path if "\x00" in value else None
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if "\x00" in str(k):
-                return path  # a bad key: name the object that holds it
-            found = _nul_path(v, _join(path, str(k)))
-            if found is not None:
-                return found
-    if isinstance(value, list):
-        for i, v in enumerate(value):
-            found = _nul_path(v, f"{path}[{i}]")
-            if found is not None:
-                return found
-    return None
+    return _first_path(value, path, _has_nul, lambda key: "\x00" in key)

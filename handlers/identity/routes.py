@@ -5,6 +5,8 @@ Each handler reads its input, calls one function of service.py and answers.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from aiohttp import web
 
 from db.users import STATUSES, prefix_pattern
@@ -175,20 +177,18 @@ def _role(request: web.Request) -> str:
 
 
 async def grant_role(request: web.Request) -> web.Response:
-    p = rbac.caller(request)
-    user_id = path_uuid(request, "user_id", "user")
-    role = _role(request)
-    await service.grant_role(
-        request.app[PG], request.app[USER_CACHE], p, user_id, role, request[REQUEST_ID]
-    )
-    return web.Response(status=204)
+    return await _change_role(request, service.grant_role)
 
 
 async def revoke_role(request: web.Request) -> web.Response:
+    return await _change_role(request, service.revoke_role)
+
+
+async def _change_role(
+    request: web.Request, change: Callable[..., Awaitable[None]]
+) -> web.Response:
     p = rbac.caller(request)
     user_id = path_uuid(request, "user_id", "user")
     role = _role(request)
-    await service.revoke_role(
-        request.app[PG], request.app[USER_CACHE], p, user_id, role, request[REQUEST_ID]
-    )
+    await change(request.app[PG], request.app[USER_CACHE], p, user_id, role, request[REQUEST_ID])
     return web.Response(status=204)
