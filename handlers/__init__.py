@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from handlers import ops
-from handlers.api import SPEC
+from handlers.api import SPEC, validators
 from handlers.events import contexts as events_contexts
 from handlers.events import routes as events_routes
 from handlers.graphql import routes as graphql_routes
@@ -60,6 +60,6 @@ routes = [
     get("/graphql/schema.graphql", graphql_routes.graphql_schema, page=True),
 ]
 
-__all__ = ["SPEC", "contexts", "routes"]
+__all__ = ["SPEC", "contexts", "routes", "validators"]
 
 contexts = [identity_contexts.contexts, events_contexts.contexts, orders_contexts.contexts]

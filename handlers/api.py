@@ -11,6 +11,7 @@ from handlers.graphql import api as graphql_api
 from handlers.identity import api as identity_api
 from handlers.orders import api as orders_api
 from server.openapi import Json, document, json_content, op, ref
+from server.validation import Validators
 
 OPS_SCHEMAS: Json = {
     "Health": {
@@ -106,3 +107,6 @@ SPEC: Json = document(
         (orders_api.PATHS, orders_api.SCHEMAS),
     ]
 )
+
+# Compiled once per process, shared by every app create_app builds.
+validators = Validators(SPEC["components"]["schemas"])

@@ -23,7 +23,7 @@ from server.routes import Route
 from server.state import Lifecycle
 from server.tokens import TOKENS, TokenService
 from server.tracing import Tracing, instrument_redis
-from server.validation import VALIDATORS, Validators
+from server.validation import VALIDATORS
 
 # The chain that wraps each route's handler; add_routes reads it.
 CHAIN = web.AppKey("chain", Chain)
@@ -119,7 +119,7 @@ def create_app(config: Config, *, access_log: AccessLog | None = None) -> web.Ap
     tracing = Tracing(config) if config.otel_exporter_otlp_endpoint else None
     app = web.Application(client_max_size=config.max_body_bytes)
     app[CONFIG] = config
-    app[VALIDATORS] = Validators(handlers.SPEC["components"]["schemas"])
+    app[VALIDATORS] = handlers.validators
     app[CHAIN] = Chain(
         access_log, FairGate(config.max_in_flight, config.shed_queue_timeout_ms / 1000), tracing
     )

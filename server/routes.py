@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import cast
 
 from aiohttp import web
@@ -77,24 +78,11 @@ def plain_handler_of(route: Route) -> PlainHandler:
     return cast(PlainHandler, route.handler)
 
 
-def get(path: str, handler: Handler | PlainHandler, **policy: bool) -> Route:
-    return route("GET", path, handler, **policy)
-
-
-def post(path: str, handler: Handler | PlainHandler, **policy: bool) -> Route:
-    return route("POST", path, handler, **policy)
-
-
-def put(path: str, handler: Handler | PlainHandler, **policy: bool) -> Route:
-    return route("PUT", path, handler, **policy)
-
-
-def patch(path: str, handler: Handler | PlainHandler, **policy: bool) -> Route:
-    return route("PATCH", path, handler, **policy)
-
-
-def delete(path: str, handler: Handler | PlainHandler, **policy: bool) -> Route:
-    return route("DELETE", path, handler, **policy)
+get = partial(route, "GET")
+post = partial(route, "POST")
+put = partial(route, "PUT")
+patch = partial(route, "PATCH")
+delete = partial(route, "DELETE")
 
 
 __all__ = ["Handler", "PlainHandler", "Route", "delete", "get", "patch", "post", "put", "route"]
