@@ -165,6 +165,18 @@ class Config:
         1024,
         "Prepared statements kept per connection; 0 behind PgBouncer in transaction mode",
     )
+    pg_max_lifetime_s: float = _setting(
+        "PG_MAX_LIFETIME_S",
+        _float(0, 86_400),
+        1800.0,
+        "A pooled connection is replaced after this long (new DNS, failover); 0: never",
+    )
+    pg_max_idle_s: float = _setting(
+        "PG_MAX_IDLE_S",
+        _float(0, 86_400),
+        300.0,
+        "A pooled connection idle this long is closed (down to PG_POOL_MIN); 0: never",
+    )
     max_body_bytes: int = _setting(
         "MAX_BODY_BYTES", _int(1024, 1 << 30), 1 << 20, "Largest request body; bigger is 413"
     )
@@ -176,6 +188,30 @@ class Config:
         _int(0, 600_000),
         100,
         "A request waiting longer than this for a slot is shed with 503",
+    )
+    body_read_timeout_s: float = _setting(
+        "BODY_READ_TIMEOUT_S",
+        _float(0.1, 3600),
+        10.0,
+        "A request body that has not fully arrived this long after the head is 408",
+    )
+    header_timeout_s: float = _setting(
+        "HEADER_TIMEOUT_S",
+        _float(0.1, 3600),
+        10.0,
+        "A connection that has not sent a whole request head this long after it opened is closed",
+    )
+    keepalive_timeout_s: float = _setting(
+        "KEEPALIVE_TIMEOUT_S",
+        _float(0.1, 3600),
+        75.0,
+        "An idle keep-alive connection is closed after this long",
+    )
+    max_connections_per_ip: int = _setting(
+        "MAX_CONNECTIONS_PER_IP",
+        _int(0, 1_000_000),
+        256,
+        "Open connections one client address may hold per process; 0: no cap",
     )
     rate_limit_backend: str = _setting(
         "RATE_LIMIT_BACKEND",
@@ -194,6 +230,12 @@ class Config:
         _int(1, 1_000_000_000),
         30,
         "signup/login/refresh attempts per minute per IP (and per email)",
+    )
+    webhook_rate_limit_rate: float = _setting(
+        "WEBHOOK_RATE_LIMIT_RATE",
+        _float(0.001, 1e9),
+        1000.0,
+        "Signed payment webhooks accepted per second (their own bucket, after the signature check)",
     )
     trust_forwarded_for: bool = _setting(
         "TRUST_FORWARDED_FOR",
