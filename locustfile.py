@@ -1,7 +1,7 @@
 """Load scenarios for any Surge deployment.
 
     locust -f locustfile.py --host http://127.0.0.1:8080 --headless -u 50 -r 10 -t 1m --csv out
-    locust -f locustfile.py --host ... FrontendUser   # one scenario (or --tags frontend)
+    locust -f locustfile.py --host ... FrontendUser   # one scenario, or --tags admin alone
 
 Weights follow real traffic: mostly frontend users browsing, some event-sending clients, few
 admins. Every user signs up its own tenant on start (argon2 makes that deliberately slow), so
@@ -18,7 +18,9 @@ import time
 import uuid
 from typing import Any
 
-from locust import FastHttpUser, between, tag, task
+from locust import FastHttpUser, between, events, tag, task
+from locust.env import Environment
+from locust.user.task import filter_tasks_by_tags
 
 PASSWORD = "load-test password"
 _seq = itertools.count()
@@ -27,6 +29,22 @@ _run = uuid.uuid4().hex[:8]
 
 def _unique(prefix: str) -> str:
     return f"{prefix}{_run}{os.getpid()}x{next(_seq)}"
+
+
+@events.init.add_listener
+def _drop_untagged_scenarios(environment: Environment, **_: Any) -> None:
+    """`--tags admin` alone runs the scenarios that have admin tasks: a class the tags leave
+    without tasks is dropped instead of failing every spawn with "No tasks defined"."""
+    options = environment.parsed_options
+    tags = set(getattr(options, "tags", None) or ())
+    exclude = set(getattr(options, "exclude_tags", None) or ())
+    if not tags and not exclude:
+        return
+    for user_class in environment.user_classes:
+        filter_tasks_by_tags(user_class, tags or None, exclude or None)
+    kept = [u for u in environment.user_classes if u.tasks]
+    if kept:  # none left: let locust say so in its own words
+        environment.user_classes[:] = kept
 
 
 class SurgeUser(FastHttpUser):

@@ -115,3 +115,27 @@ def test_scenario_runs_without_failures(server_url: str, scenario: str, tmp_path
     if scenario == "frontend":  # the shop journey ran too, and paid without failures
         assert {"/v1/orders", "/v1/orders/{id}/pay", "/v1/orders/{id}"} <= ran, sorted(ran)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_tag_alone_selects_its_scenarios(server_url: str, tmp_path: Path) -> None:
+    """`--tags admin` with no class named: the classes without admin tasks are left out, not
+    spawned to fail with "No tasks defined"."""
+    prefix = tmp_path / "tagged"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "locust", "-f", str(ROOT / "locustfile.py"),
+            "--headless", "--host", server_url, "--tags", "admin",
+            "-u", "4", "-r", "4", "-t", "3s", "--stop-timeout", "5",
+            "--csv", str(prefix), "--only-summary", "--loglevel", "WARNING",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert "No tasks defined" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(f"{prefix}_stats.csv") as f:
+        ran = {r["Name"] for r in csv.DictReader(f) if int(r["Request Count"]) > 0}
+    assert "/v1/users [create]" in ran, sorted(ran)  # the admin scenario ran
+    assert not ran & (SCENARIO_ENDPOINTS["events"] | {"/v1/orders/{id}/pay"}), sorted(ran)
