@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from types import ModuleType
 
@@ -31,8 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "env":
-        for name, default, doc in settings_table():
-            print(f"{name}={default}\t# {doc}")
+        lines = "".join(f"{name}={default}\t# {doc}\n" for name, default, doc in settings_table())
+        try:
+            sys.stdout.write(lines)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `surge env | head`: the reader has all it wanted
+            # Python's documented remedy: point stdout at devnull so the flush at exit is quiet
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
     try:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -97,3 +98,23 @@ def test_help_lists_the_commands() -> None:
     assert proc.returncode == 0
     for command in ("serve", "migrate"):
         assert command in proc.stdout
+
+
+def test_env_into_a_closed_pipe_is_quiet() -> None:
+    """`python -m server env | head -1`: the reader leaves early; no BrokenPipeError traceback.
+    The pipe's reading end is closed before the command starts, so every write meets EPIPE."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "server", "env"],
+            cwd=ROOT,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.stderr == ""
+    assert proc.returncode == 0
