@@ -32,11 +32,14 @@ FROM ${RUNTIME_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 surge \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin surge
+# One worker unless told otherwise: scale with replicas, or set WORKERS=0 to follow the
+# container's CPU quota (cgroup cpu.max), never the host's core count.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOST=0.0.0.0 \
-    PORT=8080
+    PORT=8080 \
+    WORKERS=1
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
 # Source owned by root and read-only to the server's user; byte-compiled now because the root

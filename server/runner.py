@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import math
 import os
 import secrets
 import select
@@ -43,11 +44,33 @@ from server.tls import server_context
 log = logging.getLogger("surge")
 
 
-def usable_cores() -> int:
-    """The cores this process may run on: taskset, cpusets and containers' cpuset limits count."""
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may use: its CPU affinity (taskset, cpusets), capped by the CPU
+    quota of its container (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us`), rounded up. A pod
+    limited to 2 CPUs on a 64-core node gets 2 workers, not 64."""
     if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1  # pragma: no cover (not Linux)
+        cores = max(1, len(os.sched_getaffinity(0)))
+    else:  # pragma: no cover (not Linux)
+        cores = os.cpu_count() or 1
+    quota = _cpu_quota(cgroup)
+    return cores if quota is None else max(1, min(cores, math.ceil(quota)))
+
+
+def _cpu_quota(cgroup: Path) -> float | None:
+    """CPUs the cgroup may use per period, or None when unlimited or unknown."""
+    try:
+        limit, period = (cgroup / "cpu.max").read_text().split()[:2]  # v2: "max 100000"
+    except (OSError, ValueError):
+        try:  # v1
+            limit = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        quota, per = int(limit), int(period)
+    except ValueError:  # "max"
+        return None
+    return quota / per if quota > 0 and per > 0 else None
 
 
 def resolve_services(

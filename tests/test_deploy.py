@@ -185,6 +185,7 @@ def test_dockerfile_runtime_contract() -> None:
     assert json.loads(steps["CMD"]) == ["python", "-m", "server", "serve"]
     env = " ".join(rest for keyword, rest in stages()[-1][2] if keyword == "ENV")
     assert re.search(r"\bHOST=0\.0\.0\.0\b", env) and re.search(r"\bPORT=8080\b", env)
+    assert re.search(r"\bWORKERS=1\b", env), "one worker unless told otherwise"
     health = steps["HEALTHCHECK"]
     assert "urllib.request" in health and "/healthz" in health and "curl" not in health
     assert "--start-period" in health
@@ -299,16 +300,20 @@ def test_k8s_manifests_match_the_api_schemas() -> None:
 
 def test_k8s_env_names_are_real_settings_and_values_parse() -> None:
     config_map = k8s("ConfigMap")["data"]
-    secret = k8s("Secret")["stringData"]
+    secret = k8s("Secret", "surge-secrets")["stringData"]
     assert set(config_map) <= SETTINGS, f"not settings: {set(config_map) - SETTINGS}"
     assert set(secret) <= SETTINGS, f"not settings: {set(secret) - SETTINGS}"
     assert not set(config_map) & SECRET_SETTINGS, "secrets belong in the Secret"
     assert {"DATABASE_URL", "REDIS_URL", "JWT_KEYS"} <= set(secret)
+    # without these the pods answer /pay with 503
+    assert {"PAYMENTS_URL", "PAYMENTS_API_KEY", "PAYMENTS_WEBHOOK_SECRET"} <= set(secret)
+    assert set(k8s("Secret", "surge-migrate-secrets")["stringData"]) == {"DATABASE_MIGRATION_URL"}
     assert all(isinstance(v, str) for v in (config_map | secret).values()), "quote every value"
     env = pod_env(k8s("Deployment")["spec"]["template"]["spec"])
     config = Config.from_env(env)  # every value casts, as the process will cast it
     assert config.host == "0.0.0.0" and config.port == 8080
     assert config.rate_limit_backend == "redis", "replicas share one bucket per principal"
+    assert config.migrate_on_start is False, "the Job migrates; pods never race it"
 
 
 def test_deployment_probes_ports_and_shutdown() -> None:
@@ -373,7 +378,15 @@ def test_migration_job_runs_migrate_with_the_same_settings() -> None:
     assert container["command"] == ["python", "-m", "server", "migrate"]
     assert pod["restartPolicy"] == "Never"
     deployment_pod = k8s("Deployment")["spec"]["template"]["spec"]
-    assert container["envFrom"] == deployment_pod["containers"][0]["envFrom"]
+    served = deployment_pod["containers"][0]["envFrom"]
+    # the pods' settings, plus the Job's own optional Secret (the schema owner's URL), which
+    # the pods never mount
+    assert container["envFrom"][: len(served)] == served
+    assert container["envFrom"][len(served) :] == [
+        {"secretRef": {"name": "surge-migrate-secrets", "optional": True}}
+    ]
+    assert pod_env(pod)["DATABASE_MIGRATION_URL"].startswith("postgresql://")
+    assert "DATABASE_MIGRATION_URL" not in pod_env(deployment_pod)
     assert container["image"] == deployment_pod["containers"][0]["image"]
 
 
@@ -400,6 +413,9 @@ def test_service_hpa_pdb_and_network_policy_select_the_pods() -> None:
     assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
     ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
     assert ports == {8080}
+    egress = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
+    # DNS, PostgreSQL, PgBouncer, Redis, the payment provider (HTTPS), OTLP/HTTP
+    assert egress == {53, 5432, 6432, 6379, 443, 4318}
 
 
 def test_kustomization_lists_the_manifests_but_not_the_example_secret() -> None:
