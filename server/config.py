@@ -285,6 +285,12 @@ class Config:
     log_level: str = _setting(
         "LOG_LEVEL", _choice("debug", "info", "warning", "error"), "info", "Application log level"
     )
+    log_format: str = _setting(
+        "LOG_FORMAT",
+        _choice("json", "console"),
+        "json",
+        "json: one JSON object per log line; console: plain text for a terminal",
+    )
     jwt_keys: str = _setting(
         "JWT_KEYS",
         _str,
