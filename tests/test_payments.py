@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient
 
 from bench.fake_provider import FakeProvider, sign
 from handlers.orders.keys import PAYMENTS
+from server import metrics
 from server.app import create_app
 from server.config import Config
 
@@ -756,6 +757,67 @@ async def test_webhook_signatures(
     if status == 400:
         problem = await resp.json()
         assert set(problem) == {"type", "title", "status", "detail", "request_id"}
+
+
+async def _spend_the_ip_bucket(client: TestClient) -> None:
+    """The general per-IP bucket of the test client's address, spent."""
+    for _ in range(50):
+        if (await client.get("/v1/no-such-thing")).status == 429:
+            return
+    raise AssertionError("the general bucket never refused")
+
+
+async def test_webhooks_are_not_in_the_general_per_ip_bucket(
+    make_shop: MakeShop, config: Config
+) -> None:
+    # A shop load from the provider's address (or any address sharing it) must not starve
+    # the provider's deliveries.
+    client, owner = await make_shop(webhooks=False, rate_limit_rate=0.01, rate_limit_burst=5)
+    oid, _ = await _paying_order(client, owner, config)
+    await _spend_the_ip_bucket(client)
+    for n, kind in enumerate(("authorized", "captured", "captured")):
+        resp = await client.post(
+            "/v1/webhooks/payments",
+            data=(body := _event(f"evt_ip{n}", kind, owner.tenant_id, oid)),
+            headers={"Surge-Signature": sign(SECRET, body, int(time.time()))},
+        )
+        assert resp.status == 200, await resp.text()
+        assert "RateLimit-Limit" not in resp.headers  # not the general bucket's answer
+    assert (await client.get("/v1/no-such-thing")).status == 429  # still spent
+
+
+@pytest.mark.parametrize("backend", ["local", "redis"])
+async def test_the_webhook_bucket_counts_only_signed_deliveries(
+    make_shop: MakeShop, config: Config, backend: str
+) -> None:
+    client, owner = await make_shop(
+        webhooks=False, webhook_rate_limit_rate=0.01, rate_limit_backend=backend
+    )  # a bucket of one delivery, refilled in 100 s
+    oid, _ = await _paying_order(client, owner, config)
+    before = metrics.RATELIMITED.labels("webhook")._value.get()
+
+    async def deliver(n: int, signed: bool) -> Any:
+        body = _event(f"evt_b{n}", "captured", owner.tenant_id, oid)
+        signature = sign(SECRET if signed else "whsec_forged", body, int(time.time()))
+        return await client.post(
+            "/v1/webhooks/payments", data=body, headers={"Surge-Signature": signature}
+        )
+
+    # an unsigned flood first: every one 400, and none of them takes the provider's budget
+    assert [(await deliver(n, False)).status for n in range(5)] == [400] * 5
+    assert (await deliver(10, True)).status == 200
+    refused = await deliver(11, True)
+    assert refused.status == 429
+    assert refused.headers["Content-Type"] == "application/problem+json"
+    assert 99 <= int(refused.headers["Retry-After"]) <= 100
+    assert refused.headers["RateLimit-Limit"] == "1"
+    assert refused.headers["RateLimit-Remaining"] == "0"
+    assert (await refused.json())["detail"] == (
+        "webhook rate limit exceeded; retry after the Retry-After delay"
+    )
+    # past the limit an unsigned request is still 400, not 429
+    assert (await deliver(12, False)).status == 400
+    assert metrics.RATELIMITED.labels("webhook")._value.get() == before + 1
 
 
 async def test_duplicate_and_out_of_order_webhooks(make_shop: MakeShop, config: Config) -> None:
