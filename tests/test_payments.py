@@ -15,6 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from bench.fake_provider import FakeProvider, sign
+from handlers.orders import saga
 from handlers.orders.keys import PAYMENTS
 from server import metrics
 from server.app import create_app
@@ -474,6 +475,56 @@ async def test_crash_between_authorize_and_capture_resumes_without_double_charge
     assert final["status"] == "paid"
     assert ops(provider) == ["authorize", "capture"]
     assert [op for op, _ in provider.requests].count("authorize") == 1
+
+
+async def _stale_sagas(client: TestClient, owner: Actor, config: Config, n: int) -> list[str]:
+    """n orders in `paying` whose saga's process died: their leases ran out a second ago."""
+    pid = await product(client, owner, stock=n)
+    oids = [await order(client, owner, pid, quantity=1) for _ in range(n)]
+    con = await asyncpg.connect(config.database_url)
+    try:
+        async with con.transaction():
+            await con.execute(
+                "UPDATE orders SET status = 'paying' WHERE id = ANY($1::uuid[])", oids
+            )
+            await con.executemany(
+                "INSERT INTO payments (tenant_id, order_id, step, payment_method, amount_cents,"
+                " currency, lease_until) VALUES ($1, $2, 'authorizing', 'pm_card_visa', 1250,"
+                " 'EUR', now() - interval '1 second')",
+                [(owner.tenant_id, oid) for oid in oids],
+            )
+    finally:
+        await con.close()
+    return oids
+
+
+async def test_sagas_resumed_together_are_spread_over_a_window(
+    make_shop: MakeShop, provider: FakeProvider, config: Config
+) -> None:
+    # A long lease: the app's own sweeper ran at start-up and sleeps past this test, so the
+    # sweep below is the one that finds the stale sagas.
+    client, owner = await make_shop(payments_saga_lease_s=600.0)
+    n = 40
+    oids = await _stale_sagas(client, owner, config, n)
+    runner = client.app[PAYMENTS]
+    delays = await runner.sweep()
+    assert sorted(str(order_id) for _, order_id in delays) == sorted(oids)
+    # One start in each 1/RESUME_PER_S slot of a window of n / RESUME_PER_S seconds: never
+    # all at once, and no faster than RESUME_PER_S a second.
+    slot = 1 / saga.RESUME_PER_S
+    for i, delay in enumerate(sorted(delays.values())):
+        assert i * slot <= delay < (i + 1) * slot
+    for oid in oids:
+        assert (await settled(client, owner, oid))["status"] == "paid"
+    assert ops(provider).count("authorize") == n
+
+
+def test_resume_delays_fit_in_half_a_lease() -> None:
+    # So a sweep's batch has started before the next sweep (every half lease) looks again.
+    delays = saga.resume_delays(100, lease_s=2.0)
+    assert len(delays) == 100 and max(delays) < 1.0
+    assert all(i / 100 <= d < (i + 1) / 100 for i, d in enumerate(delays))
+    assert saga.resume_delays(0, lease_s=2.0) == []
 
 
 async def test_pay_without_a_provider_is_503(aiohttp_client: Any, config: Config) -> None:
