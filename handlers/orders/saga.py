@@ -403,6 +403,12 @@ class SagaRunner:
         delays = dict(zip(keys, resume_delays(len(keys), self.lease_s), strict=True))
         for (tenant_id, order_id), delay in delays.items():
             self.start(tenant_id, order_id, delay_s=delay)
+        if delays:
+            log.info(
+                "resuming %d sagas whose lease ran out, over %.1f s",
+                len(delays),
+                max(delays.values()),
+            )
         return delays
 
     async def _sweep_forever(self) -> None:
