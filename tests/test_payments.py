@@ -519,6 +519,29 @@ async def test_sagas_resumed_together_are_spread_over_a_window(
     assert ops(provider).count("authorize") == n
 
 
+async def test_shutdown_leaves_alone_the_lease_of_a_saga_still_waiting_its_turn(
+    make_shop: MakeShop, config: Config
+) -> None:
+    client, owner = await make_shop(payments_saga_lease_s=600.0)
+    [oid] = await _stale_sagas(client, owner, config, 1)
+    runner = client.app[PAYMENTS]
+    runner.start(uuid.UUID(owner.tenant_id), uuid.UUID(oid), delay_s=60.0)
+    con = await asyncpg.connect(config.database_url)
+    try:
+        # meanwhile another process took the saga: its lease is live
+        await con.execute(
+            "UPDATE payments SET lease_until = now() + interval '1 minute' WHERE order_id = $1",
+            oid,
+        )
+        await runner.close()
+        live = await con.fetchval(
+            "SELECT lease_until > now() FROM payments WHERE order_id = $1", oid
+        )
+    finally:
+        await con.close()
+    assert live is True
+
+
 def test_resume_delays_fit_in_half_a_lease() -> None:
     # So a sweep's batch has started before the next sweep (every half lease) looks again.
     delays = saga.resume_delays(100, lease_s=2.0)
