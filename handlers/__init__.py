@@ -2,6 +2,7 @@
 
     (default)    an API call: shed under overload, rate limited, needs an access token
     public=True  no access token needed; still shed and rate limited
+    own_limit=True  public, not in the general per-address bucket: the handler limits itself
     page=True    a page for a browser: shed, no token, no rate limit
     ops=True     probes, scrape, docs: never shed, rate limited or authenticated
     stream=True  long-lived: not shed (capped by its own limit)
@@ -53,7 +54,7 @@ routes = [
     get("/v1/orders/{order_id}", orders_routes.get_order),
     post("/v1/orders/{order_id}/pay", orders_routes.pay_order),
     post("/v1/orders/{order_id}/cancel", orders_routes.cancel_order),
-    post("/v1/webhooks/payments", orders_routes.payments_webhook, public=True),
+    post("/v1/webhooks/payments", orders_routes.payments_webhook, own_limit=True),
     get("/v1/audit", orders_routes.list_audit),
     post("/graphql", graphql_routes.graphql_post),
     get("/graphql", graphql_routes.graphql_explorer, page=True),

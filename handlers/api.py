@@ -28,7 +28,9 @@ OPS_SCHEMAS: Json = {
                 "type": "object",
                 "properties": {
                     "postgres": {"type": "string", "enum": ["ok", "error"]},
-                    "redis": {"type": "string", "enum": ["ok", "error"]},
+                    # degraded: Redis does not answer; the replica still serves (local
+                    # rate limits, no cache), so this alone never makes /readyz 503.
+                    "redis": {"type": "string", "enum": ["ok", "degraded"]},
                 },
             },
         },
@@ -47,12 +49,17 @@ OPS_PATHS: Json = {
     },
     "/readyz": {
         "get": op(
-            "Readiness: PostgreSQL and Redis answer and the process is not draining",
+            "Readiness: PostgreSQL answers and the process is not draining",
             "ops",
             {
-                "200": json_content("Ready", ref("Readiness")),
+                "200": json_content(
+                    "Ready; `checks.redis` is `degraded` while Redis does not answer",
+                    ref("Readiness"),
+                ),
                 "503": json_content(
-                    "Not ready; `checks` says which dependency failed", ref("Readiness")
+                    "Not ready: PostgreSQL does not answer (`checks.postgres` is `error`), or"
+                    " the process is draining on shutdown",
+                    ref("Readiness"),
                 ),
             },
             auth=False,

@@ -6,6 +6,8 @@ import asyncio
 import base64
 import hashlib
 import html
+import logging
+from collections.abc import Awaitable
 from functools import cache
 from pathlib import Path
 
@@ -17,7 +19,11 @@ from handlers.api import SPEC
 from server import metrics
 from server.keys import LIFECYCLE, PG, REDIS
 
+log = logging.getLogger("surge.ops")
+
 _HEALTHY = orjson.dumps({"status": "ok"})
+# Each check is bounded on its own (the Redis client's socket timeouts are shorter still): a
+# dependency that hangs makes /readyz slow by at most this, never hangs it.
 _PROBE_TIMEOUT_S = 1.0
 
 
@@ -25,33 +31,47 @@ def healthz(request: web.Request) -> web.Response:
     return web.Response(body=_HEALTHY, content_type="application/json")
 
 
-async def _check_pg(request: web.Request) -> str:
+async def _answers(probe: Awaitable[object]) -> bool:
     try:
-        await asyncio.wait_for(request.app[PG].fetchval("SELECT 1"), _PROBE_TIMEOUT_S)
+        await asyncio.wait_for(probe, _PROBE_TIMEOUT_S)
     except Exception:
-        return "error"
-    return "ok"
-
-
-async def _check_redis(request: web.Request) -> str:
-    try:
-        await asyncio.wait_for(request.app[REDIS].ping(), _PROBE_TIMEOUT_S)
-    except Exception:
-        return "error"
-    return "ok"
+        return False
+    return True
 
 
 async def readyz(request: web.Request) -> web.Response:
-    pg, redis = await asyncio.gather(_check_pg(request), _check_redis(request))
-    checks = {"postgres": pg, "redis": redis}
-    if request.app[LIFECYCLE].draining:
+    """Ready while PostgreSQL answers. Redis down is `degraded`, not unready: the replica still
+    serves (local rate limits, no cache), and taking every replica out of the load balancer
+    for a Redis blip would turn it into a full outage."""
+    app = request.app
+    pg_ok, redis_ok = await asyncio.gather(
+        _answers(app[PG].fetchval("SELECT 1")), _answers(app[REDIS].ping())
+    )
+    _record("postgres", pg_ok)
+    _record("redis", redis_ok)
+    checks = {"postgres": "ok" if pg_ok else "error", "redis": "ok" if redis_ok else "degraded"}
+    if app[LIFECYCLE].draining:
         status, code = "draining", 503
-    elif pg == "ok" and redis == "ok":
+    elif pg_ok:
         status, code = "ready", 200
     else:
         status, code = "unavailable", 503
     body = orjson.dumps({"status": status, "checks": checks})
     return web.Response(body=body, status=code, content_type="application/json")
+
+
+_last_seen: dict[str, bool] = {}
+
+
+def _record(check: str, ok: bool) -> None:
+    """The check's gauge, and one log line when its answer changes (not one per probe)."""
+    metrics.READINESS.labels(check).set(1 if ok else 0)
+    if _last_seen.get(check, True) != ok:
+        if ok:
+            log.info("readiness: %s answers again", check)
+        else:
+            log.warning("readiness: %s does not answer", check)
+    _last_seen[check] = ok
 
 
 def metrics_endpoint(request: web.Request) -> web.Response:

@@ -17,7 +17,7 @@ from server import metrics
 from server.access_log import AccessLog
 from server.chain import UNMATCHED, Chain
 from server.config import Config
-from server.keys import CONFIG, LIFECYCLE, LIMITER, PG, PG_READ, REDIS, TRACING
+from server.keys import CONFIG, LIFECYCLE, LIMITER, PG, PG_READ, REDIS, SHARED_LIMITER, TRACING
 from server.ratelimit import LocalLimiter, RedisLimiter
 from server.routes import Route
 from server.state import Lifecycle
@@ -92,8 +92,11 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
 
 async def _limiter(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
+    # Redis is always there (embedded when REDIS_URL is unset), so the limits that must hold
+    # across workers use it even with the local backend.
+    app[SHARED_LIMITER] = RedisLimiter(app[REDIS], config.redis_key_prefix)
     if config.rate_limit_backend == "redis":
-        app[LIMITER] = RedisLimiter(app[REDIS], config.redis_key_prefix)
+        app[LIMITER] = app[SHARED_LIMITER]
     else:
         app[LIMITER] = LocalLimiter()
     yield

@@ -79,7 +79,7 @@ class Chain:
         if not route.plain:
             inner = handler_of(route)
             if route.api:
-                inner = _api(inner, public=route.public)
+                inner = _api(inner, public=route.public, limited=not route.own_limit)
             if route.shed:
                 inner = _shed(inner, self.shed_gate)
         return self._observe(
@@ -207,10 +207,10 @@ def _shed(handler: Handler, gate: FairGate) -> Handler:
     return shed
 
 
-def _api(handler: Handler, *, public: bool) -> Handler:
+def _api(handler: Handler, *, public: bool, limited: bool = True) -> Handler:
     async def api(request: web.Request) -> web.StreamResponse:
         principal = request[PRINCIPAL] = bearer_principal(request)
-        limits = await _rate_limit(request, principal)
+        limits = await _rate_limit(request, principal) if limited else {}
         if principal is None and not public:
             _unauthorized(request)
         resp = await handler(request)

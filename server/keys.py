@@ -20,7 +20,10 @@ CONFIG = web.AppKey("config", Config)
 PG = web.AppKey("pg", Database)
 PG_READ = web.AppKey("pg_read", Database)  # the replica pool, or PG itself when none is set
 REDIS = web.AppKey("redis", Redis)
-LIMITER: web.AppKey[Limiter] = web.AppKey("limiter")
+LIMITER: web.AppKey[Limiter] = web.AppKey("limiter")  # RATE_LIMIT_BACKEND's
+# Buckets kept in Redis whatever RATE_LIMIT_BACKEND says (each process's own while Redis is
+# down): for limits that must hold per client across workers and replicas (auth attempts).
+SHARED_LIMITER: web.AppKey[Limiter] = web.AppKey("shared_limiter")
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 TRACING = web.AppKey("tracing", Tracing)  # only when OTEL_EXPORTER_OTLP_ENDPOINT is set
 

@@ -197,6 +197,13 @@ RATELIMIT_FALLBACK = Counter(
     "Rate-limit decisions made locally because Redis did not answer",
     registry=REGISTRY,
 )
+READINESS = Gauge(
+    "surge_readiness_check",
+    "The last /readyz check of each dependency: 1 answered, 0 did not (redis 0: degraded)",
+    ["check"],
+    multiprocess_mode="livemin",  # several workers: the instance shows a failing check
+    registry=REGISTRY,
+)
 POOL_TIMEOUTS = Counter(
     "surge_db_pool_timeouts_total",
     "Requests answered 503 because no database connection came free in time",

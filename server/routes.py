@@ -37,6 +37,10 @@ class Route:
     stream: bool = False
     # The handler is a plain function that never waits (see PlainHandler).
     plain: bool = False
+    # Public, and kept out of the general per-address bucket: the handler takes from a bucket
+    # of its own once it knows who calls (the payment webhook, after its signature check), so
+    # neither a shop's load from a shared address nor an unsigned flood spends the provider's.
+    own_limit: bool = False
 
     @property
     def api(self) -> bool:
@@ -58,13 +62,14 @@ def route(
     page: bool = False,
     stream: bool = False,
     plain: bool = False,
+    own_limit: bool = False,
 ) -> Route:
     if plain == inspect.iscoroutinefunction(handler):
         kind = "a plain function" if plain else "a coroutine function (or mark it plain=True)"
         raise TypeError(f"{method} {path}: {handler!r} is not {kind}")
-    if sum((public, ops, page)) > 1:
-        raise TypeError(f"{method} {path}: public, ops and page exclude each other")
-    return Route(method, path, handler, public, ops, page, stream, plain)
+    if sum((public, ops, page, own_limit)) > 1:
+        raise TypeError(f"{method} {path}: public, ops, page and own_limit exclude each other")
+    return Route(method, path, handler, own_limit or public, ops, page, stream, plain, own_limit)
 
 
 def handler_of(route: Route) -> Handler:

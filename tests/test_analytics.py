@@ -15,7 +15,7 @@ import pytest
 from aiohttp import ClientResponse
 from redis.asyncio import Redis
 
-from handlers.events.analytics import CountsQuery, bucket_counts
+from handlers.events.analytics import BUCKETS, CountsQuery, bucket_counts, parse_counts_query
 from handlers.events.keys import EVENT_COUNTERS, LIVE_HUB
 from server.app import create_app
 from server.config import Config
@@ -72,7 +72,10 @@ async def test_counts_over_buckets_match_what_was_sent(
     await _send_spread(client, other.headers, now)  # another tenant: must not show up
     await app[EVENT_COUNTERS].flushed()
     start = now - timedelta(seconds=step * span)
-    params = {"name": "spread", "bucket": bucket, "from": iso(start), "to": iso(now)}
+    # `to` half a second into the bucket holding now, whenever the test runs: the fraction
+    # must not drop that bucket (it did when `to` fell in a bucket's first second).
+    to = datetime.fromtimestamp(floor(now.timestamp(), step) + 0.5, UTC)
+    params = {"name": "spread", "bucket": bucket, "from": iso(start), "to": iso(to)}
     resp = await client.get("/v1/analytics/counts", params=params, headers=owner.headers)
     assert resp.status == 200, await resp.text()
     body = await resp.json()
@@ -86,6 +89,37 @@ async def test_counts_over_buckets_match_what_was_sent(
             key = iso(datetime.fromtimestamp(floor(ts, step), UTC))
             expected[key] = expected.get(key, 0) + 1
     assert {k: v for k, v in got.items() if v} == expected
+
+
+# 2024-05-01T00:00:00Z, the start of a minute, an hour and a day
+MIDNIGHT = 1714521600
+
+
+@pytest.mark.parametrize("bucket", ["1m", "1h", "1d"])
+@pytest.mark.parametrize(
+    ("to", "midnight_included"),
+    [
+        # a fraction of a second into a bucket: that bucket is the last one
+        ("2024-05-01T00:00:00.250Z", True),
+        ("2024-05-01T00:00:00.000001Z", True),
+        ("2024-05-01T02:00:00.5+02:00", True),
+        # exactly on a boundary: `to` is exclusive, the bucket starting there is not asked for
+        ("2024-05-01T00:00:00Z", False),
+        ("2024-04-30T23:59:59.999Z", False),
+    ],
+)
+def test_to_is_rounded_up_from_its_exact_value(
+    bucket: str, to: str, midnight_included: bool
+) -> None:
+    step = BUCKETS[bucket]
+    q = parse_counts_query({"name": "x", "bucket": bucket, "to": to}, now=0.0)
+    assert q.end == (MIDNIGHT + step if midnight_included else MIDNIGHT)
+    assert q.start == q.end - 60 * step
+
+
+def test_the_default_to_includes_the_bucket_holding_now() -> None:
+    q = parse_counts_query({"name": "x"}, now=MIDNIGHT + 0.3)
+    assert (q.start, q.end) == (MIDNIGHT + 60 - 3600, MIDNIGHT + 60)
 
 
 async def test_postgres_answers_alone_when_redis_is_down(

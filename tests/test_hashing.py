@@ -13,6 +13,7 @@ from argon2 import PasswordHasher
 from handlers.identity.passwords import Hasher
 from server.app import create_app
 from server.config import Config
+from server.runner import free_port
 
 from .helpers import PASSWORD, signup
 
@@ -123,3 +124,34 @@ async def test_the_email_limit_holds_across_ips(aiohttp_client: Any, config: Con
         for i in range(1, 5)
     ]
     assert statuses == [401, 401, 429, 429]
+
+
+async def _bad_refreshes(clients: list[Any], n: int) -> list[int]:
+    """n refreshes with a token that does not exist, taking turns over `clients`."""
+    body = {"refresh_token": "not-a-refresh-token"}
+    return [
+        (await clients[i % len(clients)].post("/v1/auth/refresh", json=body)).status
+        for i in range(n)
+    ]
+
+
+async def test_the_auth_limit_per_ip_holds_across_processes(
+    aiohttp_client: Any, config: Config
+) -> None:
+    # Two app instances are two workers (or replicas) with the default local backend for the
+    # general limit: the brute-force limit is still one bucket per IP, kept in Redis.
+    cfg = dataclasses.replace(config, auth_rate_limit_per_minute=30)
+    a = await aiohttp_client(create_app(cfg))
+    b = await aiohttp_client(create_app(cfg))
+    got = await _bad_refreshes([a, b], 80)
+    assert (got.count(401), got.count(429)) == (30, 50)
+    assert got[:30] == [401] * 30
+
+
+async def test_the_auth_limit_falls_back_to_each_process_when_redis_is_down(
+    aiohttp_client: Any, config: Config
+) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    cfg = dataclasses.replace(config, auth_rate_limit_per_minute=3, redis_url=dead)
+    client = await aiohttp_client(create_app(cfg))
+    assert await _bad_refreshes([client], 4) == [401, 401, 401, 429]

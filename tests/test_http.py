@@ -312,14 +312,57 @@ async def test_readiness_fails_when_postgres_is_unreachable(
     }
 
 
-async def test_readiness_fails_when_redis_is_unreachable(
+DEGRADED = {"status": "ready", "checks": {"postgres": "ok", "redis": "degraded"}}
+
+
+def redis_up_gauge(text: str) -> str:
+    return re.findall(r'^surge_readiness_check\{check="redis"\} (\S+)$', text, re.M)[0]
+
+
+async def test_readiness_stays_200_degraded_when_redis_is_unreachable(
     aiohttp_client: Any, config: Config
 ) -> None:
+    # Redis down: the replica still serves (local limits, no cache), so it stays in the
+    # load balancer.
     broken = dataclasses.replace(config, redis_url=f"redis://127.0.0.1:{free_port()}/0")
     client = await aiohttp_client(make_app(broken))
     resp = await client.get("/readyz")
-    assert resp.status == 503
-    assert (await resp.json())["checks"] == {"postgres": "ok", "redis": "error"}
+    assert (resp.status, await resp.json()) == (200, DEGRADED)
+    assert resp.headers["Content-Type"] == "application/json"
+    assert redis_up_gauge(await (await client.get("/metrics")).text()) == "0.0"
+
+
+async def test_readiness_does_not_hang_on_a_redis_that_never_answers(
+    aiohttp_client: Any, config: Config
+) -> None:
+    # A listener that completes the TCP handshake (the kernel does) and never says a word.
+    accepted: list[asyncio.StreamWriter] = []
+    server = await asyncio.start_server(lambda r, w: accepted.append(w), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        hung = dataclasses.replace(config, redis_url=f"redis://127.0.0.1:{port}/0")
+        client = await aiohttp_client(make_app(hung))
+        resp = await client.get("/readyz")
+        assert (resp.status, await resp.json()) == (200, DEGRADED)
+        assert accepted  # the probe did reach the silent listener
+        await client.close()
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_readiness_reports_redis_ok_again_once_it_answers(
+    aiohttp_client: Any, config: Config
+) -> None:
+    client = await aiohttp_client(make_app(config))
+    resp = await client.get("/readyz")
+    assert (resp.status, await resp.json()) == (
+        200,
+        {"status": "ready", "checks": {"postgres": "ok", "redis": "ok"}},
+    )
+    assert redis_up_gauge(await (await client.get("/metrics")).text()) == "1.0"
 
 
 async def test_readiness_is_503_while_draining(aiohttp_client: Any, config: Config) -> None:

@@ -15,7 +15,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from bench.fake_provider import FakeProvider, sign
+from handlers.orders import saga
 from handlers.orders.keys import PAYMENTS
+from server import metrics
 from server.app import create_app
 from server.config import Config
 
@@ -475,6 +477,79 @@ async def test_crash_between_authorize_and_capture_resumes_without_double_charge
     assert [op for op, _ in provider.requests].count("authorize") == 1
 
 
+async def _stale_sagas(client: TestClient, owner: Actor, config: Config, n: int) -> list[str]:
+    """n orders in `paying` whose saga's process died: their leases ran out a second ago."""
+    pid = await product(client, owner, stock=n)
+    oids = [await order(client, owner, pid, quantity=1) for _ in range(n)]
+    con = await asyncpg.connect(config.database_url)
+    try:
+        async with con.transaction():
+            await con.execute(
+                "UPDATE orders SET status = 'paying' WHERE id = ANY($1::uuid[])", oids
+            )
+            await con.executemany(
+                "INSERT INTO payments (tenant_id, order_id, step, payment_method, amount_cents,"
+                " currency, lease_until) VALUES ($1, $2, 'authorizing', 'pm_card_visa', 1250,"
+                " 'EUR', now() - interval '1 second')",
+                [(owner.tenant_id, oid) for oid in oids],
+            )
+    finally:
+        await con.close()
+    return oids
+
+
+async def test_sagas_resumed_together_are_spread_over_a_window(
+    make_shop: MakeShop, provider: FakeProvider, config: Config
+) -> None:
+    # A long lease: the app's own sweeper ran at start-up and sleeps past this test, so the
+    # sweep below is the one that finds the stale sagas.
+    client, owner = await make_shop(payments_saga_lease_s=600.0)
+    n = 40
+    oids = await _stale_sagas(client, owner, config, n)
+    runner = client.app[PAYMENTS]
+    delays = await runner.sweep()
+    assert sorted(str(order_id) for _, order_id in delays) == sorted(oids)
+    # One start in each 1/RESUME_PER_S slot of a window of n / RESUME_PER_S seconds: never
+    # all at once, and no faster than RESUME_PER_S a second.
+    slot = 1 / saga.RESUME_PER_S
+    for i, delay in enumerate(sorted(delays.values())):
+        assert i * slot <= delay < (i + 1) * slot
+    for oid in oids:
+        assert (await settled(client, owner, oid))["status"] == "paid"
+    assert ops(provider).count("authorize") == n
+
+
+async def test_shutdown_leaves_alone_the_lease_of_a_saga_still_waiting_its_turn(
+    make_shop: MakeShop, config: Config
+) -> None:
+    client, owner = await make_shop(payments_saga_lease_s=600.0)
+    [oid] = await _stale_sagas(client, owner, config, 1)
+    runner = client.app[PAYMENTS]
+    runner.start(uuid.UUID(owner.tenant_id), uuid.UUID(oid), delay_s=60.0)
+    con = await asyncpg.connect(config.database_url)
+    try:
+        # meanwhile another process took the saga: its lease is live
+        await con.execute(
+            "UPDATE payments SET lease_until = now() + interval '1 minute' WHERE order_id = $1",
+            oid,
+        )
+        await runner.close()
+        live = await con.fetchval(
+            "SELECT lease_until > now() FROM payments WHERE order_id = $1", oid
+        )
+    finally:
+        await con.close()
+    assert live is True
+
+
+def test_resume_delays_fit_in_half_a_lease() -> None:
+    # So a sweep's batch has started before the next sweep (every half lease) looks again.
+    delays = saga.resume_delays(100, lease_s=2.0)
+    assert len(delays) == 100 and max(delays) < 1.0
+    assert all(i / 100 <= d < (i + 1) / 100 for i, d in enumerate(delays))
+    assert saga.resume_delays(0, lease_s=2.0) == []
+
+
 async def test_pay_without_a_provider_is_503(aiohttp_client: Any, config: Config) -> None:
     client = await aiohttp_client(create_app(config))
     owner = await signup(client)
@@ -756,6 +831,67 @@ async def test_webhook_signatures(
     if status == 400:
         problem = await resp.json()
         assert set(problem) == {"type", "title", "status", "detail", "request_id"}
+
+
+async def _spend_the_ip_bucket(client: TestClient) -> None:
+    """The general per-IP bucket of the test client's address, spent."""
+    for _ in range(50):
+        if (await client.get("/v1/no-such-thing")).status == 429:
+            return
+    raise AssertionError("the general bucket never refused")
+
+
+async def test_webhooks_are_not_in_the_general_per_ip_bucket(
+    make_shop: MakeShop, config: Config
+) -> None:
+    # A shop load from the provider's address (or any address sharing it) must not starve
+    # the provider's deliveries.
+    client, owner = await make_shop(webhooks=False, rate_limit_rate=0.01, rate_limit_burst=5)
+    oid, _ = await _paying_order(client, owner, config)
+    await _spend_the_ip_bucket(client)
+    for n, kind in enumerate(("authorized", "captured", "captured")):
+        resp = await client.post(
+            "/v1/webhooks/payments",
+            data=(body := _event(f"evt_ip{n}", kind, owner.tenant_id, oid)),
+            headers={"Surge-Signature": sign(SECRET, body, int(time.time()))},
+        )
+        assert resp.status == 200, await resp.text()
+        assert "RateLimit-Limit" not in resp.headers  # not the general bucket's answer
+    assert (await client.get("/v1/no-such-thing")).status == 429  # still spent
+
+
+@pytest.mark.parametrize("backend", ["local", "redis"])
+async def test_the_webhook_bucket_counts_only_signed_deliveries(
+    make_shop: MakeShop, config: Config, backend: str
+) -> None:
+    client, owner = await make_shop(
+        webhooks=False, webhook_rate_limit_rate=0.01, rate_limit_backend=backend
+    )  # a bucket of one delivery, refilled in 100 s
+    oid, _ = await _paying_order(client, owner, config)
+    before = metrics.RATELIMITED.labels("webhook")._value.get()
+
+    async def deliver(n: int, signed: bool) -> Any:
+        body = _event(f"evt_b{n}", "captured", owner.tenant_id, oid)
+        signature = sign(SECRET if signed else "whsec_forged", body, int(time.time()))
+        return await client.post(
+            "/v1/webhooks/payments", data=body, headers={"Surge-Signature": signature}
+        )
+
+    # an unsigned flood first: every one 400, and none of them takes the provider's budget
+    assert [(await deliver(n, False)).status for n in range(5)] == [400] * 5
+    assert (await deliver(10, True)).status == 200
+    refused = await deliver(11, True)
+    assert refused.status == 429
+    assert refused.headers["Content-Type"] == "application/problem+json"
+    assert 99 <= int(refused.headers["Retry-After"]) <= 100
+    assert refused.headers["RateLimit-Limit"] == "1"
+    assert refused.headers["RateLimit-Remaining"] == "0"
+    assert (await refused.json())["detail"] == (
+        "webhook rate limit exceeded; retry after the Retry-After delay"
+    )
+    # past the limit an unsigned request is still 400, not 429
+    assert (await deliver(12, False)).status == 400
+    assert metrics.RATELIMITED.labels("webhook")._value.get() == before + 1
 
 
 async def test_duplicate_and_out_of_order_webhooks(make_shop: MakeShop, config: Config) -> None:

@@ -39,7 +39,14 @@ class CountsQuery:
     bucket: int  # seconds
 
 
-def _epoch(raw: str | None, field: str, errors: list[dict[str, str]]) -> int | None:
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = 1_000_000
+
+
+def _epoch_us(raw: str | None, field: str, errors: list[dict[str, str]]) -> int | None:
+    """The timestamp in whole microseconds since the epoch: exact, so rounding it to a bucket
+    keeps its fraction of a second (truncated to seconds first, a `to` in the first second
+    of a bucket lost that bucket)."""
     if raw is None:
         return None
     # A '+' of an offset arrives as a space unless the client escaped it; RFC 3339 as
@@ -48,7 +55,7 @@ def _epoch(raw: str | None, field: str, errors: list[dict[str, str]]) -> int | N
     if parsed is None:
         errors.append({"field": field, "message": "must be an RFC 3339 timestamp"})
         return None
-    return int(parsed.timestamp())
+    return (parsed - _EPOCH) // timedelta(microseconds=1)
 
 
 def parse_counts_query(q: Mapping[str, str], now: float) -> CountsQuery:
@@ -64,14 +71,18 @@ def parse_counts_query(q: Mapping[str, str], now: float) -> CountsQuery:
     if bucket is None:
         errors.append({"field": "bucket", "message": "must be one of 1m, 1h, 1d"})
         bucket = 60
-    end = _epoch(q.get("to"), "to", errors)
-    start = _epoch(q.get("from"), "from", errors)
+    to_us = _epoch_us(q.get("to"), "to", errors)
+    from_us = _epoch_us(q.get("from"), "from", errors)
     if errors:
         raise ValidationFailed(errors, "invalid query parameter")
     assert name is not None
-    end = int(now) if end is None else end
-    end = -(-end // bucket) * bucket  # the bucket holding `to` is included
-    start = end - 60 * bucket if start is None else start - start % bucket
+    if to_us is None:
+        to_us = int(now * _US)
+    bucket_us = bucket * _US
+    # [from, to) rounded out to whole buckets: `to` up (a `to` inside a bucket, by even a
+    # microsecond, includes it), `from` down.
+    end = -(-to_us // bucket_us) * bucket
+    start = end - 60 * bucket if from_us is None else from_us // bucket_us * bucket
     if start >= end:
         raise ValidationFailed(
             [{"field": "from", "message": "must be before to"}], "invalid query parameter"

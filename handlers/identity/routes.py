@@ -24,21 +24,22 @@ from server.http import (
     query_limit,
     raw_json_response,
 )
-from server.keys import CONFIG, LIMITER, PG, PG_READ, RATELIMIT_HEADERS, REQUEST_ID
+from server.keys import CONFIG, PG, PG_READ, RATELIMIT_HEADERS, REQUEST_ID, SHARED_LIMITER
 from server.tokens import TOKENS
 from server.validation import read_json
 
 
 async def _limit_attempts(request: web.Request, email: str | None = None) -> None:
     """The brute-force limit on top of the general one: AUTH_RATE_LIMIT_PER_MINUTE per client
-    IP and, for credentials, per email."""
+    IP and, for credentials, per email, counted across workers and replicas (in Redis; in
+    each process while Redis is down)."""
     config = request.app[CONFIG]
     per_minute = config.auth_rate_limit_per_minute
     keys = [f"auth-ip:{client_ip(request, config.trust_forwarded_for)}"]
     if email is not None:
         keys.append(f"auth-email:{email.lower()}")
     for key in keys:
-        decision = await request.app[LIMITER].take(key, per_minute / 60, per_minute)
+        decision = await request.app[SHARED_LIMITER].take(key, per_minute / 60, per_minute)
         if not decision.allowed:
             metrics.RATELIMITED.labels("auth").inc()
             request[RATELIMIT_HEADERS] = decision.headers()

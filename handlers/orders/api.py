@@ -284,9 +284,18 @@ PATHS: Json = {
                     "Received (also for an event id seen before)", {"type": "object"}
                 ),
                 "400": problem("Bad or stale signature, or not an event"),
+                "413": problem("Body larger than MAX_BODY_BYTES"),
+                "422": problem("Validation failed; `errors` names each offending field"),
+                # Not the general per-address bucket: the webhooks' own, taken only by
+                # deliveries whose signature checked out (an unsigned one is a 400).
+                "429": problem(
+                    "Signed deliveries past WEBHOOK_RATE_LIMIT_RATE a second; see Retry-After"
+                ),
+                "503": problem("Overloaded, or payments not configured; see Retry-After"),
             },
             body="PaymentWebhookEvent",
             auth=False,
+            ratelimited=False,
             params=[
                 {
                     "name": "Surge-Signature",

@@ -17,7 +17,7 @@ from handlers.orders.keys import PAYMENTS
 from server import rbac
 from server.errors import ValidationFailed
 from server.http import decode_cursor, etag, json_response, path_uuid, query_limit
-from server.keys import CONFIG, PG, PG_READ, REQUEST_ID
+from server.keys import CONFIG, LIMITER, PG, PG_READ, REQUEST_ID
 from server.validation import read_json
 
 
@@ -136,7 +136,7 @@ async def payments_webhook(request: web.Request) -> web.Response:
     secrets = webhooks.webhook_secrets(config)
     body = await request.read()
     result = await webhooks.receive(
-        request.app[PG], request.app[PAYMENTS], secrets, config.webhook_tolerance_s,
+        request.app[PG], request.app[PAYMENTS], request.app[LIMITER], config, secrets,
         request.headers.get("Surge-Signature"), body,
     )  # fmt: skip
     return json_response({"received": True, "result": result})

@@ -53,6 +53,10 @@ from server.config import Config
 log = logging.getLogger("surge.payments")
 
 SWEEP_BATCH = 100
+# Sagas one sweep resumes start at most this many a second: a restart after a crash finds all
+# of its predecessor's sagas stale at once, and starting them together would hammer the
+# provider and open the breaker.
+RESUME_PER_S = 20.0
 CANCELLED = "cancelled"  # the outcome of a payment compensated because its order was cancelled
 MAX_STEP_PAUSE_S = 30.0
 
@@ -194,6 +198,16 @@ async def refunded(con: Connection, tenant_id: UUID, order_id: UUID, source: str
     return True
 
 
+def resume_delays(n: int, lease_s: float) -> list[float]:
+    """When each of the n sagas one sweep resumes starts, in seconds from now: the i-th at a
+    random point of the i-th of n equal slots of a window of n / RESUME_PER_S seconds. The
+    window is at most half a lease, so the batch has started before the next sweep looks."""
+    if n == 0:
+        return []
+    slot = min(n / RESUME_PER_S, lease_s / 2) / n
+    return [(i + random.random()) * slot for i in range(n)]
+
+
 class SagaRunner:
     """Runs the sagas this process holds the lease of, and sweeps up abandoned ones."""
 
@@ -206,6 +220,8 @@ class SagaRunner:
         self.max_attempts = config.payments_saga_attempts
         self.backoff_s = config.payments_backoff_ms / 1000
         self.tasks: dict[tuple[UUID, UUID], asyncio.Task[None]] = {}
+        # Resumed sagas still waiting for their start: their lease is not this process's.
+        self._waiting: set[tuple[UUID, UUID]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -214,29 +230,41 @@ class SagaRunner:
         return None if self.client is None else self.client.breaker
 
     def start(
-        self, tenant_id: UUID, order_id: UUID, *, owned: bool = False
+        self, tenant_id: UUID, order_id: UUID, *, owned: bool = False, delay_s: float = 0.0
     ) -> asyncio.Task[None] | None:
         """Run the saga unless this process already does. `owned`: the caller's transaction
-        took the lease (a new payment or a refund), so renew it instead of waiting it out."""
+        took the lease (a new payment or a refund), so renew it instead of waiting it out.
+        `delay_s`: wait this long before taking the lease (a resumed saga's turn)."""
         if self.client is None or self._closing:
             return None
         key = (tenant_id, order_id)
         task = self.tasks.get(key)
         if task is not None and not task.done():
             return task
-        task = asyncio.create_task(self._run(tenant_id, order_id, owned), name=f"saga {order_id}")
-        self.tasks[key] = task
-        task.add_done_callback(
-            lambda t: self.tasks.pop(key, None) if self.tasks.get(key) is t else None
+        task = asyncio.create_task(
+            self._run(tenant_id, order_id, owned, delay_s), name=f"saga {order_id}"
         )
+        self.tasks[key] = task
+        task.add_done_callback(lambda t: self._finished(key, t))
         return task
 
-    async def _run(self, tenant_id: UUID, order_id: UUID, owned: bool) -> None:
+    def _finished(self, key: tuple[UUID, UUID], task: asyncio.Task[None]) -> None:
+        if self.tasks.get(key) is task:
+            self.tasks.pop(key, None)
+            self._waiting.discard(key)
+
+    async def _run(self, tenant_id: UUID, order_id: UUID, owned: bool, delay_s: float) -> None:
         assert self.client is not None
         client = self.client
         attempts = 0
         renew = owned
         try:
+            if delay_s > 0:
+                # Not holding the lease meanwhile: another process may take the saga first,
+                # and then the claim below finds nothing to take.
+                self._waiting.add((tenant_id, order_id))
+                await asyncio.sleep(delay_s)
+                self._waiting.discard((tenant_id, order_id))
             while True:
                 row = await payments.claim_payment(
                     self.pg, tenant_id, order_id, self.lease_s, renew=renew
@@ -363,12 +391,25 @@ class SagaRunner:
 
     # -- sweeping and shutdown --
 
-    async def sweep(self) -> int:
-        """Start every saga whose lease ran out (at start-up: all that were left mid-way)."""
+    async def sweep(self) -> dict[tuple[UUID, UUID], float]:
+        """Start every saga whose lease ran out (at start-up: all that were left mid-way),
+        spread over a window (resume_delays); their delays, by (tenant id, order id)."""
         rows = await payments.stale_payments(self.pg, SWEEP_BATCH)
-        for r in rows:
-            self.start(r["tenant_id"], r["order_id"])
-        return len(rows)
+        keys = [
+            (r["tenant_id"], r["order_id"])
+            for r in rows
+            if (r["tenant_id"], r["order_id"]) not in self.tasks
+        ]
+        delays = dict(zip(keys, resume_delays(len(keys), self.lease_s), strict=True))
+        for (tenant_id, order_id), delay in delays.items():
+            self.start(tenant_id, order_id, delay_s=delay)
+        if delays:
+            log.info(
+                "resuming %d sagas whose lease ran out, over %.1f s",
+                len(delays),
+                max(delays.values()),
+            )
+        return delays
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -387,7 +428,9 @@ class SagaRunner:
 
     async def close(self, grace_s: float = 5.0) -> None:
         self._closing = True
-        interrupted = list(self.tasks)
+        # A saga still waiting for its turn never took its lease: nothing of ours to hand over
+        # (and releasing it could free another process's live lease).
+        interrupted = [key for key in self.tasks if key not in self._waiting]
         running = [t for t in [self._sweeper, *self.tasks.values()] if t is not None]
         for t in running:
             t.cancel()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import time
 from typing import Any
 from uuid import UUID
@@ -27,9 +28,13 @@ from handlers.orders import saga
 from handlers.orders.provider import not_configured
 from server import metrics
 from server.config import Config
-from server.errors import BadRequest
+from server.errors import BadRequest, TooManyRequests
+from server.ratelimit import Limiter
 
 log = logging.getLogger("surge.payments")
+
+# One bucket for every delivery, whichever address it comes from: the provider sends from many.
+WEBHOOK_BUCKET = "webhook:payments"
 
 
 def expected_signature(secret: str, timestamp: str, body: bytes) -> str:
@@ -91,20 +96,36 @@ def webhook_secrets(config: Config) -> list[str]:
     return [s.strip() for s in config.payments_webhook_secret.split(",") if s.strip()]
 
 
+async def take_delivery(limiter: Limiter, rate: float) -> None:
+    """One token of the webhooks' own bucket (WEBHOOK_RATE_LIMIT_RATE a second, a second's
+    worth of burst), or TooManyRequests. Taken after the signature check only: an unsigned
+    flood is refused 400 and never spends what the provider's deliveries need."""
+    decision = await limiter.take(WEBHOOK_BUCKET, rate, max(1, math.ceil(rate)))
+    if not decision.allowed:
+        metrics.RATELIMITED.labels("webhook").inc()
+        raise TooManyRequests(
+            "webhook rate limit exceeded; retry after the Retry-After delay",
+            headers=decision.headers(),
+        )
+
+
 async def receive(
     pg: Database,
     runner: saga.SagaRunner,
+    limiter: Limiter,
+    config: Config,
     secrets: list[str],
-    tolerance_s: int,
     signature: str | None,
     body: bytes,
 ) -> str:
-    """Verify, parse and apply one event; the result as counted and answered."""
+    """Verify, take from the webhooks' bucket, parse and apply one event; the result as
+    counted and answered."""
     try:
-        verify_signature(signature, body, secrets, tolerance_s, time.time())
+        verify_signature(signature, body, secrets, config.webhook_tolerance_s, time.time())
     except BadRequest:
         metrics.WEBHOOKS.labels("bad_signature").inc()
         raise
+    await take_delivery(limiter, config.webhook_rate_limit_rate)
     event_id, event_type, data = _event(body)
     result = await apply_event(pg, runner, event_id, event_type, data)
     metrics.WEBHOOKS.labels(result).inc()
