@@ -89,13 +89,18 @@ class Proc:
             self.popen.send_signal(signal.SIGKILL)
             self.popen.wait(10)
 
-    def stop(self) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+    def stop(self, grace: float = 10.0) -> str:
+        """SIGTERM, then SIGKILL after `grace` seconds; says how it went."""
+        if self.popen is None or self.popen.poll() is not None:
+            return f"{self.name} was not running"
+        started = time.monotonic()
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            code = self.popen.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return f"{self.name} ignored SIGTERM for {grace} s: killed"
+        return f"{self.name} exited {code} {time.monotonic() - started:.2f} s after SIGTERM"
 
     def tail(self, lines: int = 40) -> str:
         try:

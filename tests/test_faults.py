@@ -9,7 +9,8 @@ fault:
 - every write answered 2xx is in the database;
 - no order captured twice, and every settled order agrees with the provider's ledger;
 - no 5xx other than 503 with Retry-After, and no connection reset by a live server;
-- the time from the fault's end to the next success is bounded (RECOVERY_S); it is printed.
+- the time from the fault's end to the next success is bounded (RECOVERY_S; RESTART_S when the
+  server itself was killed and a new process has to start); it is printed.
 
 Each scenario prints one `[faults]` line of figures (`pytest -s` shows them).
 """
@@ -53,6 +54,7 @@ from .faults import (
 )
 
 RECOVERY_S = 10.0  # a fault's end to the next success
+RESTART_S = 20.0  # a SIGKILLed server's replacement started and answering (imports, pools)
 SETTLE_S = 40.0  # every saga of a scenario ends within this after its load stops
 BODY_READ_TIMEOUT_S = 1.0
 MAX_IN_FLIGHT = 32
@@ -219,8 +221,7 @@ def rig(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         print(f"[faults] logs in {workdir}")
         yield the_rig
     finally:
-        server.stop()
-        provider.stop()
+        print("[faults]", server.stop(), "/", provider.stop())
         redis.kill()
 
 
@@ -459,7 +460,9 @@ def test_server_killed_mid_saga(rig: Rig) -> None:
             problems.append(
                 "no saga was mid-way when the server was killed: the test proves nothing"
             )
-        recovered(problems, "server restart", load.recovery_s(marks["killed"]))
+        took = load.recovery_s(marks["killed"])
+        if took is None or took > RESTART_S:
+            problems.append(f"no success within {RESTART_S} s of the server's SIGKILL ({took})")
         return problems
 
     problems = asyncio.run(scenario())
