@@ -549,12 +549,12 @@ def test_slow_bodies_do_not_starve_other_clients(rig: Rig) -> None:
         late = [
             (status, round(t, 2))
             for status, t in attack
-            if status != 408 or t > BODY_READ_TIMEOUT_S + 2
+            if status not in (408, 503) or t > BODY_READ_TIMEOUT_S + 2
         ]
         if late:
             problems.append(
-                f"{len(late)} of {SLOW_CONNECTIONS} slow bodies not answered 408 within "
-                f"BODY_READ_TIMEOUT_S + 2 s: {late[:5]}"
+                f"{len(late)} of {SLOW_CONNECTIONS} slow bodies not answered 408 (or shed with"
+                f" 503) within BODY_READ_TIMEOUT_S + 2 s (status, seconds): {late[:5]}"
             )
         recovered(problems, "slow-body attack", load.recovery_s(marks["end"]))
         return problems
