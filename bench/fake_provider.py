@@ -7,10 +7,14 @@ responses lost after it, timeouts, slow answers, forced declines, webhooks dupli
 dropped or delivered out of order).
 
     python -m bench.fake_provider [--host 127.0.0.1] [--port 8100] [--webhook-url URL]
+                                  [--journal FILE]
 
 The API key comes from PAYMENTS_API_KEY (default `fake_api_key`) and the webhook signing secret
 from PAYMENTS_WEBHOOK_SECRET (default `fake_webhook_secret`). Test fixtures use `FakeProvider`
-in their own event loop instead. Everything is in memory; nothing survives a restart.
+in their own event loop instead. Everything is in memory and nothing survives a restart, unless
+`--journal FILE` is given: then authorizations, the ledger and stored Idempotency-Key answers are
+appended to FILE as each request finishes (one write per request, so a SIGKILL loses at most the
+request in flight) and read back at start, as a real provider keeps its books across a crash.
 
 `/_admin/*` needs no key: GET /_admin/ledger, GET|POST|DELETE /_admin/faults,
 POST /_admin/webhooks/flush.
@@ -330,8 +334,11 @@ class FakeProvider:
         api_key: str = "fake_api_key",
         webhook_secret: str = "fake_webhook_secret",  # noqa: S107 - the fake's documented default
         webhook_url: str | None = None,
+        journal: str | None = None,
     ) -> None:
         self.api_key = api_key
+        self.journal = journal
+        self._unwritten: list[dict[str, Any]] = []
         self.webhook_secret = webhook_secret
         self.webhook_url = webhook_url
         self.ledger: list[LedgerEntry] = []
@@ -352,6 +359,8 @@ class FakeProvider:
     # -- life cycle -------------------------------------------------------------------------
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        if self.journal is not None:
+            self._replay_journal(self.journal)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=WEBHOOK_TIMEOUT_S)
         )
@@ -475,8 +484,10 @@ class FakeProvider:
             if outcome.store:
                 self._idempotency[slot].status = outcome.status
                 self._idempotency[slot].body = outcome.body
+                self._journal_idempotency(key, self._idempotency[slot])
             else:
                 del self._idempotency[slot]
+        self._write_journal()
         if rule is not None and mode == "lost":
             return self._fault_response(rule)
         return _json(outcome.status, outcome.body)
@@ -561,13 +572,66 @@ class FakeProvider:
         self._record(op, auth, key)
         return _Outcome(200, auth.view(), store=True)
 
+    # -- journal ----------------------------------------------------------------------------
+
+    def _journal_idempotency(self, key: str | None, stored: _Stored) -> None:
+        if self.journal is not None:
+            self._unwritten.append(
+                {
+                    "idempotency": {
+                        "key": key,
+                        "path": stored.path,
+                        "fingerprint": stored.fingerprint.hex(),
+                        "status": stored.status,
+                        "body": stored.body,
+                    }
+                }
+            )
+
+    def _write_journal(self) -> None:
+        if self.journal is None or not self._unwritten:
+            return
+        lines = b"".join(orjson.dumps(r) + b"\n" for r in self._unwritten)
+        self._unwritten = []
+        # One unbuffered write: what the request did is on disk whole, or not at all.
+        fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, lines)
+        finally:
+            os.close(fd)
+
+    def _replay_journal(self, path: str) -> None:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return
+        for line in raw.splitlines():
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue  # a torn last line: that request never finished
+            if "ledger" in record:
+                self.ledger.append(LedgerEntry(**record["ledger"]))
+                auth = _Authorization(**record["authorization"])
+                self._authorizations[auth.id] = auth
+            else:
+                stored = record["idempotency"]
+                self._idempotency[(self.api_key, stored["key"])] = _Stored(
+                    stored["path"],
+                    bytes.fromhex(stored["fingerprint"]),
+                    stored["status"],
+                    stored["body"],
+                )
+
     # -- ledger and webhooks ----------------------------------------------------------------
 
     def _record(self, op: str, auth: _Authorization, key: str | None) -> None:
         now = time.time()
-        self.ledger.append(
-            LedgerEntry(op, auth.id, auth.reference, auth.amount, auth.currency, key, now)
-        )
+        entry = LedgerEntry(op, auth.id, auth.reference, auth.amount, auth.currency, key, now)
+        self.ledger.append(entry)
+        if self.journal is not None:
+            self._unwritten.append({"ledger": asdict(entry), "authorization": asdict(auth)})
         event_id = "evt_" + secrets.token_hex(12)
         event: dict[str, Any] = {
             "id": event_id,
@@ -746,11 +810,12 @@ def make_app(provider: FakeProvider) -> web.Application:
     return app
 
 
-async def serve(host: str, port: int, webhook_url: str | None) -> None:
+async def serve(host: str, port: int, webhook_url: str | None, journal: str | None) -> None:
     provider = FakeProvider(
         api_key=os.environ.get("PAYMENTS_API_KEY", "fake_api_key"),
         webhook_secret=os.environ.get("PAYMENTS_WEBHOOK_SECRET", "fake_webhook_secret"),
         webhook_url=webhook_url,
+        journal=journal,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -769,9 +834,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--webhook-url", default=None, help="where events are POSTed")
+    parser.add_argument("--journal", default=None, help="keep the books in this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(args.host, args.port, args.webhook_url))
+    asyncio.run(serve(args.host, args.port, args.webhook_url, args.journal))
     return 0
 
 

@@ -1030,3 +1030,28 @@ def test_arbitrary_bodies_never_give_a_5xx(threaded_provider: str, body: Any) ->
     else:
         assert set(reply["error"]) == {"code", "message"}
         assert reply["error"]["code"] == "invalid_request"
+
+
+async def test_a_journal_keeps_the_books_across_a_restart(tmp_path: Any) -> None:
+    journal = str(tmp_path / "books.jsonl")
+    first = FakeProvider(journal=journal)
+    url = await first.start()
+    async with aiohttp.ClientSession() as session:
+        api = Api(session, url, first)
+        auth = await api.authorize(key="k-auth")
+        assert auth.status == 201
+        assert (await api.op("capture", auth.body["id"], key="k-cap")).status == 200
+        await first.close()
+
+        second = FakeProvider(journal=journal)
+        api = Api(session, await second.start(), second)
+        try:
+            assert second.ledger == first.ledger
+            replay = await api.authorize(key="k-auth")
+            assert (replay.status, replay.body) == (201, auth.body)  # the stored answer
+            assert replay.headers["Idempotent-Replayed"] == "true"
+            again = await api.op("capture", auth.body["id"])
+            assert (again.status, again.body["status"]) == (200, "captured")
+            assert [e.op for e in second.ledger] == ["authorize", "capture"]
+        finally:
+            await second.close()
