@@ -46,7 +46,17 @@ async def test_logins_do_not_stall_the_loop(aiohttp_client: Any, config: Config)
         await asyncio.sleep(0.01)
     results = await asyncio.gather(*logins)
     assert [r.status for r in results] == [200] * 20
-    assert worst < 0.05, f"/healthz took {worst * 1000:.1f} ms during 20 logins"
+    # Hashed on the loop, the 20 logins would hold /healthz behind most of 20 hashes; off it,
+    # a stall stays far below that whatever else loads the machine (measured against one hash
+    # on this machine now, not against a fixed number of milliseconds).
+    one_hash = min(_time_one_hash() for _ in range(3))
+    assert worst < 5 * one_hash, f"/healthz took {worst * 1000:.1f} ms during 20 logins"
+
+
+def _time_one_hash() -> float:
+    start = time.perf_counter()
+    PasswordHasher().hash("a password")
+    return time.perf_counter() - start
 
 
 async def test_unknown_email_costs_a_verification_too(aiohttp_client: Any, config: Config) -> None:
