@@ -36,13 +36,23 @@ async def test_twenty_patches_with_one_if_match_give_one_winner(
     assert current["username"] == body["username"]
 
 
-async def test_if_match_missing_is_428_and_stale_is_412(
+async def test_if_match_missing_or_empty_is_428_and_stale_is_412(
     aiohttp_client: Any, config: Config
 ) -> None:
     client = await aiohttp_client(create_app(config))
     owner = await signup(client)
     path = f"/v1/users/{owner.id}"
     assert (await client.patch(path, json={"username": "x"}, headers=owner.headers)).status == 428
+    # An empty If-Match names no ETag at all: the precondition is missing, not stale.
+    for blank in ("", " \t "):
+        resp = await client.patch(
+            path, json={"username": "x"}, headers={**owner.headers, "If-Match": blank}
+        )
+        assert resp.status == 428, blank
+        assert (await resp.json())["title"] == "Precondition Required"
+    # Checked before the body: an empty If-Match with no body is still 428.
+    resp = await client.patch(path, headers={**owner.headers, "If-Match": ""})
+    assert resp.status == 428
     assert (
         await client.patch(
             path, json={"username": "x"}, headers={**owner.headers, "If-Match": '"7"'}
