@@ -11,8 +11,8 @@ import pytest
 from handlers import SPEC, routes
 from server.app import create_app
 from server.config import Config
-from server.openapi import resolved_schema
 from server.errors import ValidationFailed
+from server.openapi import resolved_schema
 from server.validation import Validators
 
 
