@@ -48,11 +48,13 @@ def etag(version: int) -> str:
 
 
 def if_match(request: web.Request) -> int | None:
-    """The version a PATCH may change: 428 without If-Match, None for `*` (any version)."""
-    raw = request.headers.get("If-Match")
-    if raw is None:
+    """The version a PATCH may change: 428 without If-Match (or with an empty one, which names
+    no ETag), 412 when it names none we could hold, None for `*` (any version)."""
+    # Only HTTP's own whitespace (OWS: space, tab) is trimmed; str.strip() would also eat
+    # characters such as \x1f that the document's pattern counts as a value.
+    raw = request.headers.get("If-Match", "").strip(" \t")
+    if not raw:
         raise PreconditionRequired("this request needs an If-Match header with the ETag you read")
-    raw = raw.strip()
     if raw == "*":
         return None
     if raw.startswith("W/"):

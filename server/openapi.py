@@ -44,18 +44,45 @@ def query_param(name: str, schema: Json, description: str, *, required: bool | N
     return out | {"schema": schema, "description": description}
 
 
+# Whitespace and control characters, spelled out for patterns: `\s` (like `\d`, `\w`, `\b`)
+# means one set in Python's `re`, which the server's validators use, and another in ECMA 262,
+# which schemathesis, browsers and generated clients use; an explicit class means the same in both.
+SPACE_OR_CONTROL = r"\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+
 _RL_HEADERS = {
     "RateLimit-Limit": {"schema": {"type": "integer"}, "description": "Bucket size"},
     "RateLimit-Remaining": {"schema": {"type": "integer"}, "description": "Requests left now"},
     "RateLimit-Reset": {"schema": {"type": "integer"}, "description": "Seconds to a full bucket"},
 }
 
-STANDARD_ERRORS = {
+
+def _retry(desc: str, *, required: bool) -> Json:
+    out = problem(desc)
+    header: Json = {"schema": {"type": "integer"}, "description": "Seconds to wait before retrying"}
+    if required:
+        header["required"] = True
+    out["headers"] = {"Retry-After": header}
+    return out
+
+
+# The error answers op() adds to an operation, by what the operation has; an operation's own
+# entry for a status wins. Add a status here once rather than to each operation.
+BODY_ERRORS = {  # an operation that reads a JSON body
     "400": problem("Malformed JSON"),
+    "408": problem("The body did not arrive within BODY_READ_TIMEOUT_S"),
     "413": problem("Body larger than MAX_BODY_BYTES"),
+    "415": problem("The body is not application/json"),
     "422": problem("Validation failed; `errors` names each offending field"),
-    "429": problem("Rate limited; see Retry-After"),
-    "503": problem("Overloaded or a dependency is down; see Retry-After"),
+}
+PARAM_ERRORS = {  # an operation with query or header parameters
+    "422": problem("A parameter is refused; `errors` names it"),
+}
+LIMITED_ERRORS = {  # every rate-limited operation (each /v1 one and POST /graphql)
+    "429": _retry("Rate limited; see Retry-After", required=True),
+    "503": _retry("Overloaded or a dependency is down; see Retry-After", required=False),
+}
+AUTH_ERRORS = {  # every operation that needs an access token
+    "401": problem("Missing, invalid, expired or revoked access token"),
 }
 
 
@@ -80,19 +107,24 @@ def op(
             "required": True,
             "content": {"application/json": {"schema": ref(body)}},
         }
-    all_responses = dict(responses)
+    # copies: sections share response objects (FORBIDDEN, NOT_FOUND) between operations
+    all_responses = {code: copy.deepcopy(r) for code, r in responses.items()}
+    common: list[dict[str, Json]] = []
+    if body:
+        common.append(BODY_ERRORS)
+    if any(p["in"] in ("query", "header") for p in params or []):
+        common.append(PARAM_ERRORS)
     if ratelimited:
+        common.append(LIMITED_ERRORS)
+    if auth:
+        common.append(AUTH_ERRORS)
+    for errors in common:
+        for code, r in errors.items():
+            all_responses.setdefault(code, copy.deepcopy(r))
+    if ratelimited:  # every answer, errors included
         for r in all_responses.values():
             r.setdefault("headers", {}).update(_RL_HEADERS)
-        for code, r in STANDARD_ERRORS.items():
-            if code in ("400", "413", "422") and not body:
-                continue
-            all_responses.setdefault(code, copy.deepcopy(r))
-    if auth:
-        out["security"] = [{"bearer": []}]
-        all_responses.setdefault("401", problem("Missing, invalid or expired access token"))
-    else:
-        out["security"] = []
+    out["security"] = [{"bearer": []}] if auth else []
     out["responses"] = all_responses
     return out
 
@@ -142,7 +174,7 @@ def document(sections: Iterable[tuple[Json, Json]]) -> Json:
             "description": (
                 "Multi-tenant JSON API. Errors are application/problem+json (RFC 9457); lists "
                 "use keyset pagination (`limit`, `cursor` -> `next_cursor`); every /v1 response "
-                "carries RateLimit-* headers."
+                "carries RateLimit-* headers. No string may hold U+0000 (NUL): 422."
             ),
         },
         "paths": paths,

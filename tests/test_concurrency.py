@@ -36,13 +36,27 @@ async def test_twenty_patches_with_one_if_match_give_one_winner(
     assert current["username"] == body["username"]
 
 
-async def test_if_match_missing_is_428_and_stale_is_412(
+async def test_if_match_missing_or_empty_is_428_and_stale_is_412(
     aiohttp_client: Any, config: Config
 ) -> None:
     client = await aiohttp_client(create_app(config))
     owner = await signup(client)
     path = f"/v1/users/{owner.id}"
     assert (await client.patch(path, json={"username": "x"}, headers=owner.headers)).status == 428
+    # An empty If-Match names no ETag at all: the precondition is missing, not stale.
+    for blank in ("", " \t "):
+        resp = await client.patch(
+            path, json={"username": "x"}, headers={**owner.headers, "If-Match": blank}
+        )
+        assert resp.status == 428, blank
+        assert (await resp.json())["title"] == "Precondition Required"
+    # A request invalid in itself is refused as such before any precondition is looked at.
+    for if_match in ({}, {"If-Match": ""}, {"If-Match": "garbage"}, {"If-Match": '"7"'}):
+        resp = await client.patch(
+            path, json={"username": "-"}, headers={**owner.headers, **if_match}
+        )
+        assert resp.status == 422, if_match
+        assert (await resp.json())["errors"][0]["field"] == "username"
     assert (
         await client.patch(
             path, json={"username": "x"}, headers={**owner.headers, "If-Match": '"7"'}

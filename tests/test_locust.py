@@ -3,84 +3,13 @@
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from server.devservices import tcp_reachable
-from server.runner import free_port
-
-from .conftest import ROOT, Services, server_env
-
-
-@pytest.fixture
-def provider_url() -> Iterator[str]:
-    """The fake payment provider as its own process, as a deployment would see a real one."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.fake_provider", "--port", str(port)],
-        cwd=ROOT,
-        env={**os.environ, "PAYMENTS_API_KEY": "lt_key", "PAYMENTS_WEBHOOK_SECRET": "lt_secret"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while not tcp_reachable("127.0.0.1", port, timeout=0.2):
-            assert proc.poll() is None and time.monotonic() < deadline, "fake provider died"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-@pytest.fixture
-def server_url(clean: Services, provider_url: str) -> Iterator[str]:
-    port = free_port()
-    env = server_env(
-        clean,
-        port,
-        ACCESS_LOG="false",
-        PAYMENTS_URL=provider_url,
-        PAYMENTS_API_KEY="lt_key",
-        PAYMENTS_WEBHOOK_SECRET="lt_secret",
-        # every simulated user signs up from 127.0.0.1
-        AUTH_RATE_LIMIT_PER_MINUTE="100000",
-        RATE_LIMIT_RATE="100000",
-        RATE_LIMIT_BURST="100000",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/readyz", timeout=2):
-                    break
-            except OSError:
-                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        if proc.stderr:
-            proc.stderr.close()
-
+from .conftest import ROOT
 
 SCENARIO_CLASS = {"frontend": "FrontendUser", "admin": "AdminUser", "events": "EventClient"}
 SCENARIO_ENDPOINTS = {

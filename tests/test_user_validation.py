@@ -523,7 +523,7 @@ async def test_nul_characters_are_422_naming_the_field(
         (None, 428),
         ('"2"', 412),
         ('"abc"', 412),
-        ("", 412),
+        ("", 428),  # names no ETag: the precondition is missing
         ('"\u00b2"', 412),
     ],
     ids=["missing", "stale", "not-a-number", "empty", "superscript-two"],

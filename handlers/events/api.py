@@ -13,9 +13,10 @@ MAX_PROPS_KEYS = 50
 # fastjsonschema applies to the whole string as JSON Schema means (Python's $ alone would also
 # accept a trailing newline).
 NAME_RE = r"[A-Za-z][A-Za-z0-9_.:-]{0,63}"
+# [0-9], never \d: Python's \d holds every script's digits, ECMA's only ASCII ones.
 TS_RE = (
-    r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T([01]\d|2[0-3]):[0-5]\d:[0-5]\d"
-    r"(\.\d{1,9})?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)"
+    r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+    r"(\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
 )
 
 EVENT_NAME = {
@@ -65,6 +66,20 @@ SCHEMAS: Json = {
         "required": ["accepted"],
         "properties": {
             "accepted": {"type": "integer", "description": "Events committed (all of the batch)"}
+        },
+    },
+    "LiveCountsEvent": {
+        "type": "object",
+        "description": "One server-sent event of GET /v1/analytics/live",
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"type": "string", "enum": ["counts"]},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "description": '`{"ts": "<second, RFC 3339>", "counts": {"<name>": n}}`',
+            },
+            "retry": {"type": "integer", "description": "Reconnection delay, milliseconds"},
         },
     },
     "EventCounts": {
@@ -124,7 +139,7 @@ PATHS: Json = {
             "events",
             {
                 "200": json_content("The buckets, oldest first", ref("EventCounts")),
-                "422": problem("Bad query parameter"),
+                "422": problem("A parameter is refused, or the range spans more than 1440 buckets"),
             },
             params=COUNT_PARAMS,
         )
@@ -140,7 +155,8 @@ PATHS: Json = {
                         '"counts": {"<name>": n}}`, one per second until the client leaves '
                         "or the server drains"
                     ),
-                    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    # OpenAPI 3.1 without itemSchema: the schema describes each event.
+                    "content": {"text/event-stream": {"schema": ref("LiveCountsEvent")}},
                 }
             },
         )

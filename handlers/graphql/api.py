@@ -10,6 +10,20 @@ def _graphql(desc: str) -> Json:
     return json_content(desc, ref("GraphQLResponse"))
 
 
+def _refused(desc: str) -> Json:
+    """A refusal either shape can carry: the chain refuses before the query is read, as on
+    every route (problem+json); GraphQL refuses inside the request, in the GraphQL shape.
+    Clients branch on the status first, then read whichever body came."""
+    return {
+        "description": desc,
+        "headers": {"Retry-After": {"schema": {"type": "integer"}, "required": True}},
+        "content": {
+            "application/json": {"schema": ref("GraphQLResponse")},
+            "application/problem+json": {"schema": ref("Problem")},
+        },
+    }
+
+
 SCHEMAS: Json = {
     "GraphQLRequest": {
         "type": "object",
@@ -84,11 +98,15 @@ PATHS: Json = {
                     "The body is not {query, variables?, operationName?}, or a "
                     "variable or argument value is refused (BAD_USER_INPUT)"
                 ),
-                "429": _graphql(
-                    "The query's cost is more than the caller's rate-limit bucket holds now "
-                    "(a refusal before the query is read is problem+json); see Retry-After"
+                "429": _refused(
+                    "Rate limited; see Retry-After. problem+json when the caller's bucket is "
+                    "empty; a GraphQL response (RATE_LIMITED) when the query's cost is more than "
+                    "the bucket holds now"
                 ),
-                "503": problem("Overloaded or the database is busy; see Retry-After"),
+                "503": _refused(
+                    "Overloaded (problem+json) or the database is busy (a GraphQL response, "
+                    "SERVICE_UNAVAILABLE); see Retry-After"
+                ),
             },
             body="GraphQLRequest",
         ),

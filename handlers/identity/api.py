@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 from db.users import STATUSES
-from server.openapi import UUID_PATTERN, Json, json_content, op, problem, query_param, ref
+from server.openapi import (
+    SPACE_OR_CONTROL,
+    UUID_PATTERN,
+    Json,
+    json_content,
+    op,
+    problem,
+    query_param,
+    ref,
+)
 from server.rbac import ROLES
 
 MAX_PROFILE_BYTES = 4096
 
+_EMAIL_PART = f"[^@{SPACE_OR_CONTROL}]+"
 EMAIL = {
     "type": "string",
     "minLength": 3,
     "maxLength": 254,
-    "pattern": r"^[^@\s]+@[^@\s]+\.[^@\s]+$",
+    "pattern": f"^{_EMAIL_PART}@{_EMAIL_PART}\\.{_EMAIL_PART}$",
     "description": "Case-insensitively unique within a tenant",
 }
 USERNAME = {
@@ -175,12 +185,17 @@ USER_ID = {
     "schema": {"type": "string", "format": "uuid"},
 }
 ROLE_PARAM = {"name": "role", "in": "path", "required": True, "schema": ROLE}
+# member is the base role every user holds: it is granted, never revoked.
+REVOCABLE_ROLE_PARAM = ROLE_PARAM | {
+    "schema": {"type": "string", "enum": [r for r in ROLES if r != "member"]}
+}
 IF_MATCH = {
     "name": "If-Match",
     "in": "header",
     "required": True,
-    "schema": {"type": "string"},
-    "description": 'The ETag you read, e.g. "3"',
+    # Not empty: an empty If-Match names no ETag, which is a missing precondition (428).
+    "schema": {"type": "string", "minLength": 1, "pattern": r"[^\t ]"},
+    "description": 'The ETag you read, e.g. "3", or `*` for any version',
 }
 
 
@@ -261,7 +276,7 @@ PATHS: Json = {
         "get": op(
             "List the tenant's users (keyset pagination)",
             "users",
-            {"200": json_content("A page", ref("UserPage")), "422": problem("Bad query parameter")},
+            {"200": json_content("A page", ref("UserPage"))},
             params=LIST_PARAMS,
         ),
         "post": op(
@@ -292,8 +307,10 @@ PATHS: Json = {
                 "403": FORBIDDEN,
                 "404": NOT_FOUND,
                 "409": LAST_OWNER,
-                "412": problem("If-Match is stale"),
-                "428": problem("If-Match is missing"),
+                "412": problem(
+                    "If-Match names another version: the user changed since you read it"
+                ),
+                "428": problem("If-Match is missing or empty"),
             },
             body="PatchUserRequest",
             params=[USER_ID, IF_MATCH],
@@ -327,7 +344,7 @@ PATHS: Json = {
                 "409": LAST_OWNER,
                 "422": problem("Unknown role, or member"),
             },
-            params=[USER_ID, ROLE_PARAM],
+            params=[USER_ID, REVOCABLE_ROLE_PARAM],
         ),
     },
 }

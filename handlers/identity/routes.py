@@ -149,8 +149,10 @@ async def patch_user(request: web.Request) -> web.Response:
     p = rbac.caller(request)
     rbac.require_admin(p)
     user_id = path_uuid(request, "user_id", "user")
-    version = if_match(request)
+    # An invalid body is a 422 whatever If-Match says: a precondition is judged on a request
+    # that could otherwise succeed.
     body = await read_json(request, "PatchUserRequest")
+    version = if_match(request)
     row, answer = await service.patch_user(
         request.app[PG], request.app[USER_CACHE], p, user_id, version, body, request[REQUEST_ID]
     )

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 from db.orders import ORDER_STATUSES
 from db.payments import PAYMENT_STEPS
-from server.openapi import UUID_PATTERN, Json, json_content, op, problem, query_param, ref
+from server.openapi import (
+    SPACE_OR_CONTROL,
+    UUID_PATTERN,
+    Json,
+    json_content,
+    op,
+    problem,
+    query_param,
+    ref,
+)
 
 STR_UUID = {"type": "string", "format": "uuid"}
 DATE = {"type": "string", "format": "date-time"}
@@ -38,7 +47,12 @@ SCHEMAS: Json = {
     "CreateProductRequest": _obj(
         ["sku", "name", "price_cents", "currency", "stock"],
         {
-            "sku": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": r"^\S+$"},
+            "sku": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 64,
+                "pattern": f"^[^{SPACE_OR_CONTROL}]+$",
+            },
             "name": {"type": "string", "minLength": 1, "maxLength": 200},
             "price_cents": {"type": "integer", "minimum": 0, "maximum": 100_000_000_000},
             "currency": CURRENCY,
