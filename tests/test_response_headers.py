@@ -116,4 +116,3 @@ async def test_a_malformed_header_is_a_problem_400_that_echoes_nothing(
     assert records[0].exc_info is None
     assert "4111" not in records[0].getMessage()
     assert "malformed request head" in records[0].getMessage()
-

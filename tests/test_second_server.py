@@ -29,9 +29,7 @@ def second(services: Services, port: int, workers: int) -> subprocess.CompletedP
 
 
 def refused_line(port: int) -> str:
-    return (
-        f"surge: cannot serve 127.0.0.1:{port}: another process is already listening there"
-    )
+    return f"surge: cannot serve 127.0.0.1:{port}: another process is already listening there"
 
 
 @pytest.mark.parametrize("first_workers", [1, 2])

@@ -232,4 +232,3 @@ def test_a_hangup_mid_body_is_a_499_and_one_warning(server: Served) -> None:
     assert len(mentions) == 1, mentions
     assert '"level":"WARNING"' in mentions[0]
     assert "hung up" in mentions[0]
-
