@@ -24,7 +24,7 @@ import asyncio
 import logging
 import socket
 from ssl import SSLContext
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
@@ -77,7 +77,7 @@ class Connection(web.RequestHandler):
                             address,
                             count,
                         )
-                    transport.abort()
+                    cast(asyncio.Transport, transport).abort()
                     return
                 limits.open[address] = count + 1
                 self._address = address
@@ -183,7 +183,7 @@ class Listener(web.BaseSite):
 
     @property
     def sockets(self) -> list[socket.socket]:
-        return list(self._server.sockets) if self._server is not None else []
+        return list(cast(asyncio.Server, self._server).sockets) if self._server is not None else []
 
     async def start(self) -> None:
         await super().start()

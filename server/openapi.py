@@ -52,6 +52,7 @@ _RL_HEADERS = {
 
 STANDARD_ERRORS = {
     "400": problem("Malformed JSON"),
+    "408": problem("The body did not arrive within BODY_READ_TIMEOUT_S; the connection is closed"),
     "413": problem("Body larger than MAX_BODY_BYTES"),
     "422": problem("Validation failed; `errors` names each offending field"),
     "429": problem("Rate limited; see Retry-After"),
@@ -85,7 +86,7 @@ def op(
         for r in all_responses.values():
             r.setdefault("headers", {}).update(_RL_HEADERS)
         for code, r in STANDARD_ERRORS.items():
-            if code in ("400", "413", "422") and not body:
+            if code in ("400", "408", "413", "422") and not body:
                 continue
             all_responses.setdefault(code, copy.deepcopy(r))
     if auth:

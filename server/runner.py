@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import FrameType
-from typing import IO, cast
+from typing import IO, Any, cast
 
 import uvloop
 from aiohttp import web
@@ -101,7 +101,7 @@ async def serve_app(
             access_log = AccessLog(cast(IO[bytes], _WholeLines(sys.stdout.fileno())))
         app = create_app(config, access_log=access_log)
     # Each connection's handler is built with these, by the runner's server and by Listener.
-    handler_args: dict[str, object] = {
+    handler_args: dict[str, Any] = {
         "access_log": None,  # our own JSON access log replaces aiohttp's
         "keepalive_timeout": config.keepalive_timeout_s,
     }
@@ -247,7 +247,7 @@ def claim_address(host: str, port: int) -> socket.socket | None:
         return None  # pragma: no cover (no abstract sockets; the probe alone)
     claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        claim.bind(f"\0surge-serve:{addr[0]}:{addr[1]}")
+        claim.bind(f"\0surge-serve:{addr!r}")
     except OSError:
         claim.close()
         raise StartupError(_cannot_listen(host, port, OSError(errno.EADDRINUSE, ""))) from None

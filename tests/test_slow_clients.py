@@ -18,6 +18,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from handlers import SPEC
+
 from .conftest import Services
 from .served import Served, recv_all, served, wait_until
 
@@ -232,3 +234,15 @@ def test_a_hangup_mid_body_is_a_499_and_one_warning(server: Served) -> None:
     assert len(mentions) == 1, mentions
     assert '"level":"WARNING"' in mentions[0]
     assert "hung up" in mentions[0]
+
+
+def test_every_operation_with_a_body_documents_408() -> None:
+    with_body = [
+        (method, path, operation)
+        for path, item in SPEC["paths"].items()
+        for method, operation in item.items()
+        if "requestBody" in operation
+    ]
+    assert len(with_body) >= 13
+    for method, path, operation in with_body:
+        assert "408" in operation["responses"], f"{method.upper()} {path}"
