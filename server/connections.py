@@ -23,10 +23,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from ssl import SSLContext
 from typing import Any, cast
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMethod
 from aiohttp.web_request import BaseRequest
 from yarl import URL
 
@@ -36,6 +38,8 @@ from server.errors import problem_response
 
 log = logging.getLogger("surge")
 
+WARN_EVERY_S = 60.0
+
 
 class ConnectionLimits:
     """One process's connection bounds and its count of open connections per address."""
@@ -44,7 +48,9 @@ class ConnectionLimits:
         self.header_timeout_s = header_timeout_s
         self.max_per_address = max_per_address  # 0: no cap
         self.open: dict[str, int] = {}
-        self.over: set[str] = set()  # addresses at their cap, warned about once until below
+        # when each address at its cap was last warned about: once a minute at most, so an
+        # address that keeps reconnecting at its cap cannot flood the log
+        self.warned: dict[str, float] = {}
 
 
 class Connection(web.RequestHandler):
@@ -60,31 +66,37 @@ class Connection(web.RequestHandler):
         self._refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        limits = self._limits
-        if limits.max_per_address:
-            peer = transport.get_extra_info("peername")
-            address = peer[0] if isinstance(peer, tuple) else None
-            if address is not None:
-                count = limits.open.get(address, 0)
-                if count >= limits.max_per_address:
-                    self._refused = True
-                    metrics.CONNECTIONS_DROPPED.labels("per_address_cap").inc()
-                    if address not in limits.over:
-                        limits.over.add(address)
-                        log.warning(
-                            "connections from %s: %s open, MAX_CONNECTIONS_PER_IP reached;"
-                            " its new ones are closed at once",
-                            address,
-                            count,
-                        )
-                    cast(asyncio.Transport, transport).abort()
-                    return
-                limits.open[address] = count + 1
-                self._address = address
+        if self._limits.max_per_address and not self._admit(transport):
+            self._refused = True
+            cast(asyncio.Transport, transport).abort()
+            return
         super().connection_made(transport)
         self._head_timer = asyncio.get_running_loop().call_later(
-            limits.header_timeout_s, self._head_too_late
+            self._limits.header_timeout_s, self._head_too_late
         )
+
+    def _admit(self, transport: asyncio.BaseTransport) -> bool:
+        """Count this connection against its address's cap; False when the address is at it."""
+        peer = transport.get_extra_info("peername")
+        if not isinstance(peer, tuple):
+            return True  # not an IP connection: no address to count
+        address, limits = peer[0], self._limits
+        count = limits.open.get(address, 0)
+        if count >= limits.max_per_address:
+            metrics.CONNECTIONS_DROPPED.labels("per_address_cap").inc()
+            now = time.monotonic()
+            if now - limits.warned.get(address, -WARN_EVERY_S) >= WARN_EVERY_S:
+                limits.warned[address] = now
+                log.warning(
+                    "connections from %s: %s open, MAX_CONNECTIONS_PER_IP reached;"
+                    " its new ones are closed at once",
+                    address,
+                    count,
+                )
+            return False
+        limits.open[address] = count + 1
+        self._address = address
+        return True
 
     def head_arrived(self) -> None:
         """Called by the chain for every request it gets: a head came in whole."""
@@ -110,10 +122,9 @@ class Connection(web.RequestHandler):
             left = limits.open[address] - 1
             if left:
                 limits.open[address] = left
-            else:
+            else:  # the address is gone: forget it
                 del limits.open[address]
-            if left < limits.max_per_address:
-                limits.over.discard(address)
+                limits.warned.pop(address, None)
         super().connection_lost(exc)
 
     async def finish_response(
@@ -140,7 +151,11 @@ class Connection(web.RequestHandler):
         if status != 400:
             return super().handle_error(request, status, exc, message)
         rid = new_request_id()
-        log.warning(
+        # Not HTTP at all (TLS to the plain port, a scanner's probe): noise on any public
+        # address, as aiohttp itself judges it; a debug line only.
+        level = logging.DEBUG if isinstance(exc, BadHttpMethod) else logging.WARNING
+        log.log(
+            level,
             "malformed request head from %s (%s): answered 400 (request %s)",
             request.remote,
             type(exc).__name__ if exc is not None else "unknown",

@@ -71,6 +71,24 @@ async def test_every_answer_is_nosniff(aiohttp_client: Any, config: Config) -> N
         assert live.headers["X-Content-Type-Options"] == NOSNIFF
 
 
+async def raw_exchange(config: Config, caplog: pytest.LogCaptureFixture, data: bytes) -> bytes:
+    """`data` sent to a real listener; all it answers until it closes the connection."""
+    cfg = dataclasses.replace(config, port=free_port())
+    ready, stop = asyncio.Event(), asyncio.Event()
+    server = asyncio.create_task(serve_app(cfg, ready=ready, stop=stop))
+    await asyncio.wait_for(ready.wait(), 10)
+    caplog.clear()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", cfg.port)
+        writer.write(data)
+        answer = await asyncio.wait_for(reader.read(), 5)  # until the server closes
+        writer.close()
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, 10)
+    return answer
+
+
 @pytest.mark.parametrize(
     "bad_line",
     [
@@ -82,19 +100,9 @@ async def test_every_answer_is_nosniff(aiohttp_client: Any, config: Config) -> N
 async def test_a_malformed_header_is_a_problem_400_that_echoes_nothing(
     config: Config, caplog: pytest.LogCaptureFixture, bad_line: bytes
 ) -> None:
-    cfg = dataclasses.replace(config, port=free_port())
-    ready, stop = asyncio.Event(), asyncio.Event()
-    server = asyncio.create_task(serve_app(cfg, ready=ready, stop=stop))
-    await asyncio.wait_for(ready.wait(), 10)
-    caplog.clear()
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", cfg.port)
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: surge\r\n" + bad_line + b"\r\n\r\n")
-        answer = await asyncio.wait_for(reader.read(), 5)  # until the server closes
-        writer.close()
-    finally:
-        stop.set()
-        await asyncio.wait_for(server, 10)
+    answer = await raw_exchange(
+        config, caplog, b"GET /healthz HTTP/1.1\r\nHost: surge\r\n" + bad_line + b"\r\n\r\n"
+    )
     head, _, body = answer.partition(b"\r\n\r\n")
     lines = head.decode().split("\r\n")
     assert lines[0].split(" ", 1)[1] == "400 Bad Request"  # HTTP/1.0: the head was never read
@@ -116,3 +124,13 @@ async def test_a_malformed_header_is_a_problem_400_that_echoes_nothing(
     assert records[0].exc_info is None
     assert "4111" not in records[0].getMessage()
     assert "malformed request head" in records[0].getMessage()
+
+
+async def test_bytes_that_are_not_http_get_a_400_and_no_warning(
+    config: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a TLS ClientHello's first bytes sent to the plain-HTTP port, as scanners do all day
+    answer = await raw_exchange(config, caplog, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+    assert answer.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")
+    assert b"Content-Type: application/problem+json" in answer
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []

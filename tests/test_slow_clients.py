@@ -88,9 +88,12 @@ def signup(server: Served) -> str:
         data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
-    with urllib.request.urlopen(req, timeout=10) as r:
-        token: str = json.loads(r.read())["access_token"]
-        return token
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            token: str = json.loads(r.read())["access_token"]
+            return token
+    except urllib.error.HTTPError as exc:
+        raise AssertionError(f"signup answered {exc.code}: {exc.read()!r}") from None
 
 
 def exchange(sock: socket.socket, path: str = "/healthz") -> int:
