@@ -7,6 +7,8 @@ One server for the module, with small limits so each test takes a second or two.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import re
 import socket
@@ -16,9 +18,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
+import aiohttp
 import pytest
 
 from handlers import SPEC
+from server.config import Config
+from server.runner import free_port, serve_app
 
 from .conftest import Services
 from .served import Served, recv_all, served, wait_until
@@ -249,3 +254,28 @@ def test_every_operation_with_a_body_documents_408() -> None:
     assert len(with_body) >= 13
     for method, path, operation in with_body:
         assert "408" in operation["responses"], f"{method.upper()} {path}"
+
+
+async def test_behind_a_trusted_proxy_connections_are_not_capped_per_address(
+    config: Config,
+) -> None:
+    # every connection then comes from the proxy: capping its address would cap everyone
+    cfg = dataclasses.replace(
+        config, port=free_port(), trust_forwarded_for=True, max_connections_per_ip=1
+    )
+    ready, stop = asyncio.Event(), asyncio.Event()
+    server = asyncio.create_task(serve_app(cfg, ready=ready, stop=stop))
+    await asyncio.wait_for(ready.wait(), 10)
+    try:
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=False, limit=0)
+        ) as session:
+            url = f"http://127.0.0.1:{cfg.port}/healthz"
+            # 3 held at once from one address (the connector opens one per request in flight)
+            statuses = await asyncio.gather(*(session.get(url) for _ in range(3)))
+            assert [r.status for r in statuses] == [200, 200, 200]
+            for r in statuses:
+                r.release()
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, 10)
