@@ -125,7 +125,10 @@ def create_app(config: Config, *, access_log: AccessLog | None = None) -> web.Ap
     app[CONFIG] = config
     app[VALIDATORS] = handlers.validators
     app[CHAIN] = Chain(
-        access_log, FairGate(config.max_in_flight, config.shed_queue_timeout_ms / 1000), tracing
+        access_log,
+        FairGate(config.max_in_flight, config.shed_queue_timeout_ms / 1000),
+        tracing,
+        body_read_timeout_s=config.body_read_timeout_s,
     )
     app[LIFECYCLE] = Lifecycle()
     app[TOKENS] = TokenService.from_config(config)

@@ -2,8 +2,11 @@
 
 Outermost first, as each request meets it:
 
-    observe  request id, trace span, latency and status metrics, access-log line, and every
-             exception rendered as problem+json (server/problems.py)
+    observe  request id, trace span, latency and status metrics, access-log line, every
+             exception rendered as problem+json (server/problems.py), the headers every
+             answer carries (nosniff; no-store on API answers)
+    body     a request's body read into memory within BODY_READ_TIMEOUT_S (408 past it, 413
+             past MAX_BODY_BYTES), so a body that trickles in holds a connection, never a slot
     shed     a bounded, fair gate; a request that waits too long for a slot is refused 503
     api      access token verified in memory, token-bucket rate limit, RateLimit-* headers
     handler
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import re
 import time
@@ -38,13 +42,26 @@ from server.routes import Handler, Route, handler_of, plain_handler_of
 from server.tokens import TOKENS, TokenError
 from server.tracing import TRACEPARENT, Tracing, trace_id_of
 
+log = logging.getLogger("surge")
+
 _RID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 X_REQUEST_ID = istr("X-Request-ID")  # istr, as aiohttp's hdrs: no case-folding per lookup
+X_CONTENT_TYPE_OPTIONS = istr("X-Content-Type-Options")
+CACHE_CONTROL = istr("Cache-Control")
+# Every answer: a browser must not guess a type other than the one declared (a JSON body
+# rendered as HTML, say).
+NOSNIFF = "nosniff"
 
 # Request ids need to be unique, not unguessable: a random per-process prefix and a 12-hex
 # counter (16**12 ids: 89 years at 100k requests/s), its digits joined in C.
 _HEX2 = [f"{i:02x}" for i in range(256)]
 _rids = map("".join, itertools.product((os.urandom(6).hex(),), *[_HEX2] * 6))
+
+
+def new_request_id() -> str:
+    """A request id for an answer given outside the chain (server/connections.py)."""
+    return next(_rids)
+
 
 # The catch-all route: it answers what aiohttp's router would have (405 with Allow when
 # another method has the path, else 404), inside the chain like any route.
@@ -60,15 +77,34 @@ class Overloaded(ApiError):
         super().__init__("the server is at capacity; retry shortly", headers={"Retry-After": "1"})
 
 
+class RequestTimeout(ApiError):
+    status, slug, title = 408, "request-timeout", "Request Timeout"
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"the request body did not arrive within {timeout_s:g} s")
+
+
+class ClientClosedRequest(ApiError):
+    """The client hung up before its request was read: nobody is left to answer (nginx's 499)."""
+
+    status, slug, title = 499, "client-closed-request", "Client Closed Request"
+
+
 class Chain:
     """Builds the handler aiohttp runs for each route (`wrap`)."""
 
     def __init__(
-        self, access_log: AccessLog | None, shed_gate: FairGate, tracing: Tracing | None = None
+        self,
+        access_log: AccessLog | None,
+        shed_gate: FairGate,
+        tracing: Tracing | None = None,
+        *,
+        body_read_timeout_s: float = 10.0,
     ) -> None:
         self.access_log = access_log
         self.shed_gate = shed_gate
         self.tracing = tracing
+        self.body_read_timeout_s = body_read_timeout_s
         self.ops_paths: frozenset[str] = frozenset()
 
     def wrap(self, route: Route, method: str) -> Handler:
@@ -81,20 +117,22 @@ class Chain:
             if route.api:
                 inner = _api(inner, public=route.public, limited=not route.own_limit)
             if route.shed:
-                inner = _shed(inner, self.shed_gate)
+                inner = _body(_shed(inner, self.shed_gate), self.body_read_timeout_s)
         return self._observe(
             inner,
             None if inner is not None else plain_handler_of(route),
             method,
             route.path,
             keep_rid=not route.ops,
+            no_store=route.api,
         )
 
     def unmatched(self) -> Handler:
         """The catch-all's handler: whether it is shed and rate limited follows the path asked
         for (an ops path is never shed; an API path answers with RateLimit-* headers)."""
-        api = _shed(_api(_unmatched, public=True), self.shed_gate)
-        page = _shed(_unmatched, self.shed_gate)
+        timeout_s = self.body_read_timeout_s
+        api = _body(_shed(_api(_unmatched, public=True), self.shed_gate), timeout_s)
+        page = _body(_shed(_unmatched, self.shed_gate), timeout_s)
 
         async def dispatch(request: web.Request) -> web.StreamResponse:
             path = request.path
@@ -102,7 +140,7 @@ class Chain:
                 return await _unmatched(request)
             return await (api if path.startswith(API_PREFIX) else page)(request)
 
-        return self._observe(dispatch, None, "*", UNMATCHED, keep_rid=False)
+        return self._observe(dispatch, None, "*", UNMATCHED, keep_rid=False, no_store=None)
 
     def _observe(
         self,
@@ -112,7 +150,10 @@ class Chain:
         path: str,
         *,
         keep_rid: bool,
+        no_store: bool | None,
     ) -> Handler:
+        """`no_store`: the route's answers are the API's (per user, or carrying tokens), never
+        to be kept by a cache; None: as the path asked for says (the catch-all)."""
         clock = time.perf_counter
         http = metrics.HTTP
         tracing = self.tracing
@@ -132,6 +173,9 @@ class Chain:
         call = handler if handler is not None else _never
 
         async def observe(request: web.Request) -> web.StreamResponse:
+            # the head is in: the connection's header deadline no longer applies
+            if (head_arrived := getattr(request.protocol, "head_arrived", None)) is not None:
+                head_arrived()
             headers = request.headers
             rid = headers.get(X_REQUEST_ID)
             if rid is None or _RID.fullmatch(rid) is None:
@@ -151,10 +195,21 @@ class Chain:
                     raise
                 except Exception as exc:
                     resp = problem_for(request, exc, rid)
+                    if isinstance(exc, RequestTimeout):
+                        resp.force_close()  # the rest of the body may still be on its way
+                    elif isinstance(exc, ClientClosedRequest):
+                        log.warning(
+                            "the client hung up mid-body: %s %s (request %s)",
+                            request.method, route, rid,
+                        )  # fmt: skip
                     if span is not None and resp.status >= 500 and not isinstance(exc, Overloaded):
                         span.error(exc)
                 status = resp.status
-                resp.headers[X_REQUEST_ID] = rid
+                resp_headers = resp.headers
+                resp_headers[X_REQUEST_ID] = rid
+                resp_headers[X_CONTENT_TYPE_OPTIONS] = NOSNIFF
+                if no_store if no_store is not None else request.path.startswith(API_PREFIX):
+                    resp_headers[CACHE_CONTROL] = "no-store"
                 if span is not None:
                     resp.headers[TRACEPARENT] = span.traceparent
                 return resp
@@ -190,6 +245,26 @@ class Chain:
 
 async def _never(request: web.Request) -> web.StreamResponse:
     raise AssertionError("a plain route's handler is called directly")
+
+
+def _body(handler: Handler, timeout_s: float) -> Handler:
+    """The request's body in memory before `handler` (the shed gate) runs: a body that trickles
+    in holds its connection, never a slot. request.read() keeps the bytes, so the handler's own
+    read returns them at once. (A refusal that needs no body, such as an overload check, would
+    go before this layer.)"""
+
+    async def body(request: web.Request) -> web.StreamResponse:
+        if request.body_exists:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await request.read()  # 413 past client_max_size (MAX_BODY_BYTES)
+            except TimeoutError:
+                raise RequestTimeout(timeout_s) from None
+            except ConnectionResetError:
+                raise ClientClosedRequest() from None
+        return await handler(request)
+
+    return body
 
 
 def _shed(handler: Handler, gate: FairGate) -> Handler:
@@ -272,4 +347,14 @@ def _unauthorized(request: web.Request) -> NoReturn:
     raise Unauthorized("the access token is invalid or expired")
 
 
-__all__ = ["UNMATCHED", "Chain", "Overloaded", "bearer_principal", "rate_key"]
+__all__ = [
+    "NOSNIFF",
+    "UNMATCHED",
+    "Chain",
+    "ClientClosedRequest",
+    "Overloaded",
+    "RequestTimeout",
+    "bearer_principal",
+    "new_request_id",
+    "rate_key",
+]

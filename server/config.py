@@ -211,7 +211,8 @@ class Config:
         "MAX_CONNECTIONS_PER_IP",
         _int(0, 1_000_000),
         256,
-        "Open connections one client address may hold per process; 0: no cap",
+        "Open connections one client address may hold per process; 0: no cap"
+        " (not applied with TRUST_FORWARDED_FOR: the peer is then the proxy)",
     )
     rate_limit_backend: str = _setting(
         "RATE_LIMIT_BACKEND",

@@ -204,6 +204,12 @@ READINESS = Gauge(
     multiprocess_mode="livemin",  # several workers: the instance shows a failing check
     registry=REGISTRY,
 )
+CONNECTIONS_DROPPED = Counter(
+    "surge_connections_dropped_total",
+    "Connections closed before a request was served, by reason (header_timeout, per_address_cap)",
+    ["reason"],
+    registry=REGISTRY,
+)
 POOL_TIMEOUTS = Counter(
     "surge_db_pool_timeouts_total",
     "Requests answered 503 because no database connection came free in time",

@@ -69,7 +69,7 @@ def _retry(desc: str, *, required: bool) -> Json:
 # entry for a status wins. Add a status here once rather than to each operation.
 BODY_ERRORS = {  # an operation that reads a JSON body
     "400": problem("Malformed JSON"),
-    "408": problem("The body did not arrive within BODY_READ_TIMEOUT_S"),
+    "408": problem("The body did not arrive within BODY_READ_TIMEOUT_S; the connection is closed"),
     "413": problem("Body larger than MAX_BODY_BYTES"),
     "415": problem("The body is not application/json"),
     "422": problem("Validation failed; `errors` names each offending field"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import gc
 import logging
 import math
@@ -27,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import FrameType
-from typing import IO, cast
+from typing import IO, Any, cast
 
 import uvloop
 from aiohttp import web
@@ -37,6 +38,7 @@ from server import metrics
 from server.access_log import AccessLog
 from server.app import create_app
 from server.config import Config
+from server.connections import ConnectionLimits, Listener
 from server.devservices import DevServiceError, EmbeddedServices
 from server.keys import LIFECYCLE
 from server.tls import server_context
@@ -121,12 +123,13 @@ async def serve_app(
         if worker_of is not None and config.access_log:
             access_log = AccessLog(cast(IO[bytes], _WholeLines(sys.stdout.fileno())))
         app = create_app(config, access_log=access_log)
+    # Each connection's handler is built with these, by the runner's server and by Listener.
+    handler_args: dict[str, Any] = {
+        "access_log": None,  # our own JSON access log replaces aiohttp's
+        "keepalive_timeout": config.keepalive_timeout_s,
+    }
     runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        access_log=None,  # our own JSON access log replaces aiohttp's
-        shutdown_timeout=config.shutdown_grace_s,
-        keepalive_timeout=75.0,
+        app, handle_signals=False, shutdown_timeout=config.shutdown_grace_s, **handler_args
     )
     await runner.setup()
     stop = stop or asyncio.Event()
@@ -135,15 +138,21 @@ async def serve_app(
         loop.add_signal_handler(sig, stop.set)
     background: list[asyncio.Task[None]] = []
     try:
-        site = web.TCPSite(
+        # Behind a trusted proxy every connection comes from the proxy: no cap per address.
+        per_address = 0 if config.trust_forwarded_for else config.max_connections_per_ip
+        site = Listener(
             runner,
             config.host,
             config.port,
-            backlog=2048,
+            ConnectionLimits(config.header_timeout_s, per_address),
+            handler_args,
             ssl_context=ssl_context,
             reuse_port=True if worker_of is not None else None,
         )
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(_cannot_listen(config.host, config.port, exc)) from None
         # Everything allocated so far (modules, the OpenAPI document, compiled validators, the
         # GraphQL schema, pools) lives as long as the process: out of the collector's sight, a
         # full collection under load walks only what requests allocate.
@@ -224,12 +233,65 @@ def migration_dsn(config: Config) -> str:
     return dsn
 
 
+def _cannot_listen(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return f"cannot serve {host}:{port}: another process is already listening there"
+    return f"cannot serve {host}:{port}: {exc.strerror or exc}"
+
+
+def claim_address(host: str, port: int) -> socket.socket | None:
+    """Refuse to start on an address another process serves; the socket returned is this
+    instance's claim, held until it exits (None for port 0: the kernel picks a free one).
+
+    SO_REUSEPORT lets one supervisor's workers share the port, and would as gladly let a second
+    instance of the same user share it, each answering a share of the connections. So, before
+    anything listens:
+    - a probe listener on the address without SO_REUSEPORT: its bind fails while any socket
+      listens there, Surge or not, sharing or not;
+    - on Linux, an abstract Unix socket named for the address, held for the instance's life: a
+      second instance starting at the same moment (before this one's workers listen) finds the
+      name taken. Abstract names live in the network namespace, as ports do, and go with the
+      process, however it ends.
+    """
+    if port == 0:
+        return None
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            # an earlier run's connections in TIME_WAIT do not make the port busy
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(addr)
+            probe.listen(1)
+    except OSError as exc:
+        raise StartupError(_cannot_listen(host, port, exc)) from None
+    if not sys.platform.startswith("linux"):
+        return None  # pragma: no cover (no abstract sockets; the probe alone)
+    claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        claim.bind(f"\0surge-serve:{addr!r}")
+    except OSError:
+        claim.close()
+        raise StartupError(_cannot_listen(host, port, OSError(errno.EADDRINUSE, ""))) from None
+    return claim
+
+
 def run_serve(config: Config, *, worker_of: int | None = None) -> int:
     """Serve until stopped; the process's exit code."""
     server_context(config)  # unreadable certificates stop start-up before anything starts
-    if worker_of is not None:
+    if worker_of is not None:  # the supervisor holds the address's claim
         uvloop.run(serve_app(config, worker_of=worker_of, tune_gc=True))
         return 0
+    claim = claim_address(config.host, config.port)
+    try:
+        return _serve_instance(config)
+    finally:
+        if claim is not None:
+            claim.close()
+
+
+def _serve_instance(config: Config) -> int:
     workers = config.workers or usable_cores()
     # The fake provider stands in only on a development machine (no DATABASE_URL either): a
     # deployment that forgot PAYMENTS_URL refuses payments (503) instead of faking them.
@@ -325,7 +387,7 @@ class Supervisor:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(addr)
         except OSError as exc:
-            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+            raise StartupError(_cannot_listen(host, port, exc)) from None
         return sock
 
     def _worker_env(self, port: int) -> dict[str, str]:

@@ -11,6 +11,7 @@ from handlers.events.analytics import bucket_counts, counts_view, parse_counts_q
 from handlers.events.ingest import parse_batch
 from handlers.events.keys import EVENT_WRITER, LIVE_HUB
 from server import rbac
+from server.chain import NOSNIFF
 from server.http import json_response, raw_json_response
 from server.keys import CONFIG, PG_READ, RATELIMIT_HEADERS, REDIS, REQUEST_ID
 from server.validation import read_raw_json
@@ -64,6 +65,7 @@ def _stream_headers(request: web.Request) -> dict[str, str]:
         "Content-Type": "text/event-stream",
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",  # proxies must pass each message on at once
+        "X-Content-Type-Options": NOSNIFF,
         # The chain sets these on the response it gets back, when a stream has long sent its
         # headers; this one is prepared here, so it carries them itself.
         "X-Request-ID": request[REQUEST_ID],
