@@ -113,11 +113,14 @@ class Chain:
             self.ops_paths |= {route.path}
         inner: Handler | None = None
         if not route.plain:
+            # observe -> api (token, rate limit) -> body -> shed -> handler: a request refused
+            # for its token or its rate has its body left unread; a body trickles in before
+            # the request takes a slot, never while it holds one.
             inner = handler_of(route)
-            if route.api:
-                inner = _api(inner, public=route.public, limited=not route.own_limit)
             if route.shed:
                 inner = _body(_shed(inner, self.shed_gate), self.body_read_timeout_s)
+            if route.api:
+                inner = _api(inner, public=route.public, limited=not route.own_limit)
         return self._observe(
             inner,
             None if inner is not None else plain_handler_of(route),
@@ -131,7 +134,7 @@ class Chain:
         """The catch-all's handler: whether it is shed and rate limited follows the path asked
         for (an ops path is never shed; an API path answers with RateLimit-* headers)."""
         timeout_s = self.body_read_timeout_s
-        api = _body(_shed(_api(_unmatched, public=True), self.shed_gate), timeout_s)
+        api = _api(_body(_shed(_unmatched, self.shed_gate), timeout_s), public=True)
         page = _body(_shed(_unmatched, self.shed_gate), timeout_s)
 
         async def dispatch(request: web.Request) -> web.StreamResponse:

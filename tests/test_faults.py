@@ -169,7 +169,7 @@ def log_digest(lines: list[str]) -> dict[str, int]:
     """WARNING and ERROR log lines by their message, numbers and ids blurred."""
     found: dict[str, int] = {}
     for line in lines:
-        if "WARNING" in line or "ERROR" in line or "Error" in line:
+        if '"level":"warning"' in line or '"level":"error"' in line or "Error" in line:
             key = re.sub(r"[0-9a-f]{8}-[0-9a-f-]{27}|\d+(\.\d+)?", "N", line)[:160]
             found[key] = found.get(key, 0) + 1
     return found

@@ -51,7 +51,7 @@ def server(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iter
     # nothing any test did may have logged a traceback or an error
     text = inst.stderr.read_text()
     assert "Traceback" not in text, text[-3000:]
-    assert '"level":"ERROR"' not in text, text[-3000:]
+    assert '"level":"error"' not in text, text[-3000:]
 
 
 def login_head(rid: str, length: int = 10_000) -> bytes:
@@ -223,7 +223,9 @@ def test_connections_beyond_the_per_address_cap_are_refused(server: Served) -> N
             sock.close()
     warnings = [line for line in server.log_lines() if "connections from" in line]
     assert len(warnings) >= 1
-    assert all('"level":"WARNING"' in line and OTHER_ADDRESS in line for line in warnings)
+    assert all(
+        json.loads(line)["level"] == "warning" and OTHER_ADDRESS in line for line in warnings
+    )
 
 
 def test_a_hangup_mid_body_is_a_499_and_one_warning(server: Served) -> None:
@@ -240,7 +242,7 @@ def test_a_hangup_mid_body_is_a_499_and_one_warning(server: Served) -> None:
     assert line["route"] == "/v1/auth/login"
     mentions = [line for line in server.log_lines() if "hangup-499" in line]
     assert len(mentions) == 1, mentions
-    assert '"level":"WARNING"' in mentions[0]
+    assert json.loads(mentions[0])["level"] == "warning"
     assert "hung up" in mentions[0]
 
 
