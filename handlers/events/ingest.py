@@ -37,7 +37,9 @@ def parse_ts(raw: str) -> datetime | None:
         return None
     try:
         return datetime.fromisoformat(raw).astimezone(UTC)
-    except ValueError:  # matches the pattern but is no date (2026-02-30)
+    # ValueError: matches the pattern but is no date (2026-02-30); OverflowError: an offset
+    # takes it before year 1 or past 9999 in UTC.
+    except (ValueError, OverflowError):
         return None
 
 
