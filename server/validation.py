@@ -79,7 +79,7 @@ def _errors(exc: fastjsonschema.JsonSchemaValueException) -> list[dict[str, str]
     return [{"field": base, "message": message}]
 
 
-async def read_raw_json(request: web.Request) -> tuple[bytes, Any]:
+async def read_raw_json(request: web.Request, *, walk_depth: bool = True) -> tuple[bytes, Any]:
     """The raw body and its parsed JSON, screened (`screen`) but not validated: 415 unless JSON,
     400 if malformed, 422 if too deep or holding a card number or a NUL character."""
     ctype = request.content_type
@@ -90,14 +90,14 @@ async def read_raw_json(request: web.Request) -> tuple[bytes, Any]:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"malformed JSON: {exc.args[0] if exc.args else 'parse error'}") from None
-    screen(raw, data)
+    screen(data, raw, walk_depth=walk_depth)
     return raw, data
 
 
 async def read_json(request: web.Request, schema_name: str) -> dict[str, Any]:
     """The request body, parsed, screened and validated against components.schemas[schema_name].
     Screened first: a schema's "unknown field" names a key, and a key may be a card number."""
-    raw, data = await read_raw_json(request)
+    data = (await read_raw_json(request))[1]
     # Validation messages name fields and rules, never values.
     result: dict[str, Any] = request.app[VALIDATORS].validate(schema_name, data)
     return result
@@ -112,22 +112,34 @@ CARD_MESSAGE = "looks like a card number; send the payment provider's token inst
 NUL_MESSAGE = "must not contain NUL characters"
 
 
-def screen(raw: bytes, data: Any) -> None:
+def screen(data: Any, raw: bytes | None = None, *, walk_depth: bool = True) -> None:
     """ValidationFailed naming the first value of a parsed body that is nested deeper than
     MAX_DEPTH or is (or holds a key that is) a card number or holds a NUL character.
 
     Card data never enters Surge (PCI DSS scope stays with the payment provider); PostgreSQL
-    text and jsonb cannot hold NUL. Cheap tests over the raw body decide whether the body is
-    walked at all, and one walk then finds the field for all three.
+    text and jsonb cannot hold NUL. Given the raw body, cheap tests over it decide whether the
+    body is walked at all; one walk then finds the field for all three. A caller passing
+    walk_depth=False checks the depth itself (POST /v1/events: each event's props, which a
+    batch of a thousand events makes cheaper than walking the batch).
     """
-    # No more brackets than levels: too few to be too deep, whatever the strings hold.
-    deep = raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and _too_deep(data)
-    # orjson writes no escapes but those of control characters, so a card written with \u
-    # escapes shows in its output; a body too deep for orjson.dumps is walked anyway.
-    cards = deep or _card_hint((orjson.dumps(data) if b"\\" in raw else raw).decode())
-    nul = b"\\u0000" in raw
-    if not (deep or cards or nul):
-        return
+    if raw is None:
+        deep = cards = nul = True
+    else:
+        # No more brackets than levels: too few to be too deep, whatever the strings hold.
+        deep = walk_depth and raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and too_deep(data)
+        # orjson writes no escapes but those of control characters, so a card written with
+        # \u escapes shows in its output; a body too deep for orjson.dumps is walked anyway.
+        escaped = b"\\" in raw
+        text: bytes | None = raw
+        if escaped and not deep:
+            try:
+                text = orjson.dumps(data)
+            except orjson.JSONEncodeError:  # deeper than orjson writes: walked below
+                text = None
+        cards = deep or text is None or card_shaped(text)
+        nul = escaped and b"\\u0000" in raw
+        if not (deep or cards or nul):
+            return
     found = _first_problem(data, cards, nul)
     if found is None:
         return
@@ -136,10 +148,10 @@ def screen(raw: bytes, data: Any) -> None:
     raise ValidationFailed([{"field": field, "message": message}], detail)
 
 
-def _too_deep(data: Any) -> bool:
-    """Whether any object or array lies deeper than MAX_DEPTH: level by level, no recursion."""
+def too_deep(data: Any, levels: int = MAX_DEPTH) -> bool:
+    """Whether objects and arrays nest more than `levels` deep: level by level, no recursion."""
     level = [data] if type(data) is dict or type(data) is list else []
-    for _ in range(MAX_DEPTH):
+    for _ in range(levels):
         below = []
         for container in level:
             for v in container.values() if type(container) is dict else container:
@@ -156,7 +168,7 @@ def _too_deep(data: Any) -> bool:
 # (or a JSON escape of one), dashes, dots, slashes, underscores. Not any digits with
 # separators: a decimal like 1234.5678 or 3.14159265358979323, a phone number, a timestamp,
 # an address is no card; and a UUID like 00000000-0000-0000-... is no card either.
-_SEP = r"(?:\s|\\[tnrf])+|[.\-/_\u2010-\u2015\u2212]"
+_SEP = r"(?:\s|\\[tnrf]){1,3}|[.\-/_\u2010-\u2015\u2212]"
 _CARD = re.compile(
     (
         r"(?<![0-9])(?<![0-9]\.)(?:D{13,19}(?!\.D)|D{4}(SEP)D{4}\1D{4}\1D{1,7}|D{4}(SEP)D{6}\2D{4,5})"
@@ -167,6 +179,45 @@ _CARD = re.compile(
 )
 _NOT_DIGIT = re.compile(r"\D")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+# The pre-filter over a whole body, in C: each byte mapped to its kind (a digit to 0, a dash
+# kept, a separator to s, including every byte of a multi-byte character and the letters of
+# \\t-style escapes; anything else to x), the separators dropped; then 13 digits in a row, or
+# 4-4-4 or 4-6-4 digits joined by dashes outside a UUID. Bodies with neither are not walked for
+# card numbers. (bytes.translate's own `delete` is slower: it builds its table on every call.)
+_SEPARATORS = " \t\n\r\f\v./_\\tnrf"
+_KINDS = bytes(
+    ord("0") if 48 <= b <= 57
+    else b if b == ord("-")
+    else ord("s") if b >= 128 or chr(b) in _SEPARATORS
+    else ord("x")
+    for b in range(256)
+)  # fmt: skip
+_THIRTEEN = b"0" * 13
+_DASHED = (b"0000-0000-0000", b"0000-000000-0000")
+# A UUID's groups of digits can take a dashed card's shape: they are no card.
+_UUID_BYTES = re.compile(
+    rb"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+
+
+def card_shaped(raw: bytes) -> bool:
+    """Whether a body may hold a card number (false alarms allowed, no misses)."""
+    kinds = raw.translate(_KINDS).replace(b"s", b"")
+    if _THIRTEEN in kinds:
+        return True
+    if _DASHED[0] not in kinds and _DASHED[1] not in kinds:
+        return False
+    kinds = raw.translate(_KINDS)  # nothing dropped: offsets are those of `raw`
+    for dashed in _DASHED:
+        at = kinds.find(dashed)
+        while at >= 0:
+            near = _UUID_BYTES.search(raw, max(0, at - 35), at + 50)
+            if near is None or not near.start() <= at < at + len(dashed) <= near.end():
+                return True
+            at = kinds.find(dashed, at + 1)
+    return False
 
 
 def luhn_ok(digits: str) -> bool:
@@ -190,6 +241,8 @@ def _card_hint(text: str) -> bool:
 
 def looks_like_card(value: str) -> bool:
     """Whether `value` holds a card number (ids are not cards, whatever digits they hold)."""
+    if not card_shaped(value.encode()):
+        return False
     if "-" in value:
         value = _UUID.sub(" ", value)
     return _card_hint(value)
@@ -219,6 +272,11 @@ class _Node:
         for part in reversed(parts):
             out = f"{out}[{part}]" if type(part) is int else _join(out, str(part))
         return out
+
+
+def has_card(data: Any) -> bool:
+    """Whether a parsed value holds a card number, as a value or a key."""
+    return _first_problem(data, True, False) is not None
 
 
 def _first_problem(data: Any, cards: bool, nul: bool) -> tuple[str, str] | None:

@@ -57,7 +57,7 @@ async def _graphql_request(request: web.Request) -> GraphQLRequest:
     except orjson.JSONDecodeError:
         raise refusal(400, "the body is not valid JSON", "BAD_REQUEST") from None
     try:  # too deep, card data, NUL: as every body, told the GraphQL way
-        screen(raw, body)
+        screen(body, raw)
     except ValidationFailed as exc:
         [error] = exc.errors or [{"field": "", "message": exc.detail}]
         message = f"{error['field']}: {error['message']}" if error["field"] else error["message"]

@@ -1,7 +1,7 @@
 """One spelling per identity: emails (and tenant names) as they are compared and stored.
 
 Unicode lets one address be written many ways that look the same: `é` precomposed (NFC) or as
-`e` and a combining accent (NFD), fullwidth letters (`ｊｏｓｅ`), invisible characters (a
+`e` and a combining accent (NFD), fullwidth letters (U+FF41 for `a`, ...), invisible characters (a
 zero-width joiner) and bidi controls that reorder what is shown. Every email that enters
 (signup, login, a created user, a search) goes through `normal_email`: invisible and control
 characters are refused, and the rest is NFKC-normalised, which composes accents as NFC does and
@@ -47,7 +47,8 @@ def normal_email(value: str, field: str = "email") -> str:
         return value
     visible(value, field)
     email = fold(value)
-    if email != value:  # folding can change the shape (a fullwidth ＠ is a second @) or length
+    # Folding can change the shape (a fullwidth @, U+FF20, is a second @) or the length.
+    if email != value:
         visible(email, field)
         if len(email) not in _EMAIL_LENGTHS or _EMAIL.match(email) is None:
             raise ValidationFailed(
