@@ -33,7 +33,7 @@ from multidict import istr
 from db.gate import FairGate
 from server import metrics
 from server.access_log import AccessLine, AccessLog
-from server.errors import ApiError, TooManyRequests, Unauthorized
+from server.errors import ApiError, TooManyRequests, Unauthorized, ValidationFailed
 from server.http import client_ip
 from server.keys import CONFIG, LIMITER, PRINCIPAL, RATELIMIT_HEADERS, REQUEST_ID
 from server.principal import Principal
@@ -41,6 +41,7 @@ from server.problems import problem_for
 from server.routes import Handler, Route, handler_of, plain_handler_of
 from server.tokens import TOKENS, TokenError
 from server.tracing import TRACEPARENT, Tracing, trace_id_of
+from server.validation import CARD_MESSAGE, looks_like_card
 
 log = logging.getLogger("surge")
 
@@ -181,8 +182,11 @@ class Chain:
                 head_arrived()
             headers = request.headers
             rid = headers.get(X_REQUEST_ID)
+            refused = None
             if rid is None or _RID.fullmatch(rid) is None:
                 rid = next(_rids)
+            elif len(rid) >= 13 and looks_like_card(rid):  # never echoed nor logged: refused
+                rid, refused = next(_rids), _card_request_id()
             if keep_rid:  # for handlers that audit or stream; ops never read it
                 request[REQUEST_ID] = rid
             span = None if tracing is None else tracing.start_request(request, route, rid)
@@ -193,6 +197,8 @@ class Chain:
             status = 499  # the client went away before an answer
             try:
                 try:
+                    if refused is not None:
+                        raise refused
                     resp = plain(request) if plain is not None else await call(request)
                 except asyncio.CancelledError:
                     raise
@@ -244,6 +250,12 @@ class Chain:
                         flush()
 
         return observe
+
+
+def _card_request_id() -> ValidationFailed:
+    return ValidationFailed(
+        [{"field": "X-Request-ID", "message": CARD_MESSAGE}], "invalid X-Request-ID header"
+    )
 
 
 async def _never(request: web.Request) -> web.StreamResponse:

@@ -79,46 +79,145 @@ def _errors(exc: fastjsonschema.JsonSchemaValueException) -> list[dict[str, str]
     return [{"field": base, "message": message}]
 
 
-async def read_raw_json(request: web.Request) -> tuple[bytes, Any]:
-    """The raw body and its parsed JSON, not validated: 415 unless JSON, 400 if malformed."""
+async def read_raw_json(request: web.Request, *, walk_depth: bool = True) -> tuple[bytes, Any]:
+    """The raw body and its parsed JSON, screened (`screen`) but not validated: 415 unless JSON,
+    400 if malformed, 422 if too deep or holding a card number or a NUL character."""
     ctype = request.content_type
     if ctype != "application/json" and not ctype.endswith("+json"):
         raise UnsupportedMediaType("the request body must be application/json")
     raw = await request.read()  # aiohttp raises 413 past client_max_size
     try:
-        return raw, orjson.loads(raw)
+        data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"malformed JSON: {exc.args[0] if exc.args else 'parse error'}") from None
+    screen(data, raw, walk_depth=walk_depth)
+    return raw, data
 
 
 async def read_json(request: web.Request, schema_name: str) -> dict[str, Any]:
-    """The request body, parsed and validated against components.schemas[schema_name]."""
-    raw, data = await read_raw_json(request)
-    # Validation messages name fields and rules, never values, so a card number in a field of
-    # the wrong shape is already refused without being repeated.
+    """The request body, parsed, screened and validated against components.schemas[schema_name].
+    Screened first: a schema's "unknown field" names a key, and a key may be a card number."""
+    data = (await read_raw_json(request))[1]
+    # Validation messages name fields and rules, never values.
     result: dict[str, Any] = request.app[VALIDATORS].validate(schema_name, data)
-    # Card data never enters Surge (PCI DSS scope stays with the payment provider).
-    if _DIGIT_RUN.search(raw):
-        path = _card_path(result, "")
-        if path is not None:
-            raise ValidationFailed(
-                [{"field": path, "message": CARD_MESSAGE}], "the request contains card data"
-            )
-    # PostgreSQL text and jsonb cannot hold NUL: name the field now instead of failing later.
-    if b"\\u0000" in raw:
-        path = _nul_path(result, "")
-        if path is not None:
-            raise ValidationFailed([{"field": path, "message": "must not contain NUL characters"}])
     return result
 
 
+# Levels of objects and arrays in a request body, the body itself being level 1. Deeper bodies
+# are refused before anything walks them recursively (orjson.dumps stops at 254 levels, Python
+# at its recursion limit; orjson.loads alone goes to 1024).
+MAX_DEPTH = 32
+DEEP_MESSAGE = f"is nested more than {MAX_DEPTH} levels deep"
 CARD_MESSAGE = "looks like a card number; send the payment provider's token instead"
-# 13 to 19 digits in a row, or grouped the way cards are printed (4-4-4-4[-3], Amex 4-6-5)
-# with spaces or dashes. Not any digits with dashes: a UUID like 00000000-0000-0000-... is no card.
-_DIGIT_RUN = re.compile(rb"\d{4}[ -]?\d{4}")  # cheap pre-filter over the raw body
+NUL_MESSAGE = "must not contain NUL characters"
+
+
+def screen(data: Any, raw: bytes | None = None, *, walk_depth: bool = True) -> None:
+    """ValidationFailed naming the first value of a parsed body that is nested deeper than
+    MAX_DEPTH or is (or holds a key that is) a card number or holds a NUL character.
+
+    Card data never enters Surge (PCI DSS scope stays with the payment provider); PostgreSQL
+    text and jsonb cannot hold NUL. Given the raw body, cheap tests over it decide whether the
+    body is walked at all; one walk then finds the field for all three. A caller passing
+    walk_depth=False checks the depth itself (POST /v1/events: each event's props, which a
+    batch of a thousand events makes cheaper than walking the batch).
+    """
+    if raw is None:
+        deep = cards = nul = True
+    else:
+        # No more brackets than levels: too few to be too deep, whatever the strings hold.
+        deep = walk_depth and raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and too_deep(data)
+        # orjson writes no escapes but those of control characters, so a card written with
+        # \u escapes shows in its output; a body too deep for orjson.dumps is walked anyway.
+        escaped = b"\\" in raw
+        text: bytes | None = raw
+        if escaped and not deep:
+            try:
+                text = orjson.dumps(data)
+            except orjson.JSONEncodeError:  # deeper than orjson writes: walked below
+                text = None
+        cards = deep or text is None or card_shaped(text)
+        nul = escaped and b"\\u0000" in raw
+        if not (deep or cards or nul):
+            return
+    found = _first_problem(data, cards, nul)
+    if found is None:
+        return
+    field, message = found
+    detail = "the request contains card data" if message is CARD_MESSAGE else None
+    raise ValidationFailed([{"field": field, "message": message}], detail)
+
+
+def too_deep(data: Any, levels: int = MAX_DEPTH) -> bool:
+    """Whether objects and arrays nest more than `levels` deep: level by level, no recursion."""
+    level = [data] if type(data) is dict or type(data) is list else []
+    for _ in range(levels):
+        below = []
+        for container in level:
+            for v in container.values() if type(container) is dict else container:
+                if type(v) is dict or type(v) is list:
+                    below.append(v)
+        if not below:
+            return False
+        level = below
+    return True
+
+
+# One card-number pattern, 13 to 19 digits in a row or grouped the way cards are printed
+# (4-4-4-4[-3], Amex and Diners 4-6-5 and 4-6-4) with one separator used throughout: spaces
+# (or a JSON escape of one), dashes, dots, slashes, underscores. Not any digits with
+# separators: a decimal like 1234.5678 or 3.14159265358979323, a phone number, a timestamp,
+# an address is no card; and a UUID like 00000000-0000-0000-... is no card either.
+_SEP = r"(?:\s|\\[tnrf]){1,3}|[.\-/_\u2010-\u2015\u2212]"
 _CARD = re.compile(
-    r"(?<!\d)(?:\d{13,19}|\d{4}([ -])\d{4}\1\d{4}\1\d{1,7}|\d{4}([ -])\d{6}\2\d{4,5})(?!\d)"
+    (
+        r"(?<![0-9])(?<![0-9]\.)(?:D{13,19}(?!\.D)|D{4}(SEP)D{4}\1D{4}\1D{1,7}|D{4}(SEP)D{6}\2D{4,5})"
+        r"(?![0-9])"
+    )
+    .replace("SEP", _SEP)
+    .replace("D", "[0-9]")  # not \d: other scripts' digits are no card digits to Luhn
 )
+_NOT_DIGIT = re.compile(r"\D")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+# The pre-filter over a whole body, in C: each byte mapped to its kind (a digit to 0, a dash
+# kept, a separator to s, including every byte of a multi-byte character and the letters of
+# \\t-style escapes; anything else to x), the separators dropped; then 13 digits in a row, or
+# 4-4-4 or 4-6-4 digits joined by dashes outside a UUID. Bodies with neither are not walked for
+# card numbers. (bytes.translate's own `delete` is slower: it builds its table on every call.)
+_SEPARATORS = " \t\n\r\f\v./_\\tnrf"
+_KINDS = bytes(
+    ord("0") if 48 <= b <= 57
+    else b if b == ord("-")
+    else ord("s") if b >= 128 or chr(b) in _SEPARATORS
+    else ord("x")
+    for b in range(256)
+)  # fmt: skip
+_THIRTEEN = b"0" * 13
+_DASHED = (b"0000-0000-0000", b"0000-000000-0000")
+# A UUID's groups of digits can take a dashed card's shape: they are no card.
+_UUID_BYTES = re.compile(
+    rb"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+
+
+def card_shaped(raw: bytes) -> bool:
+    """Whether a body may hold a card number (false alarms allowed, no misses)."""
+    kinds = raw.translate(_KINDS).replace(b"s", b"")
+    if _THIRTEEN in kinds:
+        return True
+    if _DASHED[0] not in kinds and _DASHED[1] not in kinds:
+        return False
+    kinds = raw.translate(_KINDS)  # nothing dropped: offsets are those of `raw`
+    for dashed in _DASHED:
+        at = kinds.find(dashed)
+        while at >= 0:
+            near = _UUID_BYTES.search(raw, max(0, at - 35), at + 50)
+            if near is None or not near.start() <= at < at + len(dashed) <= near.end():
+                return True
+            at = kinds.find(dashed, at + 1)
+    return False
 
 
 def luhn_ok(digits: str) -> bool:
@@ -131,57 +230,79 @@ def luhn_ok(digits: str) -> bool:
     return total % 10 == 0
 
 
-_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-
-
-def looks_like_card(value: str) -> bool:
-    if "-" in value:  # ids are not cards, whatever digits they happen to hold
-        value = _UUID.sub(" ", value)
-    for match in _CARD.finditer(value):
-        digits = match.group().replace(" ", "").replace("-", "")
+def _card_hint(text: str) -> bool:
+    """Whether `text` has a card-shaped number passing Luhn, ids included (may be a UUID)."""
+    for match in _CARD.finditer(text):
+        digits = _NOT_DIGIT.sub("", match.group())
         if 13 <= len(digits) <= 19 and luhn_ok(digits):
             return True
     return False
 
 
-def _first_path(
-    value: Any, path: str, bad: Callable[[Any], bool], bad_key: Callable[[str], bool]
-) -> str | None:
-    """The path of the first leaf `bad` refuses (or of the object holding a key `bad_key`
-    refuses), else None."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if bad_key(str(k)):
-                return path  # a bad key: name the object that holds it
-            found = _first_path(v, _join(path, str(k)), bad, bad_key)
-            if found is not None:
-                return found
-        return None
-    if isinstance(value, list):
-        for i, v in enumerate(value):
-            found = _first_path(v, f"{path}[{i}]", bad, bad_key)
-            if found is not None:
-                return found
-        return None
-    return path if bad(value) else None
+def looks_like_card(value: str) -> bool:
+    """Whether `value` holds a card number (ids are not cards, whatever digits they hold)."""
+    if not card_shaped(value.encode()):
+        return False
+    if "-" in value:
+        value = _UUID.sub(" ", value)
+    return _card_hint(value)
 
 
 def _is_card(value: Any) -> bool:
-    if isinstance(value, str):
+    if type(value) is str:
         return looks_like_card(value)
-    return (
-        isinstance(value, int) and not isinstance(value, bool) and looks_like_card(str(abs(value)))
-    )
+    return type(value) is int and 10**12 <= abs(value) < 10**19 and luhn_ok(str(abs(value)))
 
 
-def _has_nul(value: Any) -> bool:
-    return isinstance(value, str) and "\x00" in value
+class _Node:
+    """A value met by the walk, with how it was reached (its path is built only if named)."""
+
+    __slots__ = ("depth", "key", "parent", "value")
+
+    def __init__(self, value: Any, depth: int, parent: _Node | None, key: str | int) -> None:
+        self.value, self.depth, self.parent, self.key = value, depth, parent, key
+
+    def path(self) -> str:
+        parts: list[str | int] = []
+        node: _Node | None = self
+        while node is not None and node.parent is not None:
+            parts.append(node.key)
+            node = node.parent
+        out = ""
+        for part in reversed(parts):
+            out = f"{out}[{part}]" if type(part) is int else _join(out, str(part))
+        return out
 
 
-def _card_path(value: Any, path: str) -> str | None:
-    """The path of the first string or integer that passes for a card number, else None."""
-    return _first_path(value, path, _is_card, lambda key: False)
+def has_card(data: Any) -> bool:
+    """Whether a parsed value holds a card number, as a value or a key."""
+    return _first_problem(data, True, False) is not None
 
 
-def _nul_path(value: Any, path: str) -> str | None:
-    return _first_path(value, path, _has_nul, lambda key: "\x00" in key)
+def _first_problem(data: Any, cards: bool, nul: bool) -> tuple[str, str] | None:
+    """(path, message) of the first value in document order that is too deep, a card number
+    or holds NUL; a key that is one names the object holding it. Iterative: a body as deep as
+    orjson parses does not meet Python's recursion limit."""
+    stack = [_Node(data, 1, None, "")]
+    while stack:
+        node = stack.pop()
+        value = node.value
+        if type(value) is dict or type(value) is list:
+            if node.depth > MAX_DEPTH:
+                return node.path(), DEEP_MESSAGE
+            depth = node.depth + 1
+            if type(value) is dict:
+                for k in value:
+                    if cards and looks_like_card(k):
+                        return node.path(), CARD_MESSAGE
+                    if nul and "\x00" in k:
+                        return node.path(), NUL_MESSAGE
+                items: Any = value.items()
+            else:
+                items = enumerate(value)
+            stack.extend(reversed([_Node(v, depth, node, k) for k, v in items]))
+        elif cards and _is_card(value):
+            return node.path(), CARD_MESSAGE
+        elif nul and type(value) is str and "\x00" in value:
+            return node.path(), NUL_MESSAGE
+    return None

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.validation import _card_path, looks_like_card, luhn_ok
+from server.validation import CARD_MESSAGE, _first_problem, looks_like_card, luhn_ok
 
 
 def with_check_digit(body: str) -> str:
@@ -58,4 +58,4 @@ def test_uuids_are_never_cards(value: uuid.UUID) -> None:
     ],
 )
 def test_the_path_names_the_field(value: object, path: str | None) -> None:
-    assert _card_path(value, "") == path
+    assert _first_problem(value, True, False) == (None if path is None else (path, CARD_MESSAGE))

@@ -116,7 +116,7 @@ INVALID: list[tuple[Any, str, str | None]] = [
     ),
     (
         {"events": [{"name": "a", "props": {"deep": [{"x": "nul\u0000"}]}}]},
-        "events[0].props",
+        "events[0].props.deep[0].x",
         "must not contain NUL characters",
     ),
     (

@@ -448,7 +448,14 @@ async def test_any_wrong_json_type_is_422_naming_the_field(
         tried.append(field)
         body = {**CREATE_BASE, field: value}
         status, payload = run(send(client, "POST", "/v1/users", body, owner.headers))
-        assert fields_of(status, payload) == (422, [field])
+        status, fields = fields_of(status, payload)
+        assert status == 422
+        # A card number or NUL inside the value is named where it is, before the type.
+        assert fields == [field] or (
+            fields is not None
+            and len(fields) == 1
+            and fields[0].startswith((f"{field}[", f"{field}."))
+        )
 
     tried: list[str] = []
     await asyncio.to_thread(wrong_type)

@@ -24,11 +24,13 @@ from handlers.events.ingest import is_event_name, parse_ts
 from server import metrics
 from server.errors import ValidationFailed
 from server.http import timestamp
+from server.validation import CARD_MESSAGE, looks_like_card
 
 log = logging.getLogger("surge.analytics")
 
 BUCKETS = {"1m": 60, "1h": 3600, "1d": 86400}
 MAX_BUCKETS = 1440  # a day of minutes, two months of hours, four years of days
+LAST_END = int(datetime(9999, 12, 31, tzinfo=UTC).timestamp())  # aligned to every bucket
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,8 @@ def parse_counts_query(q: Mapping[str, str], now: float) -> CountsQuery:
         errors.append({"field": "name", "message": "is required"})
     elif not is_event_name(name):
         errors.append({"field": "name", "message": f"must match ^{NAME_RE}$"})
+    elif looks_like_card(name):
+        errors.append({"field": "name", "message": CARD_MESSAGE})
     bucket_raw = q.get("bucket", "1m")
     bucket = BUCKETS.get(bucket_raw)
     if bucket is None:
@@ -90,6 +94,11 @@ def parse_counts_query(q: Mapping[str, str], now: float) -> CountsQuery:
     if (end - start) // bucket > MAX_BUCKETS:
         raise ValidationFailed(
             [{"field": "from", "message": f"the range spans more than {MAX_BUCKETS} buckets"}],
+            "invalid query parameter",
+        )
+    if end > LAST_END:  # the buckets' times must be datetimes, which stop at year 9999
+        raise ValidationFailed(
+            [{"field": "to", "message": f"must be before {timestamp(_dt(LAST_END))}"}],
             "invalid query parameter",
         )
     return CountsQuery(name, start, end, bucket)

@@ -16,9 +16,10 @@ from db.events import CopyRecord, MinuteCounts, pg_micros
 from db.ids import UUID_RE
 from handlers.events.api import MAX_EVENTS, MAX_PROPS_BYTES, MAX_PROPS_KEYS, NAME_RE, SCHEMAS, TS_RE
 from server.errors import ValidationFailed
-from server.validation import Validators
+from server.validation import MAX_DEPTH, Validators, looks_like_card, screen, too_deep
 
 MAX_SKEW = timedelta(hours=24)
+PROPS_DEPTH = MAX_DEPTH - 3  # the body, events and the event hold an event's props
 
 _NAME = re.compile(NAME_RE)
 _TS = re.compile(TS_RE)
@@ -37,7 +38,9 @@ def parse_ts(raw: str) -> datetime | None:
         return None
     try:
         return datetime.fromisoformat(raw).astimezone(UTC)
-    except ValueError:  # matches the pattern but is no date (2026-02-30)
+    # ValueError: matches the pattern but is no date (2026-02-30); OverflowError: an offset
+    # takes it before year 1 or past 9999 in UTC.
+    except (ValueError, OverflowError):
         return None
 
 
@@ -63,7 +66,7 @@ def parse_batch(data: Any, tenant_id: str, now: datetime) -> tuple[list[CopyReco
         if type(event) is not dict:
             _refuse(data)
         name = event.get("name")
-        if type(name) is not str or (name not in names and not _learn(names, _NAME, name)):
+        if type(name) is not str or (name not in names and not _learn_name(name)):
             _refuse(data)
         raw_ts = event.get("ts")
         user_id = event.get("user_id")
@@ -89,8 +92,16 @@ def parse_batch(data: Any, tenant_id: str, now: datetime) -> tuple[list[CopyReco
                 props_json = b"\x01" + orjson.dumps(props)
             except orjson.JSONEncodeError:  # an int past 64 bits; orjson.loads never makes one
                 _refuse(data)
-            if len(props_json) > MAX_PROPS_BYTES + 1 or (
-                b"\\u0000" in props_json and _has_nul(props)
+            if (
+                len(props_json) > MAX_PROPS_BYTES + 1
+                or (b"\\u0000" in props_json and _has_nul(props))
+                # The depth limit of every body (server/validation.py), checked here per event:
+                # too few bytes for so many brackets, else too few brackets, else walked.
+                or (
+                    len(props_json) > 2 * PROPS_DEPTH
+                    and props_json.count(b"{") + props_json.count(b"[") > PROPS_DEPTH
+                    and too_deep(props, PROPS_DEPTH)
+                )
             ):
                 _refuse(data)
         if raw_ts is None:
@@ -118,6 +129,10 @@ _NAMES_SEEN: set[str] = set()
 _USERS_SEEN: set[str] = set()
 
 
+def _learn_name(name: str) -> bool:
+    return not looks_like_card(name) and _learn(_NAMES_SEEN, _NAME, name)
+
+
 def _learn(seen: set[str], pattern: re.Pattern[str], value: str) -> bool:
     if pattern.fullmatch(value) is None:
         return False
@@ -139,6 +154,7 @@ def _has_nul(value: Any) -> bool:
 
 
 def _refuse(data: Any) -> NoReturn:
+    screen(data)  # too deep, card data, NUL: named first, and never echoed by the schema's errors
     _SCHEMAS.validate("EventBatch", data)  # raises with the schema's own field path when it applies
     now = datetime.now(UTC)
     errors = []

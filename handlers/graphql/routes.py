@@ -17,9 +17,10 @@ from handlers.graphql import service
 from handlers.graphql.schema import SCHEMA
 from handlers.graphql.service import GraphQLRequest, Refused, refusal
 from server import rbac
-from server.errors import NotFound
+from server.errors import NotFound, ValidationFailed
 from server.http import JSON, json_response
 from server.keys import CONFIG, LIMITER, PG_READ, RATELIMIT_HEADERS, REQUEST_ID
+from server.validation import screen
 
 # A small explorer, hand-written and self-contained (no CDN, no other asset): paste an access
 # token, write a query, run it, read the schema beside it.
@@ -50,10 +51,17 @@ async def _graphql_request(request: web.Request) -> GraphQLRequest:
     """The body as {query, variables?, operationName?, extensions?}, or Refused."""
     if request.content_type != JSON:
         raise refusal(415, "send the query as application/json", "BAD_REQUEST")
+    raw = await request.read()
     try:
-        body: Any = orjson.loads(await request.read())
+        body: Any = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise refusal(400, "the body is not valid JSON", "BAD_REQUEST") from None
+    try:  # too deep, card data, NUL: as every body, told the GraphQL way
+        screen(body, raw)
+    except ValidationFailed as exc:
+        [error] = exc.errors or [{"field": "", "message": exc.detail}]
+        message = f"{error['field']}: {error['message']}" if error["field"] else error["message"]
+        raise refusal(422, message, "BAD_USER_INPUT") from None
     if not isinstance(body, dict):
         raise refusal(422, "the body must be a JSON object with a `query`", "BAD_REQUEST")
     unknown = sorted(set(body) - _BODY_KEYS)

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from db.users import STATUSES, prefix_pattern
 from handlers.identity import service
+from handlers.identity.emails import fold, normal_email, visible
 from handlers.identity.keys import HASHER, USER_CACHE, USER_VIEWS
 from server import metrics, rbac
 from server.errors import TooManyRequests, ValidationFailed
@@ -26,7 +27,7 @@ from server.http import (
 )
 from server.keys import CONFIG, PG, PG_READ, RATELIMIT_HEADERS, REQUEST_ID, SHARED_LIMITER
 from server.tokens import TOKENS
-from server.validation import read_json
+from server.validation import CARD_MESSAGE, looks_like_card, read_json
 
 
 async def _limit_attempts(request: web.Request, email: str | None = None) -> None:
@@ -49,6 +50,8 @@ async def _limit_attempts(request: web.Request, email: str | None = None) -> Non
 async def signup(request: web.Request) -> web.Response:
     await _limit_attempts(request)
     body = await read_json(request, "SignupRequest")
+    body["email"] = normal_email(body["email"])
+    body["tenant_name"] = visible(body["tenant_name"], "tenant_name")
     app = request.app
     answer = await service.signup(
         app[PG], app[HASHER], app[USER_CACHE], app[TOKENS], app[CONFIG], body, request[REQUEST_ID]
@@ -58,6 +61,7 @@ async def signup(request: web.Request) -> web.Response:
 
 async def login(request: web.Request) -> web.Response:
     body = await read_json(request, "LoginRequest")
+    body["email"] = normal_email(body["email"])
     await _limit_attempts(request, body["email"])
     app = request.app
     return json_response(await service.login(app[PG], app[HASHER], app[TOKENS], app[CONFIG], body))
@@ -115,11 +119,13 @@ def _search(request: web.Request) -> tuple[str | None, str | None]:
         errors.append({"field": "q", "message": "must be 1 to 254 characters"})
     elif q is not None and "\x00" in q:
         errors.append({"field": "q", "message": "must not contain NUL characters"})
+    elif q is not None and looks_like_card(q):
+        errors.append({"field": "q", "message": CARD_MESSAGE})
     if status is not None and status not in STATUSES:
         errors.append({"field": "status", "message": f"must be one of {', '.join(STATUSES)}"})
     if errors:
         raise ValidationFailed(errors, "invalid query parameter")
-    return (prefix_pattern(q) if q else None), status
+    return (prefix_pattern(fold(q)) if q else None), status
 
 
 async def list_users(request: web.Request) -> web.Response:
@@ -137,6 +143,7 @@ async def create_user(request: web.Request) -> web.Response:
     p = rbac.caller(request)
     rbac.require_admin(p)
     body = await read_json(request, "CreateUserRequest")
+    body["email"] = normal_email(body["email"])
     app = request.app
     row, answer = await service.create_user(
         app[PG], app[HASHER], app[USER_CACHE], p, body, request[REQUEST_ID]

@@ -28,6 +28,7 @@ from db.pool import Database
 from server import rbac
 from server.errors import Conflict, ValidationFailed
 from server.keys import PG
+from server.validation import CARD_MESSAGE, looks_like_card, read_raw_json
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -82,14 +83,11 @@ async def store(con: Connection, scope: Scope | None, answer: Answer) -> None:
         await scope.save(con, answer.status, orjson.dumps(answer.data), answer.headers or {})
 
 
-def _fingerprint(request: web.Request, raw: bytes) -> bytes:
-    try:  # the same JSON with other whitespace or key order is the same request
-        canonical = orjson.dumps(orjson.loads(raw), option=orjson.OPT_SORT_KEYS) if raw else b""
-    except orjson.JSONDecodeError:
-        canonical = raw
+def _fingerprint(request: web.Request, body: Any) -> bytes:
     h = hashlib.sha256()
     h.update(f"{request.method} {request.path}\n".encode())
-    h.update(canonical)
+    # The same JSON with other whitespace or key order is the same request.
+    h.update(orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
     return h.digest()
 
 
@@ -99,13 +97,18 @@ def _check_key(key: str) -> None:
             [{"field": HEADER, "message": "must be 1 to 255 printable ASCII characters"}],
             "invalid Idempotency-Key header",
         )
+    if looks_like_card(key):  # the key is stored: card data never is
+        raise ValidationFailed(
+            [{"field": HEADER, "message": CARD_MESSAGE}], "invalid Idempotency-Key header"
+        )
 
 
 async def _claim(request: web.Request, key: str) -> Scope | web.Response:
     """The key claimed for this request, or the stored answer of the request that has it."""
     _check_key(key)
     p = rbac.caller(request)
-    fingerprint = _fingerprint(request, await request.read())
+    # The body is read and screened (too deep, card data) before it is fingerprinted.
+    fingerprint = _fingerprint(request, (await read_raw_json(request))[1])
     row = await idempotency.claim_idempotency_key(
         request.app[PG], p.tenant_id, p.user_id, key, fingerprint, ABANDONED_S
     )

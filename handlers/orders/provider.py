@@ -225,9 +225,12 @@ class PaymentsClient:
 
 def _retry_after(raw: str | None) -> float:
     try:
-        return min(max(float(raw or 0), 0.0), MAX_RETRY_AFTER_S)
+        seconds = float(raw or 0)
     except ValueError:
         return 1.0
+    if seconds != seconds:  # NaN: max() and min() would pass it through to sleep()
+        return 1.0
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
 def _json(raw: bytes) -> dict[str, Any]:
