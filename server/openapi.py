@@ -48,6 +48,16 @@ def query_param(name: str, schema: Json, description: str, *, required: bool | N
 # means one set in Python's `re`, which the server's validators use, and another in ECMA 262,
 # which schemathesis, browsers and generated clients use; an explicit class means the same in both.
 SPACE_OR_CONTROL = r"\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+# Invisible characters: Unicode's Cc (controls), Cf (format: zero-width space and joiners, the
+# soft hyphen, the byte order mark, every bidi override and isolate) and Zl/Zp (separators), as of
+# Unicode 14 (tests/test_hostile_input.py checks it against unicodedata). Characters past U+FFFF
+# are written as themselves: ECMA 262 has no `\U` escape.
+INVISIBLE = (
+    r"\x00-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u180e"
+    r"\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb"
+    "\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+    "\U000e0001\U000e0020-\U000e007f"
+)
 
 _RL_HEADERS = {
     "RateLimit-Limit": {"schema": {"type": "integer"}, "description": "Bucket size"},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from db.users import STATUSES
 from server.openapi import (
+    INVISIBLE,
     SPACE_OR_CONTROL,
     UUID_PATTERN,
     Json,
@@ -17,13 +18,16 @@ from server.rbac import ROLES
 
 MAX_PROFILE_BYTES = 4096
 
-_EMAIL_PART = f"[^@{SPACE_OR_CONTROL}]+"
+_EMAIL_PART = f"[^@{SPACE_OR_CONTROL}{INVISIBLE}]+"
 EMAIL = {
     "type": "string",
     "minLength": 3,
     "maxLength": 254,
     "pattern": f"^{_EMAIL_PART}@{_EMAIL_PART}\\.{_EMAIL_PART}$",
-    "description": "Case-insensitively unique within a tenant",
+    "description": (
+        "Case-insensitively unique within a tenant; stored and compared NFKC-normalised (an"
+        " address that is no longer one once normalised is 422)"
+    ),
 }
 USERNAME = {
     "type": "string",
@@ -64,7 +68,12 @@ SCHEMAS: Json = {
         ["tenant_id", "email", "password"],
         {
             "tenant_id": {"type": "string", "pattern": UUID_PATTERN},
-            "email": {"type": "string", "minLength": 1, "maxLength": 254},
+            "email": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 254,
+                "pattern": f"^[^{INVISIBLE}]+$",
+            },
             "password": {"type": "string", "minLength": 1, "maxLength": 128},
         },
     ),
