@@ -219,9 +219,12 @@ class Database:
             await self.gate.acquire()
         except TimeoutError:
             raise PoolTimeout from None
-        con = self._pop_live()
-        if con is not None:
-            return con
+        idle = self._idle  # _pop_live inline: this is every statement's path
+        while idle:
+            con = idle.pop()
+            if not con.is_closed():
+                return con
+            self._drop(con, "lost")
         return await self._open_for_slot()
 
     async def _swap(self, lost: Connection) -> Connection:
