@@ -8,7 +8,6 @@ from typing import Any
 from uuid import UUID
 
 from asyncpg import Connection, Record
-from asyncpg.pool import PoolConnectionProxy
 
 from db import queries
 from db.pool import Executor
@@ -47,7 +46,7 @@ def _count_arrays(
 
 
 async def copy_events(
-    con: Connection | PoolConnectionProxy,
+    con: Connection,
     records: Sequence[CopyRecord],
     counts: MinuteCounts,
     shard: int,

@@ -44,15 +44,23 @@ async def _postgres(app: web.Application) -> AsyncIterator[None]:
         "acquire_timeout": config.pg_acquire_timeout_ms / 1000,
         "command_timeout": config.pg_command_timeout_s,
         "statement_cache_size": config.pg_statement_cache_size,
+        "max_lifetime": config.pg_max_lifetime_s,
+        "max_idle": config.pg_max_idle_s,
         "tracer": tracer_of(app),
     }
-    app[PG] = await open_database(config.database_url, name="primary", **pool_args)  # type: ignore[arg-type]
+    app[PG] = await open_database(
+        config.database_url,
+        name="primary",
+        on_event=metrics.pool_events("primary"),
+        **pool_args,  # type: ignore[arg-type]
+    )
     metrics.POOLS.sources["primary"] = app[PG].stats
     try:
         if config.database_read_url:
             app[PG_READ] = await open_database(
                 config.database_read_url,
                 name="replica",
+                on_event=metrics.pool_events("replica"),
                 **pool_args,  # type: ignore[arg-type]
             )
             metrics.POOLS.sources["replica"] = app[PG_READ].stats

@@ -216,6 +216,38 @@ POOL_TIMEOUTS = Counter(
     registry=REGISTRY,
 )
 
+DB_UNAVAILABLE = Counter(
+    "surge_db_unavailable_total",
+    "Requests answered 503 because PostgreSQL could not be reached or the connection was lost",
+    registry=REGISTRY,
+)
+DB_CONNECTIONS_CLOSED = Counter(
+    "surge_db_connections_closed_total",
+    "Pooled connections closed, by pool and reason: lost (found closed by the server or the"
+    " network), interrupted (dropped after a cancelled or failed statement), lifetime, idle",
+    ["pool", "reason"],
+    registry=REGISTRY,
+)
+DB_RETRIES = Counter(
+    "surge_db_retries_total",
+    "Statements (or a transaction's BEGIN) run again on a new connection after the first was"
+    " found lost before anything of them was sent, by pool",
+    ["pool"],
+    registry=REGISTRY,
+)
+
+
+def pool_events(pool: str) -> Callable[[str], None]:
+    """The pool's on_event: its events (db.pool.Database) counted under the pool's name."""
+
+    def note(event: str) -> None:
+        if event == "retry":
+            DB_RETRIES.labels(pool).inc()
+        else:
+            DB_CONNECTIONS_CLOSED.labels(pool, event).inc()
+
+    return note
+
 
 _POOL_GAUGES = {
     "size": ("surge_db_pool_size", "Open connections"),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import asyncpg
 from aiohttp import web
 
-from db.pool import PoolTimeout
+from db.pool import PoolTimeout, unavailable
 from server import metrics
 from server.errors import ApiError, problem_response
 from server.keys import CONFIG, RATELIMIT_HEADERS
@@ -71,6 +71,22 @@ def problem_of(exc: Exception, *, max_body_bytes: int, request_id: str = "") -> 
         metrics.POOL_TIMEOUTS.inc()
         return Problem(
             503, "the database is busy; retry shortly", "overloaded", headers={"Retry-After": "1"}
+        )
+    if unavailable(exc):
+        # PostgreSQL unreachable or the connection lost mid-request: one line, no traceback;
+        # the pool has replaced the connection by the time the client retries.
+        metrics.DB_UNAVAILABLE.inc()
+        log.warning(
+            "database unavailable: %s: %s",
+            type(exc).__name__,
+            exc,
+            extra={"request_id": request_id},
+        )
+        return Problem(
+            503,
+            "the database could not be reached; retry shortly",
+            "unavailable",
+            headers={"Retry-After": "1"},
         )
     log.error("unhandled error", exc_info=exc, extra={"request_id": request_id})
     return Problem(500, "an internal error occurred")

@@ -9,13 +9,14 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from db.pool import close_copy_pool, open_copy_pool
+from db.pool import open_copy_pool
 from handlers.events.counters import EventCounters
 from handlers.events.keys import EVENT_COUNTERS, EVENT_WRITER, LIVE_HUB
 from handlers.events.live import LiveHub
 from handlers.events.partitions import start_maintenance
 from handlers.events.relay import OutboxRelay, UserEventsConsumer, Worker, stream_key
 from handlers.events.writer import EventWriter
+from server import metrics
 from server.keys import CONFIG, LIFECYCLE, PG, REDIS
 
 
@@ -46,9 +47,13 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
     pool = await open_copy_pool(
         config.database_url,
         max_size=config.events_writers,
+        acquire_timeout=config.pg_acquire_timeout_ms / 1000,
         command_timeout=config.pg_command_timeout_s,
         statement_cache_size=config.pg_statement_cache_size,
+        max_lifetime=config.pg_max_lifetime_s,
+        max_idle=config.pg_max_idle_s,
         name="events",
+        on_event=metrics.pool_events("events"),
     )
     try:
         app[EVENT_WRITER] = EventWriter(
@@ -65,7 +70,7 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
         finally:
             await app[EVENT_WRITER].close()
     finally:
-        await close_copy_pool(pool, config.shutdown_grace_s)
+        await pool.close(config.shutdown_grace_s)
 
 
 async def live_ctx(app: web.Application) -> AsyncIterator[None]:

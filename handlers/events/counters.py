@@ -99,8 +99,9 @@ class EventCounters:
     async def close(self) -> None:
         if self._seconds or self._minutes:
             self._wake.set()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.flushed(), 2.0)
+        # Also when nothing is left to send: a push may be in flight, and a cancellation that
+        # lands inside redis-py's pipeline can be swallowed, leaving the task waiting forever.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.flushed(), 2.0)
         self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await asyncio.wait({self._task}, timeout=1.0)

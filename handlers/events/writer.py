@@ -15,11 +15,10 @@ import random
 import time
 
 import asyncpg
-from asyncpg.pool import Pool
 
 from db import events
 from db.events import CopyRecord, MinuteCounts
-from db.pool import Database
+from db.pool import Database, unavailable
 from handlers.events.counters import EventCounters
 from handlers.events.partitions import maintain_partitions
 from server import metrics
@@ -38,7 +37,7 @@ class EventWriter:
 
     def __init__(
         self,
-        pool: Pool,
+        pool: Database,
         counters: EventCounters,
         pg: Database,
         *,
@@ -120,19 +119,8 @@ class EventWriter:
         start = time.perf_counter()
         ok = False
         try:
-            for attempt in (1, 2):
-                try:
-                    async with self.pool.acquire() as con, con.transaction():
-                        await events.copy_events(con, records, counts, self.shard)
-                    ok = True
-                    break
-                except asyncpg.CheckViolationError:
-                    # "no partition of relation events found for row": maintenance fell
-                    # behind (or the clock jumped); make the partitions and try once more.
-                    if attempt == 2:
-                        raise
-                    log.warning("events arrived for a missing partition; creating it")
-                    await maintain_partitions(self.pg, None)
+            await self._commit(records, counts)
+            ok = True
         except Exception:
             log.exception("writing %d events failed", len(records))
             metrics.EVENTS_REFUSED.labels("error").inc(len(records))
@@ -146,6 +134,33 @@ class EventWriter:
             metrics.EVENTS_FLUSH.observe(time.perf_counter() - start)
             metrics.EVENTS_FLUSH_SIZE.observe(len(records))
             self.counters.add(counts)
+
+    async def _commit(self, records: list[CopyRecord], counts: MinuteCounts) -> None:
+        """One transaction of the batch. Tried once more when the partition is missing, and
+        when the connection was lost before COMMIT went out: nothing of the batch was stored
+        then. Lost during COMMIT, the batch may have been stored: its requests are refused
+        (503) rather than the events risk being stored twice."""
+        made_partitions = retried = False
+        while True:
+            copied = False
+            try:
+                async with self.pool.transaction() as con:
+                    await events.copy_events(con, records, counts, self.shard)
+                    copied = True
+                return
+            except asyncpg.CheckViolationError:
+                # "no partition of relation events found for row": maintenance fell behind
+                # (or the clock jumped); make the partitions and try once more.
+                if made_partitions:
+                    raise
+                made_partitions = True
+                log.warning("events arrived for a missing partition; creating it")
+                await maintain_partitions(self.pg, None)
+            except Exception as exc:
+                if copied or retried or not unavailable(exc):
+                    raise
+                retried = True
+                log.warning("the connection was lost while writing events; writing them again")
 
     async def close(self) -> None:
         """Refuse new events, commit what is pending, stop the connections' tasks."""
