@@ -167,11 +167,15 @@ def too_deep(data: Any, levels: int = MAX_DEPTH) -> bool:
 # (4-4-4-4[-3], Amex and Diners 4-6-5 and 4-6-4) with one separator used throughout: spaces
 # (or a JSON escape of one), dashes, dots, slashes, underscores. Not any digits with
 # separators: a decimal like 1234.5678 or 3.14159265358979323, a phone number, a timestamp,
-# an address is no card; and a UUID like 00000000-0000-0000-... is no card either.
+# an address is no card; and a UUID like 00000000-0000-0000-... is no card either. A run of
+# digits inside a word is no card: hex ids and keys (uuid4().hex, a hash) hold runs of digits
+# that pass Luhn about once in a few hundred.
 _SEP = r"(?:\s|\\[tnrf]){1,3}|[.\-/_\u2010-\u2015\u2212]"
 _CARD = re.compile(
     (
-        r"(?<![0-9])(?<![0-9]\.)(?:D{13,19}(?!\.D)|D{4}(SEP)D{4}\1D{4}\1D{1,7}|D{4}(SEP)D{6}\2D{4,5})"
+        r"(?<![0-9])(?<![0-9]\.)"
+        r"(?:(?<![A-Za-z])D{13,19}(?!\.D)(?![A-Za-z])"
+        r"|D{4}(SEP)D{4}\1D{4}\1D{1,7}|D{4}(SEP)D{6}\2D{4,5})"
         r"(?![0-9])"
     )
     .replace("SEP", _SEP)
