@@ -13,6 +13,7 @@ from db.pool import Database
 from server.config import Config
 from server.principal import Principal
 from server.ratelimit import Limiter
+from server.revocation import Revocations
 from server.state import Lifecycle
 from server.tracing import Tracing
 
@@ -22,6 +23,7 @@ PG_READ = web.AppKey("pg_read", Database)  # the replica pool, or PG itself when
 REDIS = web.AppKey("redis", Redis)
 LIMITER: web.AppKey[Limiter] = web.AppKey("limiter")
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+REVOCATIONS = web.AppKey("revocations", Revocations)
 TRACING = web.AppKey("tracing", Tracing)  # only when OTEL_EXPORTER_OTLP_ENDPOINT is set
 
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -24,7 +24,7 @@ from server.http import (
     query_limit,
     raw_json_response,
 )
-from server.keys import CONFIG, LIMITER, PG, PG_READ, RATELIMIT_HEADERS, REQUEST_ID
+from server.keys import CONFIG, LIMITER, PG, PG_READ, RATELIMIT_HEADERS, REQUEST_ID, REVOCATIONS
 from server.tokens import TOKENS
 from server.validation import read_json
 
@@ -99,8 +99,8 @@ async def change_password(request: web.Request) -> web.Response:
     body = await read_json(request, "PasswordChangeRequest")
     app = request.app
     await service.change_password(
-        app[PG], app[HASHER], app[USER_CACHE], p, body["old_password"], body["new_password"],
-        request[REQUEST_ID],
+        app[PG], app[HASHER], app[USER_CACHE], app[REVOCATIONS], p, body["old_password"],
+        body["new_password"], request[REQUEST_ID],
     )  # fmt: skip
     return web.Response(status=204)
 
@@ -150,8 +150,9 @@ async def patch_user(request: web.Request) -> web.Response:
     user_id = path_uuid(request, "user_id", "user")
     version = if_match(request)
     body = await read_json(request, "PatchUserRequest")
+    app = request.app
     row, answer = await service.patch_user(
-        request.app[PG], request.app[USER_CACHE], p, user_id, version, body, request[REQUEST_ID]
+        app[PG], app[USER_CACHE], app[REVOCATIONS], p, user_id, version, body, request[REQUEST_ID]
     )
     return raw_json_response(answer, headers={"ETag": etag(row["version"])})
 
@@ -160,8 +161,9 @@ async def delete_user(request: web.Request) -> web.Response:
     p = rbac.caller(request)
     rbac.require_admin(p)
     user_id = path_uuid(request, "user_id", "user")
+    app = request.app
     await service.delete_user(
-        request.app[PG], request.app[USER_CACHE], p, user_id, request[REQUEST_ID]
+        app[PG], app[USER_CACHE], app[REVOCATIONS], p, user_id, request[REQUEST_ID]
     )
     return web.Response(status=204)
 
@@ -190,5 +192,6 @@ async def _change_role(
     p = rbac.caller(request)
     user_id = path_uuid(request, "user_id", "user")
     role = _role(request)
-    await change(request.app[PG], request.app[USER_CACHE], p, user_id, role, request[REQUEST_ID])
+    app = request.app
+    await change(app[PG], app[USER_CACHE], app[REVOCATIONS], p, user_id, role, request[REQUEST_ID])
     return web.Response(status=204)
