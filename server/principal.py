@@ -11,7 +11,7 @@ class Principal:
     user_id: UUID
     tenant_id: UUID
     roles: frozenset[str]
-    # The token's `gen` claim: the user's token generation when it was issued (server/revocation.py).
+    # The token's `gen` claim: its user's token generation when issued (server/revocation.py).
     generation: int = field(default=0, compare=False)
     # The rate-limit bucket's key and the tenant as text (the user cache's keys), formatted once
     # per verified token instead of per request.

@@ -219,7 +219,7 @@ class Revocations:
                     self._apply(message["data"])
         finally:
             with contextlib.suppress(RedisError, OSError, TimeoutError):
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def _apply(self, data: bytes) -> None:
         try:
