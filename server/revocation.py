@@ -63,6 +63,8 @@ class Revocations:
         self._learnt: dict[UUID, float] = {}  # monotonic time a floor was last raised
         self._checked: dict[UUID, tuple[int, float]] = {}  # stale mode: PostgreSQL's answers
         self.subscribed = False
+        self._loaded = False  # the first sweep (the last token lifetime) has succeeded
+        self._sweep_failing = False
         self._last_sweep = -1e9
         # True until the first load, and whenever neither source is current.
         self.stale = True
@@ -124,9 +126,10 @@ class Revocations:
     # The background
 
     async def start(self, pg: Database, redis: Redis, prefix: str) -> None:
-        """Loads the revocations of the last token lifetime, then keeps the list current."""
+        """Loads the revocations of the last token lifetime, then keeps the list current. A
+        PostgreSQL that does not answer yet leaves the list stale until a sweep succeeds."""
         self._pg, self._redis, self._channel = pg, redis, f"{prefix}revocations"
-        await self._sweep(self.keep_s)
+        await self._sweep_once()
         self._tasks = [
             asyncio.create_task(self._sweep_forever(), name="revocation-sweep"),
             asyncio.create_task(self._subscribe_forever(redis), name="revocation-sub"),
@@ -148,17 +151,27 @@ class Revocations:
         for row in rows:
             self._raise(row["id"], row["token_generation"])
         self._last_sweep = started
+        self._loaded = True
+
+    async def _sweep_once(self) -> None:
+        window = min(self.keep_s, time.monotonic() - self._last_sweep + SWEEP_OVERLAP_S)
+        try:
+            await self._sweep(window)
+        except Exception as exc:  # whatever failed (timeout, pool, connection): next round
+            metrics.REVOCATION_ERRORS.labels("sweep").inc()
+            if not self._sweep_failing:  # once per outage
+                log.warning("revocation sweep failed: %s", exc or type(exc).__name__)
+            self._sweep_failing = True
+        else:
+            if self._sweep_failing:
+                log.info("revocation sweep succeeded again")
+            self._sweep_failing = False
         self._update_stale()
 
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_S)
-            try:
-                await self._sweep(time.monotonic() - self._last_sweep + SWEEP_OVERLAP_S)
-            except Exception as exc:  # whatever failed (timeout, pool, connection): next round
-                metrics.REVOCATION_ERRORS.labels("sweep").inc()
-                log.warning("revocation sweep failed: %s", exc or type(exc).__name__)
-            self._update_stale()
+            await self._sweep_once()
             self._forget()
 
     def _forget(self) -> None:
@@ -171,7 +184,9 @@ class Revocations:
             self._checked.clear()
 
     def _update_stale(self) -> None:
-        stale = not self.subscribed and time.monotonic() - self._last_sweep > STALE_AFTER_S
+        stale = not self._loaded or (
+            not self.subscribed and time.monotonic() - self._last_sweep > STALE_AFTER_S
+        )
         if stale != self.stale:
             self.stale = stale
             metrics.REVOCATION_CURRENT.set(0 if stale else 1)
