@@ -90,7 +90,9 @@ def op(
             all_responses.setdefault(code, copy.deepcopy(r))
     if auth:
         out["security"] = [{"bearer": []}]
-        all_responses.setdefault("401", problem("Missing, invalid or expired access token"))
+        all_responses.setdefault(
+            "401", problem("Missing, invalid, expired or revoked access token")
+        )
     else:
         out["security"] = []
     out["responses"] = all_responses

@@ -59,12 +59,15 @@ class Revocations:
 
     def __init__(self, token_ttl_s: int) -> None:
         self.keep_s = token_ttl_s + SWEEP_OVERLAP_S
-        self._floors: dict[UUID, int] = {}
-        self._learnt: dict[UUID, float] = {}  # monotonic time a floor was last raised
-        self._checked: dict[UUID, tuple[int, float]] = {}  # stale mode: PostgreSQL's answers
+        # Keyed by the user id's int: a UUID hashes in Python code, an int in C, and this lookup
+        # is on every authenticated request.
+        self._floors: dict[int, int] = {}
+        self._learnt: dict[int, float] = {}  # monotonic time a floor was last raised
+        self._checked: dict[int, tuple[int, float]] = {}  # stale mode: PostgreSQL's answers
         self.subscribed = False
         self._loaded = False  # the first sweep (the last token lifetime) has succeeded
         self._sweep_failing = False
+        self._warned_stale = False
         self._last_sweep = -1e9
         # True until the first load, and whenever neither source is current.
         self.stale = True
@@ -78,7 +81,7 @@ class Revocations:
     def allows(self, p: Principal) -> bool:
         """True when the token stands for certain; False when it is revoked, or when the list
         is stale and PostgreSQL must be asked (`confirm`)."""
-        floor = self._floors.get(p.user_id)
+        floor = self._floors.get(p.user_id.int)
         return not self.stale and (floor is None or p.generation >= floor)
 
     async def confirm(self, p: Principal) -> bool:
@@ -91,14 +94,15 @@ class Revocations:
 
     async def _check_database(self, p: Principal) -> bool:
         now = time.monotonic()
-        checked = self._checked.get(p.user_id)
+        key = p.user_id.int
+        checked = self._checked.get(key)
         if checked is None or now - checked[1] > DB_CHECK_TTL_S:
             assert self._pg is not None, "the revocation list is started with the app"
             metrics.REVOCATION_DB_CHECKS.inc()
             generation = await tokens.token_generation(self._pg, p.tenant_id, p.user_id)
             checked = (generation if generation is not None else 0, now)
-            self._checked[p.user_id] = checked
-        return p.generation >= max(checked[0], self._floors.get(p.user_id, 0))
+            self._checked[key] = checked
+        return p.generation >= max(checked[0], self._floors.get(key, 0))
 
     # Writes
 
@@ -119,9 +123,10 @@ class Revocations:
             log.warning("revocation of %s not published (%s); the others sweep it up", user_id, exc)
 
     def _raise(self, user_id: UUID, generation: int) -> None:
-        if generation > self._floors.get(user_id, -1):
-            self._floors[user_id] = generation
-        self._learnt[user_id] = time.monotonic()
+        key = user_id.int
+        if generation > self._floors.get(key, -1):
+            self._floors[key] = generation
+        self._learnt[key] = time.monotonic()
 
     # The background
 
@@ -177,9 +182,9 @@ class Revocations:
     def _forget(self) -> None:
         """Floors older than a token lifetime: every token they refused has expired."""
         cutoff = time.monotonic() - self.keep_s
-        for user_id in [u for u, at in self._learnt.items() if at < cutoff]:
-            del self._learnt[user_id]
-            self._floors.pop(user_id, None)
+        for key in [k for k, at in self._learnt.items() if at < cutoff]:
+            del self._learnt[key]
+            self._floors.pop(key, None)
         if self._checked and not self.stale:
             self._checked.clear()
 
@@ -190,10 +195,11 @@ class Revocations:
         if stale != self.stale:
             self.stale = stale
             metrics.REVOCATION_CURRENT.set(0 if stale else 1)
-            if stale:
+            if stale and self._loaded:  # not before the first load: that is the start
                 log.warning("revocation list stale: checking access tokens against PostgreSQL")
-            else:
+            elif not stale and self._warned_stale:
                 log.info("revocation list current again")
+            self._warned_stale = stale and self._loaded
 
     async def _subscribe_forever(self, redis: Redis) -> None:
         first = True
