@@ -37,3 +37,19 @@ async def revoke_family_of_token(pg: Executor, token_hash: bytes) -> None:
 
 async def revoke_user_tokens(pg: Executor, tenant_id: UUID, user_id: UUID) -> None:
     await pg.execute(_Q["revoke_user_tokens"], tenant_id, user_id)
+
+
+async def revoke_access_tokens(pg: Executor, tenant_id: UUID, user_id: UUID) -> int:
+    """Bumps the user's token generation: their access tokens issued before stop working."""
+    generation: int = await pg.fetchval(_Q["revoke_access_tokens"], tenant_id, user_id)
+    return generation
+
+
+async def token_generation(pg: Executor, tenant_id: UUID, user_id: UUID) -> int | None:
+    generation: int | None = await pg.fetchval(_Q["token_generation"], tenant_id, user_id)
+    return generation
+
+
+async def revoked_since(pg: Executor, seconds: float) -> list[Record]:
+    """(id, token_generation) of every user revoked in the last `seconds`, in any tenant."""
+    return await pg.fetch(_Q["revoked_since"], seconds)

@@ -17,8 +17,19 @@ from server import metrics
 from server.access_log import AccessLog
 from server.chain import UNMATCHED, Chain
 from server.config import Config
-from server.keys import CONFIG, LIFECYCLE, LIMITER, PG, PG_READ, REDIS, SHARED_LIMITER, TRACING
+from server.keys import (
+    CONFIG,
+    LIFECYCLE,
+    LIMITER,
+    PG,
+    PG_READ,
+    REDIS,
+    REVOCATIONS,
+    SHARED_LIMITER,
+    TRACING,
+)
 from server.ratelimit import LocalLimiter, RedisLimiter
+from server.revocation import Revocations
 from server.routes import Route
 from server.state import Lifecycle
 from server.tokens import TOKENS, TokenService
@@ -111,6 +122,16 @@ async def _limiter(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
+async def _revocations(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    app[REVOCATIONS] = Revocations(config.access_token_ttl_s)
+    await app[REVOCATIONS].start(app[PG], app[REDIS], config.redis_key_prefix)
+    try:
+        yield
+    finally:
+        await app[REVOCATIONS].stop()
+
+
 def _flushed_at_exit(access_log: AccessLog) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         flusher = asyncio.create_task(access_log.run())
@@ -145,7 +166,7 @@ def create_app(config: Config, *, access_log: AccessLog | None = None) -> web.Ap
     if tracing is not None:  # before the pools: they trace with it; flushed after they close
         app[TRACING] = tracing
         app.cleanup_ctx.append(tracing.ctx)
-    app.cleanup_ctx.extend([_postgres, _redis, _limiter])
+    app.cleanup_ctx.extend([_postgres, _redis, _limiter, _revocations])
     # After the pools, in the URL map's order: closed in reverse, so a domain's workers finish
     # (the event writer commits what is pending) before the pools close.
     for contexts in handlers.contexts:

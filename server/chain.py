@@ -8,7 +8,8 @@ Outermost first, as each request meets it:
     body     a request's body read into memory within BODY_READ_TIMEOUT_S (408 past it, 413
              past MAX_BODY_BYTES), so a body that trickles in holds a connection, never a slot
     shed     a bounded, fair gate; a request that waits too long for a slot is refused 503
-    api      access token verified in memory, token-bucket rate limit, RateLimit-* headers
+    api      access token verified in memory (and not revoked), token-bucket rate limit,
+             RateLimit-* headers
     handler
 
 A route leaves out what its policy says it does not need (ops routes are only observed), so
@@ -35,7 +36,7 @@ from server import metrics
 from server.access_log import AccessLine, AccessLog
 from server.errors import ApiError, TooManyRequests, Unauthorized, ValidationFailed
 from server.http import client_ip
-from server.keys import CONFIG, LIMITER, PRINCIPAL, RATELIMIT_HEADERS, REQUEST_ID
+from server.keys import CONFIG, LIMITER, PRINCIPAL, RATELIMIT_HEADERS, REQUEST_ID, REVOCATIONS
 from server.principal import Principal
 from server.problems import problem_for
 from server.routes import Handler, Route, handler_of, plain_handler_of
@@ -299,7 +300,14 @@ def _shed(handler: Handler, gate: FairGate) -> Handler:
 
 def _api(handler: Handler, *, public: bool, limited: bool = True) -> Handler:
     async def api(request: web.Request) -> web.StreamResponse:
-        principal = request[PRINCIPAL] = bearer_principal(request)
+        principal = bearer_principal(request)
+        if principal is not None:
+            # A revoked token counts as none (server/revocation.py): a dict lookup, unless the
+            # token is revoked or the revocation list is stale.
+            revocations = request.app[REVOCATIONS]
+            if not revocations.allows(principal) and not await revocations.confirm(principal):
+                principal = None
+        request[PRINCIPAL] = principal
         limits = await _rate_limit(request, principal) if limited else {}
         if principal is None and not public:
             _unauthorized(request)

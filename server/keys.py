@@ -13,6 +13,7 @@ from db.pool import Database
 from server.config import Config
 from server.principal import Principal
 from server.ratelimit import Limiter
+from server.revocation import Revocations
 from server.state import Lifecycle
 from server.tracing import Tracing
 
@@ -25,6 +26,7 @@ LIMITER: web.AppKey[Limiter] = web.AppKey("limiter")  # RATE_LIMIT_BACKEND's
 # down): for limits that must hold per client across workers and replicas (auth attempts).
 SHARED_LIMITER: web.AppKey[Limiter] = web.AppKey("shared_limiter")
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+REVOCATIONS = web.AppKey("revocations", Revocations)
 TRACING = web.AppKey("tracing", Tracing)  # only when OTEL_EXPORTER_OTLP_ENDPOINT is set
 
 REQUEST_ID = web.RequestKey("request_id", str)

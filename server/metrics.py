@@ -310,6 +310,25 @@ AUTH_FAILURES = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+REVOCATION_CURRENT = Gauge(
+    "surge_revocation_current",
+    "1 while the revocation list is current (Redis subscription or a sweep of PostgreSQL in the"
+    " last second); 0 while access tokens are checked against PostgreSQL",
+    multiprocess_mode="livemin",  # several workers: 0 if any of them is stale
+    registry=REGISTRY,
+)
+REVOCATION_DB_CHECKS = Counter(
+    "surge_revocation_db_checks_total",
+    "Access tokens checked against PostgreSQL because the revocation list was stale",
+    registry=REGISTRY,
+)
+REVOCATION_ERRORS = Counter(
+    "surge_revocation_errors_total",
+    "Revocation list failures, by source (subscription: lost Redis subscriptions; sweep: failed"
+    " PostgreSQL sweeps; publish: revocations not published)",
+    ["source"],
+    registry=REGISTRY,
+)
 
 EVENTS_INGESTED = Counter(
     "surge_events_ingested_total", "Events committed by POST /v1/events", registry=REGISTRY

@@ -11,6 +11,8 @@ class Principal:
     user_id: UUID
     tenant_id: UUID
     roles: frozenset[str]
+    # The token's `gen` claim: its user's token generation when issued (server/revocation.py).
+    generation: int = field(default=0, compare=False)
     # The rate-limit bucket's key and the tenant as text (the user cache's keys), formatted once
     # per verified token instead of per request.
     rate_key: str = field(default="", compare=False)

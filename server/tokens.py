@@ -3,7 +3,8 @@
 HS256 only (an allow-list of one: no `alg=none`, no RS/HS confusion), `typ` must be `at+jwt`,
 `iss`, `aud`, `exp`, `iat`, `sub` and the tenant and roles claims are required, and `kid`
 picks the key so keys can rotate: JWT_KEYS lists the signing key first, then the previous ones
-that still verify.
+that still verify. `gen`, the user's token generation, lets a revocation refuse the tokens issued
+before it (server/revocation.py); a token without it is of generation 0.
 """
 
 from __future__ import annotations
@@ -90,7 +91,11 @@ class TokenService:
         return cls(keys, config.jwt_issuer, config.jwt_audience, config.access_token_ttl_s)
 
     def issue(
-        self, user_id: uuid.UUID, tenant_id: uuid.UUID, roles: frozenset[str] | list[str]
+        self,
+        user_id: uuid.UUID,
+        tenant_id: uuid.UUID,
+        roles: frozenset[str] | list[str],
+        generation: int = 0,
     ) -> str:
         now = int(time.time())
         claims = {
@@ -102,6 +107,7 @@ class TokenService:
             "iat": now,
             "exp": now + self.ttl_s,
             "jti": secrets.token_hex(8),
+            "gen": generation,
         }
         return sign(self._signing_header, claims, self.signing_key)
 
@@ -140,19 +146,20 @@ class TokenService:
                 base64.urlsafe_b64decode(payload_seg + "=" * (-len(payload_seg) % 4))
             )
             exp, iat, roles = claims["exp"], claims["iat"], claims["roles"]
+            generation = claims.get("gen", 0)
             aud = claims["aud"]
             if claims["iss"] != self.issuer:
                 raise TokenError("wrong issuer")
             if aud != self.audience and not (isinstance(aud, list) and self.audience in aud):
                 raise TokenError("wrong audience")
-            if type(exp) is not int or type(iat) is not int:
+            if type(exp) is not int or type(iat) is not int or type(generation) is not int:
                 raise TokenError("bad times")
             if exp <= time.time():
                 raise TokenError("expired")
             if not isinstance(roles, list) or not set(roles) <= ROLES:
                 raise TokenError("bad roles")
             principal = Principal(
-                uuid.UUID(claims["sub"]), uuid.UUID(claims["tid"]), frozenset(roles)
+                uuid.UUID(claims["sub"]), uuid.UUID(claims["tid"]), frozenset(roles), generation
             )
         except TokenError:
             raise

@@ -27,7 +27,7 @@ FOR UPDATE;
 
 -- name: get_login
 -- The login lookup: served by users_tenant_email_key.
-SELECT id, password_hash, status, roles
+SELECT id, password_hash, status, roles, token_generation
 FROM users
 WHERE tenant_id = $1 AND lower(email) = lower($2);
 

@@ -25,7 +25,15 @@ from server.http import (
     query_limit,
     raw_json_response,
 )
-from server.keys import CONFIG, PG, PG_READ, RATELIMIT_HEADERS, REQUEST_ID, SHARED_LIMITER
+from server.keys import (
+    CONFIG,
+    PG,
+    PG_READ,
+    RATELIMIT_HEADERS,
+    REQUEST_ID,
+    REVOCATIONS,
+    SHARED_LIMITER,
+)
 from server.tokens import TOKENS
 from server.validation import CARD_MESSAGE, looks_like_card, read_json
 
@@ -104,8 +112,8 @@ async def change_password(request: web.Request) -> web.Response:
     body = await read_json(request, "PasswordChangeRequest")
     app = request.app
     await service.change_password(
-        app[PG], app[HASHER], app[USER_CACHE], p, body["old_password"], body["new_password"],
-        request[REQUEST_ID],
+        app[PG], app[HASHER], app[USER_CACHE], app[REVOCATIONS], p, body["old_password"],
+        body["new_password"], request[REQUEST_ID],
     )  # fmt: skip
     return web.Response(status=204)
 
@@ -160,8 +168,9 @@ async def patch_user(request: web.Request) -> web.Response:
     # that could otherwise succeed.
     body = await read_json(request, "PatchUserRequest")
     version = if_match(request)
+    app = request.app
     row, answer = await service.patch_user(
-        request.app[PG], request.app[USER_CACHE], p, user_id, version, body, request[REQUEST_ID]
+        app[PG], app[USER_CACHE], app[REVOCATIONS], p, user_id, version, body, request[REQUEST_ID]
     )
     return raw_json_response(answer, headers={"ETag": etag(row["version"])})
 
@@ -170,8 +179,9 @@ async def delete_user(request: web.Request) -> web.Response:
     p = rbac.caller(request)
     rbac.require_admin(p)
     user_id = path_uuid(request, "user_id", "user")
+    app = request.app
     await service.delete_user(
-        request.app[PG], request.app[USER_CACHE], p, user_id, request[REQUEST_ID]
+        app[PG], app[USER_CACHE], app[REVOCATIONS], p, user_id, request[REQUEST_ID]
     )
     return web.Response(status=204)
 
@@ -200,5 +210,6 @@ async def _change_role(
     p = rbac.caller(request)
     user_id = path_uuid(request, "user_id", "user")
     role = _role(request)
-    await change(request.app[PG], request.app[USER_CACHE], p, user_id, role, request[REQUEST_ID])
+    app = request.app
+    await change(app[PG], app[USER_CACHE], app[REVOCATIONS], p, user_id, role, request[REQUEST_ID])
     return web.Response(status=204)

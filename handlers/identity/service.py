@@ -31,6 +31,7 @@ from server import metrics, rbac
 from server.config import Config
 from server.errors import NotFound, PreconditionFailed, Unauthorized, ValidationFailed
 from server.principal import Principal
+from server.revocation import Revocations
 from server.tokens import TokenService
 
 Body = dict[str, Any]
@@ -49,6 +50,7 @@ async def _issue_pair(
     tenant_id: uuid.UUID,
     user_id: uuid.UUID,
     roles: list[str],
+    generation: int,
     family_id: uuid.UUID | None = None,
 ) -> Body:
     refresh = secrets.token_urlsafe(32)  # 256 bits
@@ -61,7 +63,7 @@ async def _issue_pair(
         float(config.refresh_token_ttl_s),
     )
     return {
-        "access_token": issuer.issue(user_id, tenant_id, roles),
+        "access_token": issuer.issue(user_id, tenant_id, roles, generation),
         "refresh_token": refresh,
         "expires_in": config.access_token_ttl_s,
     }
@@ -71,8 +73,9 @@ async def _rotate(con: Connection, issuer: TokenService, config: Config, row: Re
     """The next pair of the refresh token `row`'s family."""
     roles = list(row["roles"])
     return await _issue_pair(
-        con, issuer, config, row["tenant_id"], row["user_id"], roles, row["family_id"]
-    )
+        con, issuer, config, row["tenant_id"], row["user_id"], roles, row["token_generation"],
+        row["family_id"],
+    )  # fmt: skip
 
 
 async def signup(
@@ -103,7 +106,7 @@ async def signup(
             con, tenant_id, user_id, "user.created", "user", user_id,
             request_id, {"roles": roles}, event=view,
         )  # fmt: skip
-        pair = await _issue_pair(con, issuer, config, tenant_id, user_id, roles)
+        pair = await _issue_pair(con, issuer, config, tenant_id, user_id, roles, 0)
     await cache.store(tenant_id, user_id, user["version"], user_body(view))
     return {"tenant": tenant_view(tenant), "user": view, **pair}
 
@@ -123,7 +126,9 @@ async def login(
         new_hash = await hasher.hash(body["password"])
         await users.rehash_password(pg, tenant_id, row["id"], new_hash, row["password_hash"])
     async with pg.transaction() as con:
-        return await _issue_pair(con, issuer, config, tenant_id, row["id"], list(row["roles"]))
+        return await _issue_pair(
+            con, issuer, config, tenant_id, row["id"], list(row["roles"]), row["token_generation"]
+        )
 
 
 async def refresh(pg: Database, issuer: TokenService, config: Config, refresh_token: str) -> Body:
@@ -306,6 +311,7 @@ async def _diagnose(
 async def patch_user(
     pg: Database,
     cache: UserCache,
+    revocations: Revocations,
     p: Principal,
     user_id: uuid.UUID,
     version: int | None,
@@ -313,9 +319,10 @@ async def patch_user(
     request_id: str,
 ) -> tuple[Record, bytes]:
     """Username, profile and status at `version` (None: any). Suspending keeps an owner and
-    revokes the user's refresh tokens."""
+    revokes the user's refresh and access tokens."""
     _check_profile(changes.get("profile"))
     status = changes.get("status")
+    generation = None
     async with pg.transaction() as con:
         if status is not None and status != "active":
             await users.lock_tenant(con, p.tenant_id)
@@ -332,12 +339,20 @@ async def patch_user(
             raise NotFound("user")  # unreachable: _diagnose raises
         if status == "suspended":
             await tokens.revoke_user_tokens(con, p.tenant_id, user_id)
+            generation = await revocations.revoke(con, p.tenant_id, user_id)
         view = await _record(con, p, request_id, "user.updated", row, changed=sorted(changes))
+    if generation is not None:
+        await revocations.announce(user_id, generation)
     return row, await _written(cache, row, view)
 
 
 async def delete_user(
-    pg: Database, cache: UserCache, p: Principal, user_id: uuid.UUID, request_id: str
+    pg: Database,
+    cache: UserCache,
+    revocations: Revocations,
+    p: Principal,
+    user_id: uuid.UUID,
+    request_id: str,
 ) -> None:
     """Marks the user deleted (the row stays for the audit trail) and revokes their tokens."""
     async with pg.transaction() as con:
@@ -347,13 +362,22 @@ async def delete_user(
         row = await users.set_status(con, p.tenant_id, user_id, "deleted")
         assert row is not None
         await tokens.revoke_user_tokens(con, p.tenant_id, user_id)
+        generation = await revocations.revoke(con, p.tenant_id, user_id)
         view = await _record(con, p, request_id, "user.deleted", row)
+    await revocations.announce(user_id, generation)
     await _written(cache, row, view)
 
 
 async def grant_role(
-    pg: Database, cache: UserCache, p: Principal, user_id: uuid.UUID, role: str, request_id: str
+    pg: Database,
+    cache: UserCache,
+    revocations: Revocations,
+    p: Principal,
+    user_id: uuid.UUID,
+    role: str,
+    request_id: str,
 ) -> None:
+    """A role change revokes the user's access tokens: the next one (refresh) carries it."""
     rbac.require_can_grant(p, [role])
     async with pg.transaction() as con:
         target = await _target(con, p, user_id)
@@ -362,12 +386,20 @@ async def grant_role(
         roles = rbac.normalize([*target["roles"], role])
         row = await users.set_roles(con, p.tenant_id, user_id, roles)
         assert row is not None
+        generation = await revocations.revoke(con, p.tenant_id, user_id)
         view = await _record(con, p, request_id, "user.role_granted", row, role=role)
+    await revocations.announce(user_id, generation)
     await _written(cache, row, view)
 
 
 async def revoke_role(
-    pg: Database, cache: UserCache, p: Principal, user_id: uuid.UUID, role: str, request_id: str
+    pg: Database,
+    cache: UserCache,
+    revocations: Revocations,
+    p: Principal,
+    user_id: uuid.UUID,
+    role: str,
+    request_id: str,
 ) -> None:
     if role == "member":
         raise ValidationFailed(
@@ -384,7 +416,9 @@ async def revoke_role(
         remaining = [r for r in target["roles"] if r != role]
         row = await users.set_roles(con, p.tenant_id, user_id, rbac.normalize(remaining))
         assert row is not None
+        generation = await revocations.revoke(con, p.tenant_id, user_id)
         view = await _record(con, p, request_id, "user.role_revoked", row, role=role)
+    await revocations.announce(user_id, generation)
     await _written(cache, row, view)
 
 
@@ -392,12 +426,14 @@ async def change_password(
     pg: Database,
     hasher: Hasher,
     cache: UserCache,
+    revocations: Revocations,
     p: Principal,
     old_password: str,
     new_password: str,
     request_id: str,
 ) -> None:
-    """The caller's own password, checked against the current one; revokes their refresh tokens."""
+    """The caller's own password, checked against the current one; revokes their refresh and
+    access tokens (the client logs in again with the new password)."""
     stored = await users.get_password_hash(pg, p.tenant_id, p.user_id)
     if not await hasher.verify(stored, old_password):
         raise ValidationFailed(
@@ -409,5 +445,7 @@ async def change_password(
         if row is None:
             raise NotFound("user")
         await tokens.revoke_user_tokens(con, p.tenant_id, p.user_id)
+        generation = await revocations.revoke(con, p.tenant_id, p.user_id)
         view = await _record(con, p, request_id, "user.password_changed", row)
+    await revocations.announce(p.user_id, generation)
     await _written(cache, row, view)
