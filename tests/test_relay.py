@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import signal
@@ -31,6 +32,7 @@ from handlers.events.relay import (
 from server import metrics
 from server.app import create_app
 from server.config import Config
+from server.runner import free_port
 
 from .conftest import ROOT
 from .helpers import add_user, signup
@@ -354,3 +356,32 @@ async def test_an_idle_relay_polls_less_and_still_relays(
         stop.set()
         await running
     assert await stream_ids(redis, stream) == [1, 2, 3, 4, 5]
+
+
+async def test_redis_away_is_a_warning_line_not_a_traceback(
+    config: Config, pg: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An outage the relay outlasts by retrying is one warning line per round, not an ERROR
+    with a traceback each time (the metrics count the failed rounds)."""
+    stream = stream_key(config.redis_key_prefix)
+    await outbox.ensure_position(pg, stream)
+    await add_outbox(pg, 3)
+    away = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.2)
+    relay = OutboxRelay(pg, away, stream, poll_s=0.01)
+    stop = asyncio.Event()
+    with caplog.at_level(logging.WARNING, logger="surge.relay"):
+        running = asyncio.create_task(relay.run(stop))
+        try:
+            for _ in range(200):
+                if caplog.records:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            stop.set()
+            await running
+            await away.aclose()
+    assert caplog.records, "the relay never tried"
+    for record in caplog.records:
+        assert record.levelno == logging.WARNING and record.exc_info is None
+        assert record.getMessage().startswith("outbox relay round failed; retrying in")
+        assert "ConnectionError" in record.getMessage()

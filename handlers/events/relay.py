@@ -35,17 +35,29 @@ import asyncpg
 import orjson
 from asyncpg import Record
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from db import events, outbox
 from db.events import MinuteCounts
-from db.pool import Database
+from db.pool import Database, unavailable
 from handlers.events.counters import EventCounters
 from handlers.events.partitions import maintain_partitions
 from server import metrics
 from server.http import timestamp
 
 log = logging.getLogger("surge.relay")
+
+
+def _log_failure(exc: Exception, message: str, *args: object) -> None:
+    """An outage of Redis or PostgreSQL, which retrying outlasts, is one warning line per retry
+    (the metrics count them); anything else is an error with its traceback."""
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)) or unavailable(exc):
+        log.warning(message + " (%s: %s)", *args, type(exc).__name__, exc)
+    else:
+        log.error(message, *args, exc_info=exc)
+
 
 LAG_INTERVAL_S = 1.0
 
@@ -164,9 +176,9 @@ class OutboxRelay:
                     self._lag_at = time.monotonic()
                     await self.update_lag()
                 pause = next_pause(pause, self.poll_s, published)
-            except Exception:
+            except Exception as exc:
                 metrics.OUTBOX_RELAY_ERRORS.inc()
-                log.exception("outbox relay round failed; retrying in %.1fs", pause)
+                _log_failure(exc, "outbox relay round failed; retrying in %.1fs", pause)
                 pause = min(pause * 2, MAX_BACKOFF_S)
             if published < self.batch:  # a full batch means more is waiting: go on at once
                 with contextlib.suppress(TimeoutError):
@@ -325,8 +337,8 @@ class UserEventsConsumer:
                     ready = True
                 handled = await self.consume_once()
                 pause = next_pause(pause, self.poll_s, handled)
-            except Exception:  # Redis or PostgreSQL away: the messages stay pending, retried
-                log.exception("stream consumer %s failed; retrying in %.1fs", self.group, pause)
+            except Exception as exc:  # Redis or PostgreSQL away: the messages stay pending
+                _log_failure(exc, "stream consumer %s failed; retrying in %.1fs", self.group, pause)
                 pause = min(pause * 2, MAX_BACKOFF_S)
             if handled < self.batch:
                 with contextlib.suppress(TimeoutError):
