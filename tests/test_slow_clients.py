@@ -281,3 +281,25 @@ async def test_behind_a_trusted_proxy_connections_are_not_capped_per_address(
     finally:
         stop.set()
         await asyncio.wait_for(server, 10)
+
+
+async def test_an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeout(
+    config: Config,
+) -> None:
+    cfg = dataclasses.replace(config, port=free_port(), keepalive_timeout_s=0.5)
+    ready, stop = asyncio.Event(), asyncio.Event()
+    server = asyncio.create_task(serve_app(cfg, ready=ready, stop=stop))
+    await asyncio.wait_for(ready.wait(), 10)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", cfg.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: surge\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+        await reader.readexactly(length)
+        # kept alive, then idle: the server closes it (EOF) well before the 10 s bound
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, 10)
