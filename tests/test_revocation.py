@@ -1,6 +1,6 @@
 """Revocation of access tokens (../shared/API.md "Revocation"): suspending or deleting a user, a
-password change, a role change and logout-all take effect on that user's access tokens within 1 s in every
-process, though tokens are verified in memory.
+password change, a role change and logout-all take effect on that user's access tokens within
+1 s in every process, though tokens are verified in memory.
 
 Each process keeps a per-user token generation floor in memory, learnt from PostgreSQL when it
 starts (and whenever its Redis subscription is re-established) and from Redis pub/sub after;
