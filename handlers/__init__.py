@@ -34,6 +34,7 @@ routes = [
     post("/v1/auth/login", identity_routes.login, public=True),
     post("/v1/auth/refresh", identity_routes.refresh, public=True),
     post("/v1/auth/logout", identity_routes.logout, public=True),
+    post("/v1/auth/logout-all", identity_routes.logout_all),
     get("/v1/me", identity_routes.get_me),
     put("/v1/me/password", identity_routes.change_password),
     get("/v1/users", identity_routes.list_users),

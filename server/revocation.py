@@ -2,9 +2,9 @@
 
 Each user has a token generation (users.token_generation), and each access token carries the
 generation of its user when it was issued (the `gen` claim; a token without one is of
-generation 0). Suspending or deleting a user, a password change and a role change bump the
-generation in the same transaction as the change (db.tokens.revoke_access_tokens): a token of
-an older generation is refused. A generation, not a time: a token issued right after a
+generation 0). Suspending or deleting a user, a password change, a role change and logout-all
+bump the generation in the same transaction as the change (db.tokens.revoke_access_tokens): a
+token of an older generation is refused. A generation, not a time: a token issued right after a
 revocation (the next login) works whatever the clocks say, and a login that read the user just
 before a concurrent suspension gets a token that is already refused.
 

@@ -58,6 +58,27 @@ async def test_writes_are_audited_and_announced(aiohttp_client: Any, config: Con
     assert all("password_hash" not in p for p in payloads)
 
 
+async def test_ending_ones_own_sessions_is_audited_and_announced(
+    aiohttp_client: Any, config: Config
+) -> None:
+    client = await aiohttp_client(create_app(config))
+    owner = await signup(client)
+    member = await add_user(client, owner)
+    rid = "trace-me-2"
+    resp = await client.post("/v1/auth/logout-all", headers={**member.headers, "X-Request-ID": rid})
+    assert resp.status == 204
+    audit = await rows(
+        config.database_url,
+        "SELECT action, actor_id::text, target_id::text, request_id FROM audit_log ORDER BY id",
+    )
+    assert [tuple(r) for r in audit[3:]] == [("user.logged_out_all", member.id, member.id, rid)]
+    outbox = await rows(config.database_url, "SELECT topic, payload FROM outbox ORDER BY id")
+    assert [r["topic"] for r in outbox] == [r["action"] for r in audit]
+    payload = orjson.loads(outbox[-1]["payload"])
+    assert (payload["id"], payload["status"], payload["version"]) == (member.id, "active", 1)
+    assert "password_hash" not in payload
+
+
 @pytest.mark.parametrize(
     ("method", "path_fmt", "body", "status"),
     [

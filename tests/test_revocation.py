@@ -1,6 +1,6 @@
 """Revocation of access tokens (../shared/API.md "Revocation"): suspending or deleting a user, a
-password change and a role change take effect on that user's access tokens within 1 s in every
-process, though tokens are verified in memory.
+password change, a role change and logout-all take effect on that user's access tokens within
+1 s in every process, though tokens are verified in memory.
 
 Each process keeps a per-user token generation floor in memory, learnt from PostgreSQL when it
 starts (and whenever its Redis subscription is re-established) and from Redis pub/sub after;
@@ -179,6 +179,50 @@ async def test_a_grant_revokes_so_the_new_role_comes_with_the_next_token(
     assert (await resp.json())["roles"] == ["admin", "member"]
 
 
+async def _refresh_status(client: TestClient, refresh_token: str) -> int:
+    resp = await client.post("/v1/auth/refresh", json={"refresh_token": refresh_token})
+    return resp.status
+
+
+async def test_logout_all_ends_every_session_of_the_caller_and_no_other(
+    aiohttp_client: Any, config: Config
+) -> None:
+    client: TestClient = await aiohttp_client(create_app(config))
+    owner = await signup(client)
+    member = await add_user(client, owner)  # one login: one refresh family
+    second = await login(client, owner.tenant_id, member.email)  # another login, another family
+    other = await add_user(client, owner)
+    resp = await client.post("/v1/auth/logout-all", headers=member.headers)
+    assert resp.status == 204, await resp.text()
+    assert await resp.read() == b""
+    await _assert_401(client, member)
+    await _assert_401(client, member, second["access_token"])
+    assert await _refresh_status(client, member.refresh_token) == 401
+    assert await _refresh_status(client, second["refresh_token"]) == 401
+    # the other users of the tenant keep their sessions
+    assert await _me(client, owner.access_token) == 200
+    assert await _me(client, other.access_token) == 200
+    assert await _refresh_status(client, other.refresh_token) == 200
+    # logged in again at once: the new pair works, and refreshes
+    fresh = await login(client, owner.tenant_id, member.email)
+    assert await _me(client, fresh["access_token"]) == 200
+    assert await _refresh_status(client, fresh["refresh_token"]) == 200
+
+
+async def test_logout_all_needs_a_valid_access_token(aiohttp_client: Any, config: Config) -> None:
+    client: TestClient = await aiohttp_client(create_app(config))
+    owner = await signup(client)
+    resp = await client.post("/v1/auth/logout-all")
+    assert resp.status == 401
+    assert resp.headers["WWW-Authenticate"] == 'Bearer realm="surge"'
+    resp = await client.post("/v1/auth/logout-all", headers=owner.headers)
+    assert resp.status == 204
+    # the revoked token cannot call it again, and nothing else was logged out
+    resp = await client.post("/v1/auth/logout-all", headers=owner.headers)
+    assert resp.status == 401
+    assert resp.headers["WWW-Authenticate"] == INVALID
+
+
 async def test_a_change_that_revokes_nothing_keeps_the_token(
     aiohttp_client: Any, config: Config
 ) -> None:
@@ -259,6 +303,21 @@ async def test_a_revocation_reaches_another_process_within_a_second(
 
     await _until(1.0, rejected_by_b)
     await _assert_401(b, member)
+
+
+async def test_logout_all_reaches_another_process_within_a_second(
+    aiohttp_client: Any, config: Config
+) -> None:
+    a: TestClient = await aiohttp_client(create_app(config))
+    b_app = create_app(config)
+    b: TestClient = await aiohttp_client(b_app)
+    b_app[REVOCATIONS]._tasks[0].cancel()  # b's sweep: the news can only come by Redis
+    owner = await signup(a)
+    assert await _me(b, owner.access_token) == 200  # b has verified (and cached) the token
+    resp = await a.post("/v1/auth/logout-all", headers=owner.headers)
+    assert resp.status == 204
+    await _until(1.0, partial(_rejected, b, owner.access_token))
+    await _assert_401(b, owner)
 
 
 async def test_with_redis_down_the_sweep_of_postgres_decides(

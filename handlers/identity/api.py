@@ -266,6 +266,13 @@ PATHS: Json = {
             auth=False,
         )
     },
+    "/v1/auth/logout-all": {
+        "post": op(
+            "Revoke all of the caller's refresh tokens and, within 1 s, their access tokens",
+            "auth",
+            {"204": _empty("Logged out everywhere")},
+        )
+    },
     "/v1/me": {
         "get": op(
             "The caller",

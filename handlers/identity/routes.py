@@ -90,6 +90,13 @@ async def logout(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def logout_all(request: web.Request) -> web.Response:
+    """Authenticated, so the general per-user bucket limits it: no brute-force limit needed."""
+    app = request.app
+    await service.logout_all(app[PG], app[REVOCATIONS], rbac.caller(request), request[REQUEST_ID])
+    return web.Response(status=204)
+
+
 async def get_me(request: web.Request) -> web.Response:
     p = rbac.caller(request)
     version, body = await service.read_user(

@@ -1,4 +1,5 @@
-"""Identity's rules and transactions: sessions (signup, login, refresh, logout) and users.
+"""Identity's rules and transactions: sessions (signup, login, refresh, logout, logout-all) and
+users.
 
 Refresh tokens are opaque 256-bit random strings; only their SHA-256 is stored. Each login
 starts a family; every refresh rotates the token within its family. Presenting a token that was
@@ -163,6 +164,26 @@ async def refresh(pg: Database, issuer: TokenService, config: Config, refresh_to
 async def logout(pg: Database, refresh_token: str) -> None:
     """Revokes the token's family, whether or not the token exists: logout reveals nothing."""
     await tokens.revoke_family_of_token(pg, _hash_token(refresh_token))
+
+
+async def _end_sessions(
+    con: Connection, revocations: Revocations, tenant_id: uuid.UUID, user_id: uuid.UUID
+) -> int:
+    """Revokes every refresh token of the user (all families) and their access tokens, in the
+    caller's transaction; the generation to `announce` after the commit."""
+    await tokens.revoke_user_tokens(con, tenant_id, user_id)
+    return await revocations.revoke(con, tenant_id, user_id)
+
+
+async def logout_all(pg: Database, revocations: Revocations, p: Principal, request_id: str) -> None:
+    """Ends every session of the caller, on every device: the next request logs in again."""
+    async with pg.transaction() as con:
+        row = await users.get_user(con, p.tenant_id, p.user_id)
+        if row is None:
+            raise NotFound("user")
+        generation = await _end_sessions(con, revocations, p.tenant_id, p.user_id)
+        await _record(con, p, request_id, "user.logged_out_all", row)
+    await revocations.announce(p.user_id, generation)
 
 
 # Reads
@@ -338,8 +359,7 @@ async def patch_user(
             await _diagnose(con, p, user_id, version)
             raise NotFound("user")  # unreachable: _diagnose raises
         if status == "suspended":
-            await tokens.revoke_user_tokens(con, p.tenant_id, user_id)
-            generation = await revocations.revoke(con, p.tenant_id, user_id)
+            generation = await _end_sessions(con, revocations, p.tenant_id, user_id)
         view = await _record(con, p, request_id, "user.updated", row, changed=sorted(changes))
     if generation is not None:
         await revocations.announce(user_id, generation)
@@ -361,8 +381,7 @@ async def delete_user(
         await _keep_an_owner(con, p, target)
         row = await users.set_status(con, p.tenant_id, user_id, "deleted")
         assert row is not None
-        await tokens.revoke_user_tokens(con, p.tenant_id, user_id)
-        generation = await revocations.revoke(con, p.tenant_id, user_id)
+        generation = await _end_sessions(con, revocations, p.tenant_id, user_id)
         view = await _record(con, p, request_id, "user.deleted", row)
     await revocations.announce(user_id, generation)
     await _written(cache, row, view)
@@ -444,8 +463,7 @@ async def change_password(
         row = await users.change_password(con, p.tenant_id, p.user_id, new_hash)
         if row is None:
             raise NotFound("user")
-        await tokens.revoke_user_tokens(con, p.tenant_id, p.user_id)
-        generation = await revocations.revoke(con, p.tenant_id, p.user_id)
+        generation = await _end_sessions(con, revocations, p.tenant_id, p.user_id)
         view = await _record(con, p, request_id, "user.password_changed", row)
     await revocations.announce(p.user_id, generation)
     await _written(cache, row, view)
