@@ -19,24 +19,31 @@ SCENARIO_ENDPOINTS = {
 }
 
 
-@pytest.mark.parametrize("scenario", sorted(SCENARIO_ENDPOINTS))
-def test_scenario_runs_without_failures(server_url: str, scenario: str, tmp_path: Path) -> None:
-    prefix = tmp_path / scenario
+def run_locust(
+    server_url: str, prefix: Path, *selection: str, seconds: int = 4
+) -> tuple[subprocess.CompletedProcess[str], dict[str, dict[str, str]]]:
+    """A headless locust run of `selection` (classes, --tags ...) against `server_url`; its
+    process and its stats rows by request name."""
     proc = subprocess.run(
         [
-            sys.executable, "-m", "locust",
-            "-f", str(ROOT / "locustfile.py"), SCENARIO_CLASS[scenario],
-            "--headless", "--host", server_url, "--tags", scenario,
-            "-u", "6", "-r", "6", "-t", "4s", "--stop-timeout", "5",
+            sys.executable, "-m", "locust", "-f", str(ROOT / "locustfile.py"), *selection,
+            "--headless", "--host", server_url,
+            "-u", "6", "-r", "6", "-t", f"{seconds}s", "--stop-timeout", "5",
             "--csv", str(prefix), "--only-summary", "--loglevel", "WARNING",
         ],
-        cwd=tmp_path,
+        cwd=prefix.parent,
         capture_output=True,
         text=True,
         timeout=120,
     )  # fmt: skip
     with open(f"{prefix}_stats.csv") as f:
-        rows = {r["Name"]: r for r in csv.DictReader(f)}
+        return proc, {r["Name"]: r for r in csv.DictReader(f)}
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIO_ENDPOINTS))
+def test_scenario_runs_without_failures(server_url: str, scenario: str, tmp_path: Path) -> None:
+    prefix = tmp_path / scenario
+    proc, rows = run_locust(server_url, prefix, SCENARIO_CLASS[scenario], "--tags", scenario)
     total = rows["Aggregated"]
     assert int(total["Failure Count"]) == 0, Path(f"{prefix}_failures.csv").read_text()
     ran = {name for name, r in rows.items() if int(r["Request Count"]) > 0}
@@ -49,22 +56,9 @@ def test_scenario_runs_without_failures(server_url: str, scenario: str, tmp_path
 def test_a_tag_alone_selects_its_scenarios(server_url: str, tmp_path: Path) -> None:
     """`--tags admin` with no class named: the classes without admin tasks are left out, not
     spawned to fail with "No tasks defined"."""
-    prefix = tmp_path / "tagged"
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "locust", "-f", str(ROOT / "locustfile.py"),
-            "--headless", "--host", server_url, "--tags", "admin",
-            "-u", "4", "-r", "4", "-t", "3s", "--stop-timeout", "5",
-            "--csv", str(prefix), "--only-summary", "--loglevel", "WARNING",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )  # fmt: skip
+    proc, rows = run_locust(server_url, tmp_path / "tagged", "--tags", "admin", seconds=3)
     assert "No tasks defined" not in proc.stderr, proc.stderr[-2000:]
     assert proc.returncode == 0, proc.stderr[-2000:]
-    with open(f"{prefix}_stats.csv") as f:
-        ran = {r["Name"] for r in csv.DictReader(f) if int(r["Request Count"]) > 0}
+    ran = {name for name, r in rows.items() if int(r["Request Count"]) > 0}
     assert "/v1/users [create]" in ran, sorted(ran)  # the admin scenario ran
     assert not ran & (SCENARIO_ENDPOINTS["events"] | {"/v1/orders/{id}/pay"}), sorted(ran)
