@@ -11,6 +11,8 @@ from uuid import UUID
 
 import msgspec
 
+from server.logs import ISO_SECONDS
+
 log = logging.getLogger("surge")
 
 
@@ -18,7 +20,10 @@ class AccessLine(msgspec.Struct, omit_defaults=True, gc=False):
     """One access-log line; its fields are the line's keys, in this order. Untracked by the
     garbage collector: its fields are strings, numbers and None, which cannot make a cycle."""
 
-    ts: float  # when the answer was done, seconds since the epoch
+    # when the answer was done: seconds since the epoch until the line is flushed, then ISO 8601
+    # UTC as in the application's log lines (server/logs.py)
+    ts: float | str
+    level: str  # "info", or "error" for a 5xx
     msg: str  # always "request": tells these lines from the application's log lines
     method: str
     route: str  # the route's template ("unmatched" for no route)
@@ -54,6 +59,7 @@ class AccessLog:
         pending = self.pending
         if not pending:
             return
+        stamp_iso(pending)
         lines = self._encode_lines(pending)
         pending.clear()
         try:
@@ -67,3 +73,17 @@ class AccessLog:
         while True:
             await asyncio.sleep(self.flush_s)
             self.flush()
+
+
+def stamp_iso(pending: list[AccessLine]) -> None:
+    """Each line's epoch seconds as ISO 8601 UTC with milliseconds; the date and time are
+    formatted once per second of the batch, not once per line."""
+    second, prefix = -1, ""
+    for line in pending:
+        ts = line.ts
+        if isinstance(ts, str):
+            continue
+        whole = int(ts)
+        if whole != second:
+            second, prefix = whole, time.strftime(ISO_SECONDS, time.gmtime(whole))
+        line.ts = f"{prefix}.{int((ts - whole) * 1000):03d}Z"

@@ -14,13 +14,13 @@ import orjson
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 
 
+ISO_SECONDS = "%Y-%m-%dT%H:%M:%S"
+
+
 def iso_utc(epoch_s: float) -> str:
     """2026-12-06T20:08:11.701Z"""
     whole = int(epoch_s)
-    return (
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-        + f".{int((epoch_s - whole) * 1000):03d}Z"
-    )
+    return time.strftime(ISO_SECONDS, time.gmtime(whole)) + f".{int((epoch_s - whole) * 1000):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):

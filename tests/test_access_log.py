@@ -5,19 +5,31 @@ from __future__ import annotations
 import asyncio
 import io
 import time
+from datetime import datetime
 from typing import Any
 
 import orjson
 import pytest
 
-from server.access_log import AccessLog
+from server.access_log import AccessLine, AccessLog, stamp_iso
 from server.app import create_app
 from server.config import Config
 
 from .conftest import configured
 from .helpers import signup
 
-KEYS = ["ts", "msg", "method", "route", "path", "status", "duration_ms", "request_id", "tenant"]
+KEYS = [
+    "ts",
+    "level",
+    "msg",
+    "method",
+    "route",
+    "path",
+    "status",
+    "duration_ms",
+    "request_id",
+    "tenant",
+]
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
@@ -69,13 +81,16 @@ async def test_one_line_per_request(
     traced = "trace_id" in expected
     assert list(line) == KEYS + (["trace_id"] if traced else [])  # the order is the contract
     assert line["msg"] == "request"
+    assert line["level"] == "info"
     assert line["method"] == method
     assert line["status"] == resp.status
     assert line["request_id"] == resp.headers["X-Request-ID"]
     assert line["tenant"] is None
     assert {k: line[k] for k in expected} == expected
     # the end of the request, on the wall clock, from a perf_counter() reading
-    assert before - 0.01 <= line["ts"] <= after + 0.01
+    # (ISO 8601 UTC to the millisecond, as the application's lines: compared as epoch seconds)
+    ts = datetime.strptime(line["ts"], "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
+    assert before - 0.01 <= ts <= after + 0.01
     assert 0 <= line["duration_ms"] <= (after - before) * 1000 + 1
 
 
@@ -154,3 +169,19 @@ async def test_a_broken_stdout_loses_lines_not_requests(
     assert statuses == [200] * 5
     assert "2 access log lines could not be written" in caplog.text
     assert len(log.pending) == 1  # the fifth waits for the next batch
+
+
+def test_epoch_seconds_become_iso_8601_utc_at_flush() -> None:
+    pending = [
+        AccessLine(t, "info", "request", "GET", "/healthz", "/healthz", 200, 0.1, "r", None)
+        for t in (0.0, 0.9995, 1796587633.0037, 1796587633.5)
+    ]
+    stamp_iso(pending)
+    assert [line.ts for line in pending] == [
+        "1970-01-01T00:00:00.000Z",
+        "1970-01-01T00:00:00.999Z",
+        "2026-12-06T20:07:13.003Z",
+        "2026-12-06T20:07:13.500Z",
+    ]
+    stamp_iso(pending)  # already stamped: left alone
+    assert pending[0].ts == "1970-01-01T00:00:00.000Z"
