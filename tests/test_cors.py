@@ -141,6 +141,13 @@ async def test_actual_requests_carry_the_exposed_headers(
             "Access-Control-Expose-Headers": EXPOSE_HEADERS,
         }
         assert resp.headers["Vary"] == "Origin"
+    # a stream sends its headers itself (an EventSource on the app's page reads it)
+    async with client.get("/v1/analytics/live", headers=headers) as live:
+        assert live.status == 200
+        assert cors_headers(live) == {
+            "Access-Control-Allow-Origin": APP,
+            "Access-Control-Expose-Headers": EXPOSE_HEADERS,
+        }
     for other in ({"Origin": OTHER}, {}):
         resp = await client.get("/v1/me", headers={**owner.headers, **other})
         assert resp.status == 200
