@@ -48,6 +48,8 @@ COPY server ./server
 COPY handlers ./handlers
 COPY db ./db
 COPY sql ./sql
+# the package version the OpenAPI document states (server/openapi.py package_version)
+COPY pyproject.toml ./
 RUN python -m compileall -q /app
 USER 10001:10001
 EXPOSE 8080

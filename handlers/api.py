@@ -105,6 +105,46 @@ OPS_PATHS: Json = {
     },
 }
 
+# Each operation's operationId: what generated clients name their functions, so once
+# published, an id never changes (document() refuses an operation without one).
+OPERATION_IDS = {
+    ("get", "/healthz"): "getHealthz",
+    ("get", "/readyz"): "getReadyz",
+    ("get", "/metrics"): "getMetrics",
+    ("get", "/openapi.json"): "getOpenApiDocument",
+    ("get", "/docs"): "getDocs",
+    ("post", "/v1/auth/signup"): "signup",
+    ("post", "/v1/auth/login"): "login",
+    ("post", "/v1/auth/refresh"): "refreshTokens",
+    ("post", "/v1/auth/logout"): "logout",
+    ("post", "/v1/auth/logout-all"): "logoutAll",
+    ("get", "/v1/me"): "getMe",
+    ("put", "/v1/me/password"): "changePassword",
+    ("get", "/v1/users"): "listUsers",
+    ("post", "/v1/users"): "createUser",
+    ("get", "/v1/users/{user_id}"): "getUser",
+    ("patch", "/v1/users/{user_id}"): "updateUser",
+    ("delete", "/v1/users/{user_id}"): "deleteUser",
+    ("put", "/v1/users/{user_id}/roles/{role}"): "grantRole",
+    ("delete", "/v1/users/{user_id}/roles/{role}"): "revokeRole",
+    ("post", "/v1/events"): "postEvents",
+    ("get", "/v1/analytics/counts"): "getAnalyticsCounts",
+    ("get", "/v1/analytics/live"): "streamAnalytics",
+    ("get", "/v1/products"): "listProducts",
+    ("post", "/v1/products"): "createProduct",
+    ("get", "/v1/products/{product_id}"): "getProduct",
+    ("get", "/v1/orders"): "listOrders",
+    ("post", "/v1/orders"): "createOrder",
+    ("get", "/v1/orders/{order_id}"): "getOrder",
+    ("post", "/v1/orders/{order_id}/pay"): "payOrder",
+    ("post", "/v1/orders/{order_id}/cancel"): "cancelOrder",
+    ("post", "/v1/webhooks/payments"): "receivePaymentWebhook",
+    ("get", "/v1/audit"): "listAuditEntries",
+    ("post", "/graphql"): "graphql",
+    ("get", "/graphql"): "getGraphqlExplorer",
+    ("get", "/graphql/schema.graphql"): "getGraphqlSchema",
+}
+
 SPEC: Json = document(
     [
         (OPS_PATHS, OPS_SCHEMAS),
@@ -112,7 +152,8 @@ SPEC: Json = document(
         (graphql_api.PATHS, graphql_api.SCHEMAS),
         (identity_api.PATHS, identity_api.SCHEMAS),
         (orders_api.PATHS, orders_api.SCHEMAS),
-    ]
+    ],
+    OPERATION_IDS,
 )
 
 # Compiled once per process, shared by every app create_app builds.

@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from handlers.api import SPEC
 from server import metrics
-from server.keys import LIFECYCLE, PG, REDIS
+from server.keys import CONFIG, LIFECYCLE, PG, REDIS
 
 log = logging.getLogger("surge.ops")
 
@@ -81,12 +81,16 @@ def metrics_endpoint(request: web.Request) -> web.Response:
 
 
 @cache
-def _spec_bytes() -> bytes:
-    return orjson.dumps(SPEC)
+def _spec_bytes(public_url: str | None) -> bytes:
+    """The document, serialised once per PUBLIC_URL (one per process in practice)."""
+    if public_url is None:
+        return orjson.dumps(SPEC)
+    return orjson.dumps(SPEC | {"servers": [{"url": public_url}]})
 
 
 def openapi_json(request: web.Request) -> web.Response:
-    return web.Response(body=_spec_bytes(), content_type="application/json")
+    body = _spec_bytes(request.app[CONFIG].public_url)
+    return web.Response(body=body, content_type="application/json")
 
 
 _STATIC = Path(__file__).resolve().parent / "static"

@@ -17,6 +17,7 @@ from server import metrics
 from server.access_log import AccessLog
 from server.chain import UNMATCHED, Chain
 from server.config import Config
+from server.cors import Cors
 from server.keys import (
     CONFIG,
     LIFECYCLE,
@@ -153,11 +154,16 @@ def create_app(config: Config, *, access_log: AccessLog | None = None) -> web.Ap
     app = web.Application(client_max_size=config.max_body_bytes)
     app[CONFIG] = config
     app[VALIDATORS] = handlers.validators
+    # Only with origins to allow: without, no answer pays for CORS (server/cors.py).
+    cors = Cors(config.cors_allow_origins) if config.cors_allow_origins else None
+    if cors is not None:
+        app.on_response_prepare.append(cors.on_prepare)
     app[CHAIN] = Chain(
         access_log,
         FairGate(config.max_in_flight, config.shed_queue_timeout_ms / 1000),
         tracing,
         body_read_timeout_s=config.body_read_timeout_s,
+        cors=cors,
     )
     app[LIFECYCLE] = Lifecycle()
     app[TOKENS] = TokenService.from_config(config)

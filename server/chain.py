@@ -10,6 +10,7 @@ Outermost first, as each request meets it:
     shed     a bounded, fair gate; a request that waits too long for a slot is refused 503
     api      access token verified in memory (and not revoked), token-bucket rate limit,
              RateLimit-* headers
+    conditional  (GET, HEAD) a 200 whose ETag If-None-Match names becomes 304, no body
     handler
 
 A route leaves out what its policy says it does not need (ops routes are only observed), so
@@ -34,8 +35,9 @@ from multidict import istr
 from db.gate import FairGate
 from server import metrics
 from server.access_log import AccessLine, AccessLog
+from server.cors import Cors
 from server.errors import ApiError, TooManyRequests, Unauthorized, ValidationFailed
-from server.http import client_ip
+from server.http import client_ip, not_modified
 from server.keys import CONFIG, LIMITER, PRINCIPAL, RATELIMIT_HEADERS, REQUEST_ID, REVOCATIONS
 from server.principal import Principal
 from server.problems import problem_for
@@ -50,6 +52,7 @@ _RID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 X_REQUEST_ID = istr("X-Request-ID")  # istr, as aiohttp's hdrs: no case-folding per lookup
 X_CONTENT_TYPE_OPTIONS = istr("X-Content-Type-Options")
 CACHE_CONTROL = istr("Cache-Control")
+IF_NONE_MATCH = istr("If-None-Match")
 # Every answer: a browser must not guess a type other than the one declared (a JSON body
 # rendered as HTML, say).
 NOSNIFF = "nosniff"
@@ -102,11 +105,13 @@ class Chain:
         tracing: Tracing | None = None,
         *,
         body_read_timeout_s: float = 10.0,
+        cors: Cors | None = None,
     ) -> None:
         self.access_log = access_log
         self.shed_gate = shed_gate
         self.tracing = tracing
         self.body_read_timeout_s = body_read_timeout_s
+        self.cors = cors
         self.ops_paths: frozenset[str] = frozenset()
 
     def wrap(self, route: Route, method: str) -> Handler:
@@ -119,6 +124,8 @@ class Chain:
             # for its token or its rate has its body left unread; a body trickles in before
             # the request takes a slot, never while it holds one.
             inner = handler_of(route)
+            if method in ("GET", "HEAD") and not route.stream:
+                inner = _conditional(inner)
             if route.shed:
                 inner = _body(_shed(inner, self.shed_gate), self.body_read_timeout_s)
             if route.api:
@@ -138,8 +145,13 @@ class Chain:
         timeout_s = self.body_read_timeout_s
         api = _api(_body(_shed(_unmatched, self.shed_gate), timeout_s), public=True)
         page = _body(_shed(_unmatched, self.shed_gate), timeout_s)
+        cors = self.cors
 
         async def dispatch(request: web.Request) -> web.StreamResponse:
+            # A preflight carries no token and is sent before each new kind of request: it is
+            # neither rate limited nor shed.
+            if cors is not None and cors.is_preflight(request):
+                return cors.preflight(request, await allowed_methods(request))
             path = request.path
             if path in self.ops_paths:
                 return await _unmatched(request)
@@ -321,11 +333,28 @@ def _api(handler: Handler, *, public: bool, limited: bool = True) -> Handler:
     return api
 
 
-async def _unmatched(request: web.Request) -> web.StreamResponse:
+def _conditional(handler: Handler) -> Handler:
+    """A GET's answer with an ETag becomes 304 when If-None-Match names it (server/http.py)."""
+
+    async def conditional(request: web.Request) -> web.StreamResponse:
+        resp = await handler(request)
+        condition = request.headers.get(IF_NONE_MATCH)
+        return resp if condition is None else not_modified(resp, condition)
+
+    return conditional
+
+
+async def allowed_methods(request: web.Request) -> set[str]:
+    """The methods the routes of the request's path answer (none: no route has the path)."""
     allowed: set[str] = set()
     for resource in request.app.router.resources():
         if resource.canonical != "/{unmatched}":
             allowed |= (await resource.resolve(request))[1]
+    return allowed
+
+
+async def _unmatched(request: web.Request) -> web.StreamResponse:
+    allowed = await allowed_methods(request)
     if allowed:
         raise web.HTTPMethodNotAllowed(request.method, allowed)
     raise web.HTTPNotFound()

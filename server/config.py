@@ -86,6 +86,40 @@ def _url(*schemes: str) -> Callable[[str], str]:
     return cast
 
 
+def _origins(raw: str) -> tuple[str, ...]:
+    """`*`, or comma-separated origins (scheme://host[:port]), lower-cased as browsers send them."""
+    origins = tuple(part.strip() for part in raw.split(",") if part.strip())
+    if "*" in origins:
+        if len(origins) > 1:
+            raise ValueError("`*` stands alone: it allows every origin")
+        return origins
+    out = []
+    for origin in origins:
+        try:
+            parts = urlsplit(origin)
+            parts.port  # noqa: B018  (raises ValueError on a bad port)
+        except ValueError as exc:
+            raise ValueError(f"malformed origin {origin!r} ({exc})") from None
+        bare = origin.rstrip("/")
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or "@" in parts.netloc
+            or bare != f"{parts.scheme}://{parts.netloc}"
+        ):
+            raise ValueError(f"expected origins such as https://app.example.com, got {origin!r}")
+        out.append(bare.lower())
+    return tuple(out)
+
+
+def _public_url(raw: str) -> str:
+    value = _url("http", "https")(raw)
+    parts = urlsplit(value)
+    if parts.query or parts.fragment:
+        raise ValueError("expected a base URL without query or fragment")
+    return value.rstrip("/")
+
+
 def _str(raw: str) -> str:
     return raw
 
@@ -328,6 +362,20 @@ class Config:
         "User bodies (~0.6 kB) kept per process for list pages, and pages (0.5 kB a body); 0: off",
     )
     enable_docs: bool = _setting("ENABLE_DOCS", _bool, True, "Serve /openapi.json and /docs")
+    public_url: str | None = _setting(
+        "PUBLIC_URL",
+        _public_url,
+        None,
+        "Base URL clients reach the API at (the OpenAPI document's servers); unset: the"
+        " origin the document was fetched from",
+    )
+    cors_allow_origins: tuple[str, ...] = _setting(
+        "CORS_ALLOW_ORIGINS",
+        _origins,
+        (),
+        "Browser origins allowed to call the API (comma-separated, e.g. https://app.example.com,"
+        " or *); unset: none",
+    )
     # -- GraphQL (POST /graphql): limits checked before any SQL runs --
     # Depth 8 fits the deepest useful query (orders > edges > node > items > product > field is
     # 6) with room for fragments; the standard introspection query is exempt (its own rule).
@@ -552,7 +600,7 @@ def settings_table() -> list[tuple[str, str, str]]:
     for f in dataclasses.fields(Config):
         if "env" not in f.metadata:
             continue
-        default = "" if f.default is None else str(f.default)
+        default = "" if f.default is None or f.default == () else str(f.default)
         if isinstance(f.default, bool):
             default = str(f.default).lower()
         rows.append((f.metadata["env"], default, f.metadata["doc"]))

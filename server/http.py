@@ -10,12 +10,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from db.ids import parse_uuid
 from server.errors import NotFound, PreconditionFailed, PreconditionRequired, ValidationFailed
 
 JSON = "application/json"
+ETAG = hdrs.ETAG
 
 
 def json_response(
@@ -45,6 +46,32 @@ def timestamp(dt: datetime) -> str:
 
 def etag(version: int) -> str:
     return f'"{version}"'
+
+
+def none_match(condition: str, current: str) -> bool:
+    """Whether an If-None-Match value names `current` (an ETag): `*`, or a comma-separated
+    list of entity tags compared weakly (RFC 9110 13.1.2: W/"1" matches "1")."""
+    condition = condition.strip(" \t")
+    if condition == "*":
+        return True
+    opaque = current[2:] if current.startswith("W/") else current
+    for tag in condition.split(","):  # our tags are digits: a comma inside one never matches
+        tag = tag.strip(" \t")
+        if (tag[2:] if tag.startswith("W/") else tag) == opaque:
+            return True
+    return False
+
+
+def not_modified(resp: web.StreamResponse, condition: str) -> web.StreamResponse:
+    """`resp` itself, or 304 without a body when it is a 200 whose ETag `condition` (the
+    request's If-None-Match) names. The 304 repeats the ETag; the chain's outer layers add
+    what every answer carries (RateLimit-*, X-Request-ID, Cache-Control)."""
+    if resp.status != 200 or resp.prepared:
+        return resp
+    current = resp.headers.get(ETAG)
+    if current is None or not none_match(condition, current):
+        return resp
+    return web.Response(status=304, headers={ETAG: current})
 
 
 def if_match(request: web.Request) -> int | None:

@@ -7,7 +7,10 @@ keep them within the JSON Schema subset fastjsonschema understands (draft-07 key
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+import importlib.metadata
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from db.ids import UUID_RE
@@ -104,12 +107,9 @@ def op(
     body: str | None = None,
     auth: bool = True,
     params: list[Json] | None = None,
-    operation_id: str | None = None,
     ratelimited: bool = True,
 ) -> Json:
     out: Json = {"summary": summary, "tags": [tag]}
-    if operation_id:
-        out["operationId"] = operation_id
     if params:
         out["parameters"] = params
     if body:
@@ -164,9 +164,61 @@ PROBLEM_SCHEMAS: Json = {
 }
 
 
-def document(sections: Iterable[tuple[Json, Json]]) -> Json:
-    """The OpenAPI document from each part's (paths, schemas), in order; a schema defined
-    twice is a mistake and refused."""
+IF_NONE_MATCH: Json = {
+    "name": "If-None-Match",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": (
+        'The ETag you hold (e.g. "3"), a comma-separated list of them, or `*`: 304 without a '
+        "body while it is current"
+    ),
+}
+
+
+def _conditional(method: str, operation: Json) -> None:
+    """A GET whose 200 carries an ETag answers 304 to an If-None-Match naming it (the chain
+    does it for every such answer: server/chain.py), so its operation says so."""
+    ok = operation["responses"].get("200", {})
+    if method != "get" or "ETag" not in ok.get("headers", {}):
+        return
+    operation.setdefault("parameters", []).append(IF_NONE_MATCH)
+    operation["responses"]["304"] = {
+        "description": "Not Modified: the ETag in If-None-Match is current; no body",
+        "headers": copy.deepcopy(ok["headers"]),
+    }
+
+
+def _name(paths: Json, operation_ids: Mapping[tuple[str, str], str]) -> None:
+    """Each operation's operationId from `operation_ids` ((method, path) -> id): every
+    operation has one, each is used once, and none names an operation that does not exist."""
+    named = {(method, path) for path, ops in paths.items() for method in ops}
+    if missing := named - set(operation_ids):
+        raise ValueError(f"operations without an operationId: {sorted(missing)}")
+    if extra := set(operation_ids) - named:
+        raise ValueError(f"operationIds of no operation: {sorted(extra)}")
+    if len(set(operation_ids.values())) != len(operation_ids):
+        raise ValueError("an operationId is used twice")
+    for (method, path), operation_id in operation_ids.items():
+        paths[path][method]["operationId"] = operation_id
+
+
+def package_version() -> str:
+    """Surge's version: pyproject.toml's in a source checkout (always the current one), else
+    the installed package's metadata."""
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    if pyproject.is_file():
+        project = tomllib.loads(pyproject.read_text(encoding="utf-8")).get("project", {})
+        if project.get("name") == "surge":
+            return str(project["version"])
+    return importlib.metadata.version("surge")
+
+
+def document(
+    sections: Iterable[tuple[Json, Json]], operation_ids: Mapping[tuple[str, str], str]
+) -> Json:
+    """The OpenAPI document from each part's (paths, schemas), in order, each operation named
+    by `operation_ids`; a schema defined twice is a mistake and refused."""
     paths: Json = {}
     schemas: Json = dict(PROBLEM_SCHEMAS)
     for section_paths, section_schemas in sections:
@@ -176,17 +228,25 @@ def document(sections: Iterable[tuple[Json, Json]]) -> Json:
         schemas.update(section_schemas)
         for path, ops in section_paths.items():
             paths.setdefault(path, {}).update(ops)
+    _name(paths, operation_ids)
+    for ops in paths.values():
+        for method, operation in ops.items():
+            _conditional(method, operation)
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "Surge API",
-            "version": "1.0.0",
+            "version": package_version(),
+            "license": {"name": "MIT", "identifier": "MIT"},
             "description": (
                 "Multi-tenant JSON API. Errors are application/problem+json (RFC 9457); lists "
                 "use keyset pagination (`limit`, `cursor` -> `next_cursor`); every /v1 response "
                 "carries RateLimit-* headers. No string may hold U+0000 (NUL): 422."
             ),
         },
+        # Relative: the origin the document was fetched from (OpenAPI's own default, said
+        # explicitly); PUBLIC_URL replaces it when the server is served (handlers/ops.py).
+        "servers": [{"url": "/", "description": "The origin serving this document"}],
         "paths": paths,
         "components": {
             "schemas": schemas,

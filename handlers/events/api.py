@@ -40,7 +40,7 @@ SCHEMAS: Json = {
                 "pattern": f"^{TS_RE}$",
                 "description": "RFC 3339 with an offset, within 24 hours of now; default: now",
             },
-            "user_id": {"type": ["string", "null"], "pattern": f"^{UUID_RE}$"},
+            "user_id": {"type": ["string", "null"], "format": "uuid", "pattern": f"^{UUID_RE}$"},
             "props": {
                 "type": "object",
                 "maxProperties": MAX_PROPS_KEYS,

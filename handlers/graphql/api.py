@@ -48,8 +48,22 @@ SCHEMAS: Json = {
                     "required": ["message", "extensions"],
                     "properties": {
                         "message": {"type": "string"},
-                        "path": {"type": "array"},
-                        "locations": {"type": "array"},
+                        "path": {
+                            "type": "array",
+                            "description": "The failing field: names, and list indices",
+                            "items": {"type": ["string", "integer"]},
+                        },
+                        "locations": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["line", "column"],
+                                "properties": {
+                                    "line": {"type": "integer", "minimum": 1},
+                                    "column": {"type": "integer", "minimum": 1},
+                                },
+                            },
+                        },
                         "extensions": {
                             "type": "object",
                             "required": ["code"],

@@ -67,7 +67,7 @@ SCHEMAS: Json = {
     "LoginRequest": _obj(
         ["tenant_id", "email", "password"],
         {
-            "tenant_id": {"type": "string", "pattern": UUID_PATTERN},
+            "tenant_id": {"type": "string", "format": "uuid", "pattern": UUID_PATTERN},
             "email": {
                 "type": "string",
                 "minLength": 1,

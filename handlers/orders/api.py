@@ -86,7 +86,7 @@ SCHEMAS: Json = {
                 "items": _obj(
                     ["product_id", "quantity"],
                     {
-                        "product_id": {"type": "string", "pattern": UUID_PATTERN},
+                        "product_id": {"type": "string", "format": "uuid", "pattern": UUID_PATTERN},
                         "quantity": {"type": "integer", "minimum": 1, "maximum": 1000},
                     },
                 ),
@@ -220,7 +220,9 @@ PATHS: Json = {
             "Create a product (admin)",
             "catalog",
             {
-                "201": json_content("Created", ref("Product"), Location="/v1/products/{id}"),
+                "201": json_content(
+                    "Created", ref("Product"), ETag='"<version>"', Location="/v1/products/{id}"
+                ),
                 "403": FORBIDDEN,
                 "409": problem("The sku is taken in this tenant"),
             },
@@ -231,7 +233,10 @@ PATHS: Json = {
         "get": op(
             "A product; stock is what is still available after reservations",
             "catalog",
-            {"200": json_content("The product", ref("Product")), "404": problem("No such product")},
+            {
+                "200": json_content("The product", ref("Product"), ETag='"<version>"'),
+                "404": problem("No such product"),
+            },
             params=[_path("product_id")],
         )
     },
@@ -246,7 +251,9 @@ PATHS: Json = {
             "Create an order; its stock is reserved at once",
             "orders",
             {
-                "201": json_content("Created, pending", ref("Order"), Location="/v1/orders/{id}"),
+                "201": json_content(
+                    "Created, pending", ref("Order"), ETag='"<version>"', Location="/v1/orders/{id}"
+                ),
                 "409": problem("Not enough stock, or the Idempotency-Key is in use"),
             },
             body="CreateOrderRequest",
