@@ -26,13 +26,16 @@ Three parts, each small enough to read on its own:
 - The queue with a deadline (CoDel as Facebook's servers use it, "Fail at Scale"): a request
   may wait for a slot at most `deadline_s` counted from its arrival in the process. When the
   queue has not been empty for a whole `deadline_s` (a standing queue, not a burst), the wait
-  allowed drops to the current latency (within deadline/10 .. deadline): a request then waits
-  about as long as one takes to serve, and the rest are refused at once instead of late.
+  allowed drops to half of it, or to the current latency if that is longer (a route mix whose
+  requests take long may wait as long as one takes): a waiter past it is refused when its turn
+  comes, not served late. The queue holds at most what the limit serves within the deadline at
+  the current latency (limit x deadline / latency): a request beyond that could only be
+  refused later, so it is refused at once.
 
-- Fairness: waiters queue per tenant and slots go round-robin across the tenants waiting. The
-  queue holds at most twice the limit; when it is full, a newcomer whose tenant holds less than
-  its share takes the place of the newest waiter of the tenant holding the most, so the tenant
-  sending more than its share is the one refused.
+- Fairness: waiters queue per tenant and slots go round-robin across the tenants waiting. When
+  the queue is full, a newcomer whose tenant holds less than its share takes the place of the
+  newest waiter of the tenant holding the most, so the tenant sending more than its share is
+  the one refused.
 
 No aiohttp here: the chain (server/chain.py) turns `Refused` into a 503 with Retry-After.
 """
@@ -163,14 +166,19 @@ class Admission:
 
     @property
     def max_queue(self) -> int:
-        return 2 * self.limit
+        """The most requests waiting: as many as the limit serves within the deadline at the
+        current latency (twice the limit before a latency is measured)."""
+        latency = 0.0 if self.limiter is None else self.limiter.latency
+        if latency <= 0:
+            return 2 * self.limit
+        return max(self.limit, int(self.limit * self.deadline_s / latency))
 
     def allowed_wait(self, now: float) -> float:
         """The longest a request may have waited since its arrival, as of `now`."""
         deadline = self.deadline_s
         if self.queued and now - self._busy_since >= deadline:  # a standing queue
             latency = 0.0 if self.limiter is None else self.limiter.latency
-            return min(deadline, max(deadline / 10, latency))
+            return min(deadline, max(deadline / 2, latency))
         return deadline
 
     def precheck(self, tenant: str) -> None:

@@ -299,7 +299,11 @@ def _body(
 
     async def body(request: web.Request) -> web.StreamResponse:
         if request.body_exists:
-            if admission is not None and admission.queued >= admission.max_queue:
+            if (
+                admission is not None
+                and admission.queued
+                and admission.queued >= admission.max_queue
+            ):
                 try:
                     admission.precheck(tenant_of(request, trust_forwarded_for))
                 except Refused as exc:

@@ -217,8 +217,8 @@ class Config:
         _int(0, 600_000),
         None,
         "Longest wait for a slot, counted from the request's arrival; past it 503 (under a"
-        " standing queue the wait allowed is the current latency, at least a tenth of this);"
-        " unset: SHED_QUEUE_TIMEOUT_MS",
+        " standing queue: half of this, or the current latency if longer); unset:"
+        " SHED_QUEUE_TIMEOUT_MS",
     )
     shed_queue_timeout_ms: int = _setting(
         "SHED_QUEUE_TIMEOUT_MS",

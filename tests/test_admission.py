@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from db.gate import FairGate
 from server.admission import (
     DEADLINE,
     MIN_WINDOW_SAMPLES,
@@ -130,7 +131,7 @@ async def test_a_standing_queue_allows_only_the_current_latency() -> None:
     waiter = asyncio.create_task(admission.wait("a", clock.now))
     await settle()
     clock.now += 0.0625  # the queue has not been empty for a whole deadline
-    assert admission.allowed_wait(clock.now) == 0.00625  # a tenth (no latency measured)
+    assert admission.allowed_wait(clock.now) == 0.03125  # half (no latency measured)
     admission.release(None)
     await settle()
     assert waiter.exception().reason == DEADLINE  # type: ignore[union-attr]
@@ -260,7 +261,7 @@ async def test_a_flood_is_refused_while_another_tenant_and_ops_are_served(
     await wait_for(lambda: admission.queued == 4)
     refused = [await client.get("/test/slow", headers={"X-Forwarded-For": "10.0.0.1"})]
     upload = await client.post(
-        "/test/upload", data=b"x" * 100_000, headers={"X-Forwarded-For": "10.0.0.1"}
+        "/test/upload", data=b"x" * 10_000, headers={"X-Forwarded-For": "10.0.0.1"}
     )
     refused.append(upload)  # refused before its body was read
     for resp in refused:
@@ -313,5 +314,33 @@ async def test_a_request_that_waits_past_the_deadline_is_answered_503(
     )
     after = shed_count(await (await client.get("/metrics")).text(), DEADLINE)
     assert after == before + 1
+    gate.set()
+    assert (await held).status == 200
+
+
+async def test_adaptive_concurrency_off_is_the_fixed_gate(
+    aiohttp_client: Any, config: Config
+) -> None:
+    gate = asyncio.Event()
+    app = create_app(
+        dataclasses.replace(
+            config, adaptive_concurrency=False, max_in_flight=1, queue_deadline_ms=20
+        )
+    )
+
+    async def slow(request: web.Request) -> web.Response:
+        await gate.wait()
+        return web.json_response({"slow": True})
+
+    add_routes(app, [get("/test/slow", slow, page=True)])
+    assert isinstance(app[CHAIN].shed_gate, FairGate)
+    client = await aiohttp_client(app)
+    held = asyncio.create_task(client.get("/test/slow"))
+    await wait_for(lambda: app[CHAIN].shed_gate.in_use == 1)  # type: ignore[union-attr]
+    resp = await client.get("/test/slow")
+    assert (resp.status, resp.headers["Retry-After"]) == (503, "1")
+    text = await (await client.get("/metrics")).text()
+    assert re.search(r"^surge_concurrency_limit 1\.0$", text, re.M)
+    assert re.search(r"^surge_concurrency_in_flight 1\.0$", text, re.M)
     gate.set()
     assert (await held).status == 200
