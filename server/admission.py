@@ -15,8 +15,8 @@ Three parts, each small enough to read on its own:
 
   While latency stays within `tolerance` times the reference the gradient is 1 and the limit
   grows by a fraction of its square root per window; once requests queue inside the process
-  (latency past tolerance x reference) it shrinks, by up to half a window's worth at a time. A
-  window in which fewer than half the slots were used says nothing about the limit: it stays.
+  (latency past tolerance x reference) it shrinks, by up to a tenth per window. A window in
+  which fewer than half the slots were used says nothing about the limit: it stays.
   Why a gradient and not AIMD: AIMD needs an absolute latency target per deployment (a read is
   1 ms, a payment 50) and saws between it and a cut; the gradient is relative to what this
   process measured with no queue, so one tolerance fits every route mix, and it settles where
@@ -119,11 +119,11 @@ class GradientLimit:
             self._ref_now = current
         self.latency = current
         limit = self.estimate
+        if peak < limit / 2:
+            return  # the load did not use the limit: its latency says nothing about it
         gradient = (
             1.0 if current <= 0 else max(0.5, min(1.0, self.tolerance * self.reference / current))
         )
-        if gradient == 1.0 and peak < limit / 2:
-            return  # the load did not use the limit: no evidence it could be higher
         target = limit * gradient + math.sqrt(limit)
         limit += SMOOTHING * (target - limit)
         self.estimate = min(max(limit, self.minimum), self.maximum)
