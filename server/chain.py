@@ -328,7 +328,7 @@ _SHED = {reason: metrics.SHED.labels(reason) for reason in (QUEUE_FULL, DEADLINE
 def tenant_of(request: web.Request, trust_forwarded_for: bool) -> str:
     """Whose share of the admission queue a request draws on: its principal's tenant, else its
     client address (each address a tenant of its own)."""
-    principal = request.get(PRINCIPAL)
+    principal: Principal | None = request.get(PRINCIPAL)
     if principal is not None:
         return principal.tenant_text
     return f"ip:{client_ip(request, trust_forwarded_for)}"

@@ -328,13 +328,15 @@ class AdmissionCollector(Collector):
         self.source: Callable[[], dict[str, int]] | None = None
         self.wait = [0.0] * (_WAIT_SUM + 1)  # one count per bucket, +Inf, then the sum
         self._shared: dict[str, Gauge] = {}
+        # one admitted request's wait, in seconds
+        self.observe: Callable[[float], None] = self._count
         if MULTIPROC_DIR is not None:
-            self.observe = Histogram(  # type: ignore[method-assign]
+            self.observe = Histogram(
                 "surge_queue_wait_seconds", QUEUE_WAIT_DOC, buckets=QUEUE_WAIT_BUCKETS,
                 registry=REGISTRY,
             ).observe  # fmt: skip
 
-    def observe(self, seconds: float) -> None:
+    def _count(self, seconds: float) -> None:
         wait = self.wait
         wait[0 if seconds <= _WAIT_FIRST else bisect_left(QUEUE_WAIT_BUCKETS, seconds)] += 1
         wait[_WAIT_SUM] += seconds
