@@ -124,7 +124,7 @@ async def test_a_request_already_late_on_arrival_is_refused_at_once() -> None:
     assert admission.queued == 0
 
 
-async def test_a_standing_queue_allows_only_the_current_latency() -> None:
+async def test_a_standing_queue_allows_half_the_deadline() -> None:
     clock = Clock()
     admission = full(1, clock, deadline_s=0.0625)
     assert admission.allowed_wait(clock.now) == 0.0625  # no queue: the whole deadline
@@ -139,7 +139,7 @@ async def test_a_standing_queue_allows_only_the_current_latency() -> None:
 
 async def test_slots_alternate_between_two_waiting_tenants() -> None:
     clock = Clock()
-    admission = full(1, clock)
+    admission = full(3, clock)  # a queue of at most 6
     order: list[str] = []
 
     async def request(name: str) -> None:
@@ -154,7 +154,7 @@ async def test_slots_alternate_between_two_waiting_tenants() -> None:
         admission.release(clock.now)
         await settle()
     assert order == ["a1", "b1", "a2", "b2", "a3"]
-    assert (admission.in_flight, admission.queued) == (1, 0)
+    assert (admission.in_flight, admission.queued) == (3, 0)
 
 
 async def test_the_flooding_tenant_is_refused_and_the_other_admitted() -> None:
