@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 
 from aiohttp import web
@@ -15,6 +16,7 @@ from db.gate import FairGate
 from db.pool import open_database
 from server import metrics
 from server.access_log import AccessLog
+from server.admission import Admission, GradientLimit
 from server.chain import UNMATCHED, Chain
 from server.config import Config
 from server.cors import Cors
@@ -147,6 +149,36 @@ def _flushed_at_exit(access_log: AccessLog) -> Callable[[web.Application], Async
     return ctx
 
 
+def admission_of(config: Config) -> Admission | FairGate:
+    """The shed layer's gate (server/admission.py), its figures the admission metrics'."""
+    gate: Admission | FairGate
+    if config.adaptive_concurrency:
+        limit = GradientLimit(
+            config.concurrency_initial,
+            min(config.concurrency_min, config.max_in_flight),
+            config.max_in_flight,
+            config.concurrency_tolerance,
+            time.perf_counter(),
+        )
+        gate = Admission(limit, config.max_in_flight, config.queue_deadline_s)
+        admission = gate
+
+        def figures() -> dict[str, int]:
+            return {
+                "limit": admission.limit,
+                "in_flight": admission.in_flight,
+                "queued": admission.queued,
+            }
+    else:
+        gate = fixed = FairGate(config.max_in_flight, config.queue_deadline_s)
+
+        def figures() -> dict[str, int]:
+            return {"limit": fixed.capacity, "in_flight": fixed.in_use, "queued": fixed.waiting}
+
+    metrics.ADMISSION.source = figures
+    return gate
+
+
 def create_app(config: Config, *, access_log: AccessLog | None = None) -> web.Application:
     if access_log is None and config.access_log:
         access_log = AccessLog()
@@ -160,10 +192,11 @@ def create_app(config: Config, *, access_log: AccessLog | None = None) -> web.Ap
         app.on_response_prepare.append(cors.on_prepare)
     app[CHAIN] = Chain(
         access_log,
-        FairGate(config.max_in_flight, config.shed_queue_timeout_ms / 1000),
+        admission_of(config),
         tracing,
         body_read_timeout_s=config.body_read_timeout_s,
         cors=cors,
+        trust_forwarded_for=config.trust_forwarded_for,
     )
     app[LIFECYCLE] = Lifecycle()
     app[TOKENS] = TokenService.from_config(config)

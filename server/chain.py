@@ -5,11 +5,14 @@ Outermost first, as each request meets it:
     observe  request id, trace span, latency and status metrics, access-log line, every
              exception rendered as problem+json (server/problems.py), the headers every
              answer carries (nosniff; no-store on API answers)
-    body     a request's body read into memory within BODY_READ_TIMEOUT_S (408 past it, 413
-             past MAX_BODY_BYTES), so a body that trickles in holds a connection, never a slot
-    shed     a bounded, fair gate; a request that waits too long for a slot is refused 503
     api      access token verified in memory (and not revoked), token-bucket rate limit,
              RateLimit-* headers
+    body     a request's body read into memory within BODY_READ_TIMEOUT_S (408 past it, 413
+             past MAX_BODY_BYTES), so a body that trickles in holds a connection, never a slot;
+             a request the shed layer would refuse anyway is refused before its body is read
+    shed     admission (server/admission.py): an adaptive limit of requests served at once, a
+             queue per tenant served round-robin, a deadline on the wait counted from the
+             request's arrival; a request refused is answered 503 + Retry-After
     conditional  (GET, HEAD) a 200 whose ETag If-None-Match names becomes 304, no body
     handler
 
@@ -35,10 +38,19 @@ from multidict import istr
 from db.gate import FairGate
 from server import metrics
 from server.access_log import AccessLine, AccessLog
+from server.admission import DEADLINE, QUEUE_FULL, TENANT_SHARE, Admission, Refused
 from server.cors import Cors
 from server.errors import ApiError, TooManyRequests, Unauthorized, ValidationFailed
 from server.http import client_ip, not_modified
-from server.keys import CONFIG, LIMITER, PRINCIPAL, RATELIMIT_HEADERS, REQUEST_ID, REVOCATIONS
+from server.keys import (
+    ARRIVED,
+    CONFIG,
+    LIMITER,
+    PRINCIPAL,
+    RATELIMIT_HEADERS,
+    REQUEST_ID,
+    REVOCATIONS,
+)
 from server.principal import Principal
 from server.problems import problem_for
 from server.routes import Handler, Route, handler_of, plain_handler_of
@@ -101,18 +113,29 @@ class Chain:
     def __init__(
         self,
         access_log: AccessLog | None,
-        shed_gate: FairGate,
+        shed_gate: Admission | FairGate,
         tracing: Tracing | None = None,
         *,
         body_read_timeout_s: float = 10.0,
         cors: Cors | None = None,
+        trust_forwarded_for: bool = False,
     ) -> None:
+        """`shed_gate`: an Admission (ADAPTIVE_CONCURRENCY), else the fixed FairGate."""
         self.access_log = access_log
         self.shed_gate = shed_gate
         self.tracing = tracing
         self.body_read_timeout_s = body_read_timeout_s
         self.cors = cors
+        self.trust_forwarded_for = trust_forwarded_for
         self.ops_paths: frozenset[str] = frozenset()
+
+    def _gated(self, handler: Handler) -> Handler:
+        """`handler` behind the body and shed layers."""
+        gate, timeout_s = self.shed_gate, self.body_read_timeout_s
+        if isinstance(gate, FairGate):
+            return _body(_shed(handler, gate), timeout_s, None, False)
+        trust = self.trust_forwarded_for
+        return _body(_admit(handler, gate, trust), timeout_s, gate, trust)
 
     def wrap(self, route: Route, method: str) -> Handler:
         """The handler registered for `route` under `method` (GET routes answer HEAD too)."""
@@ -127,7 +150,7 @@ class Chain:
             if method in ("GET", "HEAD") and not route.stream:
                 inner = _conditional(inner)
             if route.shed:
-                inner = _body(_shed(inner, self.shed_gate), self.body_read_timeout_s)
+                inner = self._gated(inner)
             if route.api:
                 inner = _api(inner, public=route.public, limited=not route.own_limit)
         return self._observe(
@@ -142,9 +165,8 @@ class Chain:
     def unmatched(self) -> Handler:
         """The catch-all's handler: whether it is shed and rate limited follows the path asked
         for (an ops path is never shed; an API path answers with RateLimit-* headers)."""
-        timeout_s = self.body_read_timeout_s
-        api = _api(_body(_shed(_unmatched, self.shed_gate), timeout_s), public=True)
-        page = _body(_shed(_unmatched, self.shed_gate), timeout_s)
+        api = _api(self._gated(_unmatched), public=True)
+        page = self._gated(_unmatched)
         cors = self.cors
 
         async def dispatch(request: web.Request) -> web.StreamResponse:
@@ -190,9 +212,10 @@ class Chain:
         call = handler if handler is not None else _never
 
         async def observe(request: web.Request) -> web.StreamResponse:
-            # the head is in: the connection's header deadline no longer applies
-            if (head_arrived := getattr(request.protocol, "head_arrived", None)) is not None:
-                head_arrived()
+            # the head is in: the connection's header deadline no longer applies; when the
+            # head came in is the request's arrival (server/connections.py)
+            head_arrived = getattr(request.protocol, "head_arrived", None)
+            arrived = head_arrived() if head_arrived is not None else 0.0
             headers = request.headers
             rid = headers.get(X_REQUEST_ID)
             refused = None
@@ -204,6 +227,7 @@ class Chain:
                 request[REQUEST_ID] = rid
             span = None if tracing is None else tracing.start_request(request, route, rid)
             start = clock()
+            request[ARRIVED] = arrived or start
             # the catch-all answers every method: its meter is looked up per request
             req_meter = meter if meter is not None else http.route(request.method, route)
             http.in_flight += 1
@@ -276,14 +300,28 @@ async def _never(request: web.Request) -> web.StreamResponse:
     raise AssertionError("a plain route's handler is called directly")
 
 
-def _body(handler: Handler, timeout_s: float) -> Handler:
+def _body(
+    handler: Handler, timeout_s: float, admission: Admission | None, trust_forwarded_for: bool
+) -> Handler:
     """The request's body in memory before `handler` (the shed gate) runs: a body that trickles
     in holds its connection, never a slot. request.read() keeps the bytes, so the handler's own
-    read returns them at once. (A refusal that needs no body, such as an overload check, would
-    go before this layer.)"""
+    read returns them at once. While the admission queue is full, a request whose tenant holds
+    its share of it is refused before its body is read. A request with a body arrives, for
+    admission, once its body is in: an upload's time on the wire is not a wait for a slot."""
+    clock = time.perf_counter
 
     async def body(request: web.Request) -> web.StreamResponse:
         if request.body_exists:
+            if (
+                admission is not None
+                and admission.queued
+                and admission.queued >= admission.max_queue
+            ):
+                try:
+                    admission.precheck(tenant_of(request, trust_forwarded_for))
+                except Refused as exc:
+                    _SHED[exc.reason].inc()
+                    raise Overloaded() from None
             try:
                 async with asyncio.timeout(timeout_s):
                     await request.read()  # 413 past client_max_size (MAX_BODY_BYTES)
@@ -291,18 +329,66 @@ def _body(handler: Handler, timeout_s: float) -> Handler:
                 raise RequestTimeout(timeout_s) from None
             except ConnectionResetError:
                 raise ClientClosedRequest() from None
+            request[ARRIVED] = clock()
         return await handler(request)
 
     return body
 
 
+_SHED = {reason: metrics.SHED.labels(reason) for reason in (QUEUE_FULL, DEADLINE, TENANT_SHARE)}
+
+
+def tenant_of(request: web.Request, trust_forwarded_for: bool) -> str:
+    """Whose share of the admission queue a request draws on: its principal's tenant, else its
+    client address (each address a tenant of its own)."""
+    principal: Principal | None = request.get(PRINCIPAL)
+    if principal is not None:
+        return principal.tenant_text
+    return f"ip:{client_ip(request, trust_forwarded_for)}"
+
+
+def _admit(handler: Handler, admission: Admission, trust_forwarded_for: bool) -> Handler:
+    """A slot of `admission` around `handler`. A free slot and no queue (no load): two
+    comparisons and an increment, the wait into its histogram, the latency into the limiter;
+    else the queue (Admission.wait)."""
+    clock = admission.clock
+    observe_wait = metrics.ADMISSION.observe
+
+    async def admit(request: web.Request) -> web.StreamResponse:
+        arrived = request[ARRIVED]
+        if admission.in_flight < admission.limit and not admission.queued:
+            # A free slot and nobody waiting: served, however late (a slow rate-limit check,
+            # a lagging loop); the deadline is on waiting for a slot, as CoDel's on queueing.
+            admission.in_flight += 1
+            start = clock()
+        else:
+            try:
+                await admission.wait(tenant_of(request, trust_forwarded_for), arrived)
+            except Refused as exc:
+                _SHED[exc.reason].inc()
+                raise Overloaded() from None
+            start = clock()
+        observe_wait(start - arrived)
+        try:
+            return await handler(request)
+        finally:
+            admission.release(start)
+
+    return admit
+
+
 def _shed(handler: Handler, gate: FairGate) -> Handler:
+    """The fixed gate (ADAPTIVE_CONCURRENCY=false): MAX_IN_FLIGHT slots, one FIFO queue, the
+    wait bounded from when the request reaches the gate."""
+    observe_wait = metrics.ADMISSION.observe
+
     async def shed(request: web.Request) -> web.StreamResponse:
         try:
             await gate.acquire()
         except TimeoutError:
-            metrics.SHED.inc()
+            _SHED[DEADLINE].inc()
             raise Overloaded() from None
+        observe_wait(time.perf_counter() - request[ARRIVED])
         try:
             return await handler(request)
         finally:
@@ -410,4 +496,5 @@ __all__ = [
     "bearer_principal",
     "new_request_id",
     "rate_key",
+    "tenant_of",
 ]

@@ -215,13 +215,50 @@ class Config:
         "MAX_BODY_BYTES", _int(1024, 1 << 30), 1 << 20, "Largest request body; bigger is 413"
     )
     max_in_flight: int = _setting(
-        "MAX_IN_FLIGHT", _int(1, 1_000_000), 512, "Requests handled at once by one process"
+        "MAX_IN_FLIGHT",
+        _int(1, 1_000_000),
+        512,
+        "Most requests handled at once by one process (the adaptive limit's ceiling)",
+    )
+    adaptive_concurrency: bool = _setting(
+        "ADAPTIVE_CONCURRENCY",
+        _bool,
+        True,
+        "Adapt the requests admitted at once to measured latency (CONCURRENCY_*), with a queue"
+        " per tenant; false: a fixed MAX_IN_FLIGHT and one FIFO queue",
+    )
+    concurrency_min: int = _setting(
+        "CONCURRENCY_MIN",
+        _int(1, 1_000_000),
+        4,
+        "The adaptive limit never goes below this (nor above MAX_IN_FLIGHT)",
+    )
+    concurrency_initial: int = _setting(
+        "CONCURRENCY_INITIAL",
+        _int(1, 1_000_000),
+        32,
+        "The adaptive limit at start (within CONCURRENCY_MIN and MAX_IN_FLIGHT)",
+    )
+    concurrency_tolerance: float = _setting(
+        "CONCURRENCY_TOLERANCE",
+        _float(1.0, 100.0),
+        2.0,
+        "Latency up to this multiple of the no-load latency counts as no queueing: the adaptive"
+        " limit grows below it and shrinks above it",
+    )
+    queue_deadline_ms: int | None = _setting(
+        "QUEUE_DEADLINE_MS",
+        _int(0, 600_000),
+        None,
+        "Longest wait for a slot, counted from the request's arrival; past it 503 (under a"
+        " standing queue: half of this, or the current latency if longer); unset:"
+        " SHED_QUEUE_TIMEOUT_MS",
     )
     shed_queue_timeout_ms: int = _setting(
         "SHED_QUEUE_TIMEOUT_MS",
         _int(0, 600_000),
-        100,
-        "A request waiting longer than this for a slot is shed with 503",
+        50,
+        "Former name of QUEUE_DEADLINE_MS, used when that is unset",
     )
     body_read_timeout_s: float = _setting(
         "BODY_READ_TIMEOUT_S",
@@ -552,6 +589,11 @@ class Config:
         config = cls(**values)
         config.check()
         return config
+
+    @property
+    def queue_deadline_s(self) -> float:
+        ms = self.queue_deadline_ms
+        return (self.shed_queue_timeout_ms if ms is None else ms) / 1000
 
     def check(self) -> None:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):

@@ -56,7 +56,7 @@ class ConnectionLimits:
 class Connection(web.RequestHandler):
     """One client connection (aiohttp's RequestHandler, with the bounds above)."""
 
-    __slots__ = ("_address", "_head_timer", "_limits", "_refused")
+    __slots__ = ("_address", "_head_timer", "_last_read", "_limits", "_refused")
 
     def __init__(self, manager: web.Server, limits: ConnectionLimits, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -64,6 +64,7 @@ class Connection(web.RequestHandler):
         self._address: str | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False
+        self._last_read = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._limits.max_per_address and not self._admit(transport):
@@ -98,11 +99,22 @@ class Connection(web.RequestHandler):
         self._address = address
         return True
 
-    def head_arrived(self) -> None:
-        """Called by the chain for every request it gets: a head came in whole."""
+    def data_received(self, data: bytes) -> None:
+        # When the bytes read last came in: the earliest public point at which a request is
+        # known to have reached the process (aiohttp keeps no arrival time of its own).
+        self._last_read = time.perf_counter()
+        super().data_received(data)
+
+    def head_arrived(self) -> float:
+        """Called by the chain for every request it gets: a head came in whole. Returns when
+        the last bytes were read (time.perf_counter()): the head came in at that read or an
+        earlier one, so it is never earlier than the head's arrival (with no pipelining, and
+        the body in the head's packet, it is the arrival); the time the request waited in the
+        event loop before the chain ran counts in its admission wait."""
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        return self._last_read
 
     def _head_too_late(self) -> None:
         self._head_timer = None

@@ -33,3 +33,7 @@ REQUEST_ID = web.RequestKey("request_id", str)
 # The verified access token's claims; None when the request carries no valid token.
 PRINCIPAL: web.RequestKey[Principal | None] = web.RequestKey("principal")
 RATELIMIT_HEADERS: web.RequestKey[dict[str, str]] = web.RequestKey("ratelimit_headers")
+# When the request reached the process (time.perf_counter(): its head's arrival on a Connection,
+# else the chain's start; for a request with a body, when the body was in): admission counts
+# a request's wait from here.
+ARRIVED = web.RequestKey("arrived", float)

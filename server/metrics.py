@@ -184,7 +184,12 @@ if MULTIPROC_DIR is None:
 else:
     HTTP = PromHttpMetrics()
 SHED = Counter(
-    "surge_shed_total", "Requests refused with 503 because the process was full", registry=REGISTRY
+    "surge_shed_total",
+    "Requests refused with 503 because the process was full, by reason (queue_full: the queue"
+    " was at its bound; deadline: waited past the wait allowed; tenant_share: its tenant held"
+    " more than its share of the queue)",
+    ["reason"],
+    registry=REGISTRY,
 )
 RATELIMITED = Counter(
     "surge_ratelimit_refused_total",
@@ -297,6 +302,81 @@ class PoolCollector(Collector):
 
 POOLS = PoolCollector()
 REGISTRY.register(POOLS)
+
+_ADMISSION_GAUGES = {
+    "limit": (
+        "surge_concurrency_limit",
+        "Requests this process admits at once now (adaptive, CONCURRENCY_MIN..MAX_IN_FLIGHT)",
+    ),
+    "in_flight": ("surge_concurrency_in_flight", "Requests holding an admission slot now"),
+    "queued": ("surge_queue_length", "Requests waiting for an admission slot now"),
+}
+QUEUE_WAIT_DOC = "Time from a request's arrival to its admission slot, of admitted requests"
+QUEUE_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+_WAIT_LE = [floatToGoString(b) for b in QUEUE_WAIT_BUCKETS]  # type: ignore[no-untyped-call]
+_WAIT_FIRST = QUEUE_WAIT_BUCKETS[0]
+_WAIT_SUM = len(QUEUE_WAIT_BUCKETS) + 1
+
+
+class AdmissionCollector(Collector):
+    """The admission gauges (read at scrape time from `source`) and the queue-wait histogram
+    (plain numbers, as RouteMeter: `observe` runs once per admitted request). With several
+    workers the histogram is prometheus-client's, and publish() copies the gauges into
+    multiprocess gauges every second."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], dict[str, int]] | None = None
+        self.wait = [0.0] * (_WAIT_SUM + 1)  # one count per bucket, +Inf, then the sum
+        self._shared: dict[str, Gauge] = {}
+        # one admitted request's wait, in seconds
+        self.observe: Callable[[float], None] = self._count
+        if MULTIPROC_DIR is not None:
+            self.observe = Histogram(
+                "surge_queue_wait_seconds", QUEUE_WAIT_DOC, buckets=QUEUE_WAIT_BUCKETS,
+                registry=REGISTRY,
+            ).observe  # fmt: skip
+
+    def _count(self, seconds: float) -> None:
+        wait = self.wait
+        wait[0 if seconds <= _WAIT_FIRST else bisect_left(QUEUE_WAIT_BUCKETS, seconds)] += 1
+        wait[_WAIT_SUM] += seconds
+
+    def collect(self) -> Iterable[Metric]:
+        if self.source is not None:
+            values = self.source()
+            for key, (name, doc) in _ADMISSION_GAUGES.items():
+                yield GaugeMetricFamily(name, doc, values[key])
+        counts = self.wait
+        cumulative = 0.0
+        buckets: list[tuple[str, float]] = []
+        for le, in_bucket in zip(_WAIT_LE, counts, strict=False):
+            cumulative += in_bucket
+            buckets.append((le, cumulative))
+        buckets.append(("+Inf", cumulative + counts[len(QUEUE_WAIT_BUCKETS)]))
+        yield HistogramMetricFamily(
+            "surge_queue_wait_seconds", QUEUE_WAIT_DOC, buckets=buckets, sum_value=counts[_WAIT_SUM]
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def publish(self) -> None:
+        """Multiprocess mode: the gauges into this worker's shared files (summed over workers)."""
+        if self.source is None:
+            return
+        if not self._shared:
+            self._shared = {
+                key: Gauge(name, doc, multiprocess_mode="livesum", registry=None)
+                for key, (name, doc) in _ADMISSION_GAUGES.items()
+            }
+        values = self.source()
+        for key, gauge in self._shared.items():
+            gauge.set(values[key])
+
+
+ADMISSION = AdmissionCollector()
+if MULTIPROC_DIR is None:
+    REGISTRY.register(ADMISSION)
 
 CACHE = Counter(
     "surge_user_cache_total",
@@ -438,4 +518,5 @@ def exposition() -> bytes:
     if _INSTANCE is None:
         return generate_latest(REGISTRY)
     POOLS.publish()
+    ADMISSION.publish()
     return generate_latest(_INSTANCE)

@@ -201,6 +201,7 @@ async def _publish_gauges() -> None:
     while True:
         metrics.POOLS.publish()
         metrics.HTTP.publish()
+        metrics.ADMISSION.publish()
         await asyncio.sleep(1.0)
 
 

@@ -378,14 +378,14 @@ async def test_shedding_refuses_past_max_in_flight(aiohttp_client: Any, config: 
     gate = asyncio.Event()
     app = make_app(dataclasses.replace(config, max_in_flight=3, shed_queue_timeout_ms=50), gate)
     client = await aiohttp_client(app)
-    before = metrics.SHED._value.get()
+    before = metrics.SHED.labels("deadline")._value.get()
     held = [asyncio.create_task(client.get("/test/slow")) for _ in range(3)]
     await asyncio.sleep(0.1)
     resp = await client.get("/test/slow")
     body = await resp.json(content_type=None)
     assert_problem(resp.status, body, resp.headers, 503)
     assert resp.headers["Retry-After"] == "1"
-    assert metrics.SHED._value.get() == before + 1
+    assert metrics.SHED.labels("deadline")._value.get() == before + 1
     # probes are never shed
     assert (await client.get("/healthz")).status == 200
     gate.set()

@@ -1,0 +1,346 @@
+"""Admission (server/admission.py): the adaptive limit, the queue's deadline, round-robin across
+tenants, the flooding tenant refused first, and ops endpoints never refused.
+
+The limiter and the queue are driven with an injected clock and latency samples; the
+in-process tests hold their requests on an event and poll for the state they wait for, so
+nothing here depends on how fast the machine is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from db.gate import FairGate
+from server.admission import (
+    DEADLINE,
+    MIN_WINDOW_SAMPLES,
+    QUEUE_FULL,
+    TENANT_SHARE,
+    WINDOW_S,
+    Admission,
+    GradientLimit,
+    Refused,
+)
+from server.app import CHAIN, add_routes, create_app
+from server.config import Config
+from server.routes import get, post
+
+WINDOW = WINDOW_S  # each feed below is one window
+
+
+def feed(limit: GradientLimit, now: float, latency: float, in_flight: int | None = None) -> float:
+    """One window's worth of samples of `latency` s, the slots used as `in_flight` says (the
+    whole limit by default); returns the clock after the window."""
+    for _ in range(MIN_WINDOW_SAMPLES):
+        limit.sample(latency, limit.limit if in_flight is None else in_flight, now)
+    return now + WINDOW
+
+
+def test_the_limit_rises_while_latency_stays_near_the_reference() -> None:
+    limit = GradientLimit(initial=10, minimum=4, maximum=64, tolerance=2.0, now=0.0)
+    now, seen = WINDOW, [limit.limit]
+    for _ in range(20):
+        now = feed(limit, now, 0.001)
+        seen.append(limit.limit)
+    assert seen == sorted(seen)
+    assert seen[-1] > 20
+    for _ in range(500):
+        now = feed(limit, now, 0.001)
+        assert limit.limit <= 64
+    assert limit.limit == 64  # MAX_IN_FLIGHT is the ceiling
+
+
+def test_the_limit_stays_when_the_load_does_not_use_it() -> None:
+    limit = GradientLimit(initial=10, minimum=4, maximum=64, tolerance=2.0, now=0.0)
+    now = WINDOW
+    for _ in range(20):
+        now = feed(limit, now, 0.001, in_flight=2)
+    assert limit.limit == 10
+
+
+def test_the_limit_falls_when_requests_queue_and_never_below_the_minimum() -> None:
+    limit = GradientLimit(initial=40, minimum=4, maximum=64, tolerance=2.0, now=0.0)
+    now = feed(limit, WINDOW, 0.001)  # the no-load reference: 1 ms
+    before = limit.limit
+    seen = []
+    for _ in range(15):
+        now = feed(limit, now, 0.010)  # ten times the reference: a queue inside the process
+        seen.append(limit.limit)
+    assert seen == sorted(seen, reverse=True)
+    assert seen[-1] < before / 2
+    for _ in range(200):
+        now = feed(limit, now, 0.010)
+        assert limit.limit >= 4
+    assert limit.limit == 4
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def full(maximum: int, clock: Clock, deadline_s: float = 60.0) -> Admission:
+    """A fixed limit of `maximum`, every slot taken; deadline_s long enough that the real
+    timers never fire while a test runs."""
+    admission = Admission(None, maximum, deadline_s, clock)
+    admission.in_flight = maximum
+    return admission
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_a_request_that_waited_past_the_deadline_is_refused_not_served() -> None:
+    clock = Clock()
+    admission = full(1, clock)
+    waiter = asyncio.create_task(admission.wait("a", clock.now))
+    await settle()
+    assert admission.queued == 1
+    clock.now += 61  # the slot frees only after the deadline
+    admission.release(None)
+    await settle()
+    assert isinstance(waiter.exception(), Refused)
+    assert waiter.exception().reason == DEADLINE  # type: ignore[union-attr]
+    assert (admission.in_flight, admission.queued) == (0, 0)  # the slot went back, unused
+
+
+async def test_a_request_already_late_on_arrival_is_refused_at_once() -> None:
+    clock = Clock()
+    admission = full(1, clock)
+    with pytest.raises(Refused) as info:
+        await admission.wait("a", clock.now - 61)
+    assert info.value.reason == DEADLINE
+    assert admission.queued == 0
+
+
+async def test_a_standing_queue_allows_half_the_deadline() -> None:
+    clock = Clock()
+    admission = full(1, clock, deadline_s=0.0625)
+    assert admission.allowed_wait(clock.now) == 0.0625  # no queue: the whole deadline
+    waiter = asyncio.create_task(admission.wait("a", clock.now))
+    await settle()
+    clock.now += 0.0625  # the queue has not been empty for a whole deadline
+    assert admission.allowed_wait(clock.now) == 0.03125  # half (no latency measured)
+    admission.release(None)
+    await settle()
+    assert waiter.exception().reason == DEADLINE  # type: ignore[union-attr]
+
+
+async def test_slots_alternate_between_two_waiting_tenants() -> None:
+    clock = Clock()
+    admission = full(3, clock)  # a queue of at most 6
+    order: list[str] = []
+
+    async def request(name: str) -> None:
+        await admission.wait(name[0], clock.now)
+        order.append(name)
+
+    tasks = []
+    for name in ["a1", "a2", "a3", "b1", "b2"]:
+        tasks.append(asyncio.create_task(request(name)))
+        await settle()
+    for _ in tasks:
+        admission.release(clock.now)
+        await settle()
+    assert order == ["a1", "b1", "a2", "b2", "a3"]
+    assert (admission.in_flight, admission.queued) == (3, 0)
+
+
+async def test_the_flooding_tenant_is_refused_and_the_other_admitted() -> None:
+    clock = Clock()
+    admission = full(4, clock)  # a queue of at most 8
+    flood = []
+    for _ in range(8):
+        flood.append(asyncio.create_task(admission.wait("flood", clock.now)))
+        await settle()
+    assert admission.queued == 8
+    # the queue is full and holds only the flooder: its next is refused (before its body)
+    with pytest.raises(Refused) as info:
+        admission.precheck("flood")
+    assert info.value.reason == QUEUE_FULL
+    with pytest.raises(Refused) as info:
+        await admission.wait("flood", clock.now)
+    assert info.value.reason == QUEUE_FULL
+    admission.precheck("probe")  # the other tenant is not refused before its body...
+    probe = asyncio.create_task(admission.wait("probe", clock.now))
+    await settle()
+    # ...it takes the place of the flooder's newest waiter
+    assert flood[-1].exception().reason == TENANT_SHARE  # type: ignore[union-attr]
+    assert admission.queued == 8
+    with pytest.raises(Refused) as info:
+        admission.precheck("flood")
+    assert info.value.reason == TENANT_SHARE  # the flooder holds more than its share now
+    admission.release(clock.now)
+    admission.release(clock.now)
+    await settle()
+    assert probe.done() and probe.exception() is None  # the second slot freed is the probe's
+
+
+async def test_a_cancelled_waiter_leaves_no_ghost_and_a_handed_slot_passes_on() -> None:
+    clock = Clock()
+    admission = full(1, clock)
+    first = asyncio.create_task(admission.wait("a", clock.now))
+    second = asyncio.create_task(admission.wait("b", clock.now))
+    await settle()
+    admission.release(clock.now)  # handed to the first...
+    first.cancel()  # ...which gives up before it runs: the slot goes to the second
+    await settle()
+    assert second.done() and second.exception() is None
+    assert (admission.in_flight, admission.queued) == (1, 0)
+    late = asyncio.create_task(admission.wait("c", clock.now))
+    await settle()
+    late.cancel()
+    await settle()
+    assert admission.queued == 0
+
+
+# In process: the chain's shed layer, tenants told apart by X-Forwarded-For.
+
+
+def overload_app(config: Config, gate: asyncio.Event) -> web.Application:
+    app = create_app(
+        dataclasses.replace(
+            config,
+            max_in_flight=2,
+            concurrency_min=2,
+            concurrency_initial=2,
+            queue_deadline_ms=30_000,
+            trust_forwarded_for=True,
+        )
+    )
+
+    async def slow(request: web.Request) -> web.Response:
+        await gate.wait()
+        return web.json_response({"slow": True})
+
+    async def upload(request: web.Request) -> web.Response:
+        return web.json_response({"bytes": len(await request.read())})
+
+    add_routes(app, [get("/test/slow", slow, page=True), post("/test/upload", upload, page=True)])
+    return app
+
+
+def shed_count(text: str, reason: str) -> float:
+    m = re.search(rf'^surge_shed_total\{{reason="{reason}"\}} (\S+)$', text, re.M)
+    return float(m[1]) if m else 0.0
+
+
+async def wait_for(predicate: Any) -> None:
+    for _ in range(500):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    assert predicate()
+
+
+async def test_a_flood_is_refused_while_another_tenant_and_ops_are_served(
+    aiohttp_client: Any, config: Config
+) -> None:
+    gate = asyncio.Event()
+    app = overload_app(config, gate)
+    client = await aiohttp_client(app)
+    admission = app[CHAIN].shed_gate
+    assert isinstance(admission, Admission)
+    before = await (await client.get("/metrics")).text()
+
+    def send(address: str) -> asyncio.Task[Any]:
+        return asyncio.create_task(client.get("/test/slow", headers={"X-Forwarded-For": address}))
+
+    flood = [send("10.0.0.1") for _ in range(6)]  # 2 slots and a queue of 4
+    await wait_for(lambda: admission.queued == 4)
+    refused = [await client.get("/test/slow", headers={"X-Forwarded-For": "10.0.0.1"})]
+    upload = await client.post(
+        "/test/upload", data=b"x" * 10_000, headers={"X-Forwarded-For": "10.0.0.1"}
+    )
+    refused.append(upload)  # refused before its body was read
+    for resp in refused:
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "1"
+        assert (await resp.json(content_type=None))["status"] == 503
+    # ops endpoints answer while everything else waits or is refused
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.get("/metrics")).status == 200
+    probe = send("10.0.0.2")
+    await wait_for(lambda: sum(task.done() for task in flood) == 1)
+    gate.set()
+    assert (await probe).status == 200
+    statuses = sorted([(await task).status for task in flood])
+    assert statuses == [200, 200, 200, 200, 200, 503]  # the flooder's newest gave way
+    after = await (await client.get("/metrics")).text()
+    assert shed_count(after, QUEUE_FULL) - shed_count(before, QUEUE_FULL) == 2
+    assert shed_count(after, TENANT_SHARE) - shed_count(before, TENANT_SHARE) == 1
+    assert re.search(r"^surge_concurrency_limit 2\.0$", after, re.M)
+    assert re.search(r"^surge_queue_length 0\.0$", after, re.M)
+    assert re.search(r"^surge_concurrency_in_flight 0\.0$", after, re.M)
+    assert re.search(r"^surge_queue_wait_seconds_count \d", after, re.M)
+
+
+async def test_a_request_that_waits_past_the_deadline_is_answered_503(
+    aiohttp_client: Any, config: Config
+) -> None:
+    gate = asyncio.Event()
+    app = create_app(
+        dataclasses.replace(
+            config, max_in_flight=1, concurrency_min=1, concurrency_initial=1, queue_deadline_ms=20
+        )
+    )
+
+    async def slow(request: web.Request) -> web.Response:
+        await gate.wait()
+        return web.json_response({"slow": True})
+
+    add_routes(app, [get("/test/slow", slow, page=True)])
+    client = await aiohttp_client(app)
+    before = shed_count(await (await client.get("/metrics")).text(), DEADLINE)
+    held = asyncio.create_task(client.get("/test/slow"))
+    await wait_for(lambda: app[CHAIN].shed_gate.in_flight == 1)  # type: ignore[union-attr]
+    resp = await client.get("/test/slow")
+    assert resp.status == 503
+    assert resp.headers["Retry-After"] == "1"
+    assert resp.headers["Content-Type"] == "application/problem+json"
+    assert (await resp.json(content_type=None))["detail"] == (
+        "the server is at capacity; retry shortly"
+    )
+    after = shed_count(await (await client.get("/metrics")).text(), DEADLINE)
+    assert after == before + 1
+    gate.set()
+    assert (await held).status == 200
+
+
+async def test_adaptive_concurrency_off_is_the_fixed_gate(
+    aiohttp_client: Any, config: Config
+) -> None:
+    gate = asyncio.Event()
+    app = create_app(
+        dataclasses.replace(
+            config, adaptive_concurrency=False, max_in_flight=1, queue_deadline_ms=20
+        )
+    )
+
+    async def slow(request: web.Request) -> web.Response:
+        await gate.wait()
+        return web.json_response({"slow": True})
+
+    add_routes(app, [get("/test/slow", slow, page=True)])
+    assert isinstance(app[CHAIN].shed_gate, FairGate)
+    client = await aiohttp_client(app)
+    held = asyncio.create_task(client.get("/test/slow"))
+    await wait_for(lambda: app[CHAIN].shed_gate.in_use == 1)  # type: ignore[union-attr]
+    resp = await client.get("/test/slow")
+    assert (resp.status, resp.headers["Retry-After"]) == (503, "1")
+    text = await (await client.get("/metrics")).text()
+    assert re.search(r"^surge_concurrency_limit 1\.0$", text, re.M)
+    assert re.search(r"^surge_concurrency_in_flight 1\.0$", text, re.M)
+    gate.set()
+    assert (await held).status == 200
