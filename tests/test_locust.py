@@ -62,3 +62,17 @@ def test_a_tag_alone_selects_its_scenarios(server_url: str, tmp_path: Path) -> N
     ran = {name for name, r in rows.items() if int(r["Request Count"]) > 0}
     assert "/v1/users [create]" in ran, sorted(ran)  # the admin scenario ran
     assert not ran & (SCENARIO_ENDPOINTS["events"] | {"/v1/orders/{id}/pay"}), sorted(ran)
+    assert "/v1/users/{id} [flood]" not in ran, "the flood runs only when asked for"
+
+
+def test_flood_runs_a_noisy_tenant_beside_frontend_users(server_url: str, tmp_path: Path) -> None:
+    """`--tags flood`: one tenant reading user-by-id back to back next to frontend users that
+    read the same endpoint; neither fails, and the flood outnumbers the neighbours' reads."""
+    prefix = tmp_path / "flood"
+    proc, rows = run_locust(server_url, prefix, "--tags", "flood", seconds=3)
+    assert int(rows["Aggregated"]["Failure Count"]) == 0, Path(f"{prefix}_failures.csv").read_text()
+    ran = {name: int(r["Request Count"]) for name, r in rows.items() if int(r["Request Count"])}
+    assert ran.get("/v1/users/{id} [flood]", 0) > ran.get("/v1/users/{id}", 0) > 0, ran
+    others = SCENARIO_ENDPOINTS["events"] | SCENARIO_ENDPOINTS["admin"] | {"/v1/orders"}
+    assert not ran.keys() & others, sorted(ran)
+    assert proc.returncode == 0, proc.stderr[-2000:]
