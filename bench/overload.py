@@ -458,7 +458,8 @@ def chart(results: Mapping[str, Any], path: Path) -> None:
     lat.set_title("Latency of admitted requests")
     lat.legend(fontsize=7)
     good.axhline(GOODPUT_SHARE, color="#868e96", linestyle=":", label="target 0.8")
-    good.set_ylim(0, 1.2)
+    shares = [r["goodput_share"] for run in results["modes"].values() for r in run["steps"]]
+    good.set_ylim(0, max([1.2, *shares]) * 1.05)
     good.set_ylabel("200s per second / capacity")
     good.set_title("Goodput")
     good.legend(fontsize=7)
