@@ -20,13 +20,14 @@ test: $(STAMP)  ## the whole suite (what CI runs)
 migrate: $(STAMP)
 	$(BIN)/python -m server migrate
 
-bench: $(STAMP)  ## Surge vs bare aiohttp+asyncpg vs FastAPI+SQLAlchemy vs Go, side by side (~20 min)
+bench: $(STAMP)  ## Surge vs bare aiohttp+asyncpg vs FastAPI+SQLAlchemy vs Go, side by side, then overload (~25 min)
 	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk; }
 	@command -v go >/dev/null 2>&1 || apt-get install -y -qq golang-go golang-github-jackc-pgx-v4-dev \
 		|| echo "no Go peer: Debian's golang-go and golang-github-jackc-pgx-v4-dev did not install"
 	$(BIN)/python -m bench.seed
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.soak  # RSS over 60 s under load: <= 100 MB, <= 5 % growth
+	$(BIN)/python -m bench.overload  # 1x-10x load, adaptive vs fixed limit: docs/PERFORMANCE.md
 
 profile: $(STAMP)  ## py-spy flame graph of Surge under load: docs/profile-user.svg
 	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk; }

@@ -4,7 +4,10 @@
     locust -f locustfile.py --host ... FrontendUser   # one scenario, or --tags admin alone
 
 Weights follow real traffic: mostly frontend users browsing, some event-sending clients, few
-admins. Every user signs up its own tenant on start (argon2 makes that deliberately slow), so
+admins. `--tags flood` is the noisy-neighbour case instead: half the users are one tenant
+hammering user-by-id with no think time (FloodUser, left out unless the tag or the class is
+named), the rest frontend users reading beside it. Every user signs up its own tenant on start
+(argon2 makes that deliberately slow), so
 ramp up gently; against a shared deployment raise AUTH_RATE_LIMIT_PER_MINUTE or the signups
 from one load-generator IP will be refused with 429.
 """
@@ -16,9 +19,10 @@ import os
 import random
 import time
 import uuid
-from typing import Any
+from typing import Any, ClassVar
 
-from locust import FastHttpUser, between, events, tag, task
+from gevent.lock import Semaphore
+from locust import FastHttpUser, between, constant, events, tag, task
 from locust.env import Environment
 from locust.user.task import filter_tasks_by_tags
 
@@ -38,6 +42,9 @@ def _drop_untagged_scenarios(environment: Environment, **_: Any) -> None:
     options = environment.parsed_options
     tags = set(getattr(options, "tags", None) or ())
     exclude = set(getattr(options, "exclude_tags", None) or ())
+    named = set(getattr(options, "user_classes", None) or ())
+    if "flood" not in tags and "FloodUser" not in named:  # the flood only when asked for
+        environment.user_classes[:] = [u for u in environment.user_classes if u is not FloodUser]
     if not tags and not exclude:
         return
     for user_class in environment.user_classes:
@@ -156,7 +163,7 @@ class FrontendUser(SurgeUser):
         ) as resp:
             self._check(resp, 200)
 
-    @tag("frontend")
+    @tag("frontend", "flood")
     @task(10)
     def browse(self) -> None:
         with self.client.get(
@@ -174,7 +181,7 @@ class FrontendUser(SurgeUser):
         ) as resp:
             self._check(resp, 200)
 
-    @tag("frontend")
+    @tag("frontend", "flood")
     @task(20)
     def view_user(self) -> None:
         uid = random.choice(self.user_ids)
@@ -185,7 +192,7 @@ class FrontendUser(SurgeUser):
             if body and body["id"] != uid:
                 resp.failure(f"asked for {uid}, got {body['id']}")
 
-    @tag("frontend")
+    @tag("frontend", "flood")
     @task(5)
     def me(self) -> None:
         with self.client.get(
@@ -317,3 +324,42 @@ class EventClient(SurgeUser):
             body = self._check(resp, 202)
             if body and body.get("accepted") != n:
                 resp.failure(f"sent {n}, accepted {body.get('accepted')}")
+
+
+class FloodUser(SurgeUser):
+    """One noisy tenant: every FloodUser shares the first one's signup and reads user-by-id back
+    to back, no think time. Refusals (503, 429) with Retry-After are the server protecting the
+    other tenants, so they count as successes under their own names ("[flood refused 503]");
+    anything else is a failure. The frontend users beside it (`--tags flood`) must keep
+    answering 200: a failure there is a neighbour hurt by the flood."""
+
+    weight = 6  # with FrontendUser's 6: half the users flood under `--tags flood`
+    wait_time = constant(0)
+    shared: ClassVar[dict[str, str]] = {}
+    _signing_up = Semaphore()
+
+    def on_start(self) -> None:
+        with FloodUser._signing_up:  # the first one signs the tenant up, the others wait for it
+            if not FloodUser.shared:
+                self.signup()
+                if self.token:
+                    FloodUser.shared = {"token": self.token, "me": self.me}
+        self.token = FloodUser.shared.get("token", "")
+        self.user_ids = [FloodUser.shared["me"]] if FloodUser.shared else []
+
+    @tag("flood")
+    @task
+    def hammer(self) -> None:
+        if not self.user_ids:
+            return
+        with self.client.get(
+            f"/v1/users/{self.user_ids[0]}",
+            headers=self.auth(),
+            catch_response=True,
+            name="/v1/users/{id} [flood]",
+        ) as resp:
+            if resp.status_code in (429, 503) and resp.headers.get("Retry-After"):
+                resp.request_meta["name"] = f"/v1/users/{{id}} [flood refused {resp.status_code}]"
+                resp.success()
+            else:
+                self._check(resp, 200)

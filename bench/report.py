@@ -43,6 +43,8 @@ _DEFAULT_NOTES = (
     "_Kept across regenerations: record here what changed and which number it moved._\n"
     "<!-- notes:end -->"
 )
+# bench/overload.py writes this block; a regeneration keeps it as it is.
+_OVERLOAD = re.compile(r"<!-- overload:start -->.*?<!-- overload:end -->", re.S)
 
 
 def _servers(results: Mapping[str, Any]) -> list[str]:
@@ -141,7 +143,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return out
 
 
-def render(results: Mapping[str, Any], results_path: Path, notes: str) -> str:
+def render(
+    results: Mapping[str, Any], results_path: Path, notes: str, overload: str | None = None
+) -> str:
     med = results["medians"]
     titles = _endpoint_titles(results)
     servers = _servers(results)
@@ -331,6 +335,7 @@ def render(results: Mapping[str, Any], results_path: Path, notes: str) -> str:
         f"{results['command']}",
         "```",
         "",
+        *(["## Overload", "", overload, ""] if overload else []),
         "## Notes",
         "",
         notes,
@@ -343,12 +348,15 @@ def generate(results: Mapping[str, Any], results_path: Path) -> list[Path]:
     DOCS_DIR.mkdir(parents=True, exist_ok=True)
     throughput_chart(results, THROUGHPUT_PNG)
     latency_chart(results, LATENCY_PNG)
-    notes = _DEFAULT_NOTES
+    notes, overload = _DEFAULT_NOTES, None
     if REPORT.exists():
-        found = _NOTES.search(REPORT.read_text(encoding="utf-8"))
+        text = REPORT.read_text(encoding="utf-8")
+        found = _NOTES.search(text)
         if found:
             notes = found.group(0)
-    REPORT.write_text(render(results, results_path, notes), encoding="utf-8")
+        kept = _OVERLOAD.search(text)
+        overload = kept.group(0) if kept else None
+    REPORT.write_text(render(results, results_path, notes, overload), encoding="utf-8")
     return [REPORT, THROUGHPUT_PNG, LATENCY_PNG]
 
 

@@ -336,11 +336,11 @@ async def _truncate(tables: Sequence[str]) -> None:
         await con.close()
 
 
-def clear_redis() -> int:
+def clear_redis(prefix: str = REDIS_KEY_PREFIX) -> int:
     """Surge's bench keys (user cache, limiter buckets): each start begins cold."""
     client = redis.Redis.from_url(REDIS_URL)
     try:
-        keys = list(client.scan_iter(match=REDIS_KEY_PREFIX + "*", count=1000))
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
         for i in range(0, len(keys), 500):
             client.unlink(*keys[i : i + 500])
         return len(keys)
@@ -493,19 +493,23 @@ class RssSampler:
         self._thread.join()
 
 
-def start_server(server: Server, endpoint: Endpoint, log_name: str) -> subprocess.Popen[bytes]:
+def start_server(
+    server: Server, endpoint: Endpoint, log_name: str, stdout: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Starts `server` pinned to SERVER_CPU and waits for /healthz; its stdout (Surge's access
+    log) goes to `stdout` when given, else to /dev/null."""
     env = {**os.environ, **server.env}
     if server.name == "surge":
         env.update(endpoint.surge_env)
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log_path = LOG_DIR / log_name
-    with log_path.open("wb") as log:
+    with log_path.open("wb") as log, (stdout or Path(os.devnull)).open("wb") as out:
         # taskset execs the server, so the Popen pid is the server's own pid.
         proc = subprocess.Popen(
             ["taskset", "-c", SERVER_CPU, *server.argv],
             cwd=ROOT,
             env=env,
-            stdout=subprocess.DEVNULL,
+            stdout=out,
             stderr=log,
         )
     deadline = time.monotonic() + 60
