@@ -102,9 +102,15 @@ class RequestTimeout(ApiError):
 
 
 class ClientClosedRequest(ApiError):
-    """The client hung up before its request was read: nobody is left to answer (nginx's 499)."""
+    """The client hung up before its answer was complete: nobody is left to answer (nginx's
+    499). Mid-body it is worth a warning; `quiet` for a stream, which ends that way as a rule
+    (a dashboard closed): the access line's 499 is then all there is."""
 
     status, slug, title = 499, "client-closed-request", "Client Closed Request"
+
+    def __init__(self, detail: str | None = None, *, quiet: bool = False) -> None:
+        super().__init__(detail)
+        self.quiet = quiet
 
 
 class Chain:
@@ -243,7 +249,7 @@ class Chain:
                     resp = problem_for(request, exc, rid)
                     if isinstance(exc, RequestTimeout):
                         resp.force_close()  # the rest of the body may still be on its way
-                    elif isinstance(exc, ClientClosedRequest):
+                    elif isinstance(exc, ClientClosedRequest) and not exc.quiet:
                         log.warning(
                             "the client hung up mid-body: %s %s (request %s)",
                             request.method, route, rid,

@@ -469,6 +469,40 @@ class Config:
         1000,
         "Open /v1/analytics/live streams per process; past this the endpoint answers 503",
     )
+    # Shares of that pool: one tenant (or one of its users) cannot take every stream.
+    events_live_max_per_tenant: int = _setting(
+        "EVENTS_LIVE_MAX_PER_TENANT",
+        _int(1, 1_000_000),
+        100,
+        "Open /v1/analytics/live streams of one tenant per process; past this 429",
+    )
+    events_live_max_per_user: int = _setting(
+        "EVENTS_LIVE_MAX_PER_USER",
+        _int(1, 1_000_000),
+        10,
+        "Open /v1/analytics/live streams of one user per process; past this 429",
+    )
+    # A message of 100 names of 64 characters is about 7 KB: 32 KB holds a few seconds of
+    # them, and 1000 stalled streams hold at most ~100 MB between kernel and process.
+    events_live_buffer_bytes: int = _setting(
+        "EVENTS_LIVE_BUFFER_BYTES",
+        _int(4096, 16 * 1024 * 1024),
+        32768,
+        "Unsent bytes a live stream may hold (also its socket's send buffer); past it the "
+        "stream is closed",
+    )
+    events_live_top_names: int = _setting(
+        "EVENTS_LIVE_TOP_NAMES",
+        _int(1, 10_000),
+        100,
+        "Event names per live message: the most frequent of the second; the rest summed",
+    )
+    events_max_names_per_tenant: int = _setting(
+        "EVENTS_MAX_NAMES_PER_TENANT",
+        _int(1, 1_000_000),
+        1000,
+        "Distinct event names a tenant may use; a new name past it answers 422",
+    )
     outbox_relay: bool = _setting(
         "OUTBOX_RELAY", _bool, True, "Relay outbox rows to the Redis stream from this process"
     )

@@ -454,6 +454,24 @@ LIVE_CLIENTS = Gauge(
     multiprocess_mode="livesum",
     registry=REGISTRY,
 )
+LIVE_REFUSED = Counter(
+    "surge_analytics_live_refused_total",
+    "Live streams refused, by the limit reached (user, tenant: 429; process: 503)",
+    ["limit"],
+    registry=REGISTRY,
+)
+LIVE_CLOSED = Counter(
+    "surge_analytics_live_closed_total",
+    "Live streams the server ended, by reason (slow: a consumer past its buffer or write "
+    "timeout; expired, revoked: its token, after a reauthenticate event)",
+    ["reason"],
+    registry=REGISTRY,
+)
+EVENT_NAMES_REFUSED = Counter(
+    "surge_event_names_refused_total",
+    "POST /v1/events answered 422 for a new event name past EVENTS_MAX_NAMES_PER_TENANT",
+    registry=REGISTRY,
+)
 # Every worker measures the same database-wide lag: the largest live reading is the answer.
 OUTBOX_LAG = Gauge(
     "surge_outbox_lag",

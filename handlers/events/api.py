@@ -73,11 +73,17 @@ SCHEMAS: Json = {
         "description": "One server-sent event of GET /v1/analytics/live",
         "required": ["event", "data"],
         "properties": {
-            "event": {"type": "string", "enum": ["counts"]},
+            "event": {"type": "string", "enum": ["counts", "reauthenticate"]},
             "data": {
                 "type": "string",
                 "contentMediaType": "application/json",
-                "description": '`{"ts": "<second, RFC 3339>", "counts": {"<name>": n}}`',
+                "description": (
+                    'counts: `{"ts": "<second, RFC 3339>", "counts": {"<name>": n}}`, the '
+                    "EVENTS_LIVE_TOP_NAMES most frequent names, plus "
+                    '`"omitted": {"names": k, "count": n}` when more names had events that '
+                    'second; reauthenticate (the last event): `{"reason": "expired" | '
+                    '"revoked"}`, the access token no longer stands: reconnect with a fresh one'
+                ),
             },
             "retry": {"type": "integer", "description": "Reconnection delay, milliseconds"},
         },
@@ -124,12 +130,28 @@ COUNT_PARAMS = [
     ),
 ]
 
+
+def _retry_after(description: str, *, required: bool) -> Json:
+    out = problem(description)
+    header: Json = {"schema": {"type": "integer"}, "description": "Seconds to wait before retrying"}
+    if required:
+        header["required"] = True
+    out["headers"] = {"Retry-After": header}
+    return out
+
+
 PATHS: Json = {
     "/v1/events": {
         "post": op(
             "Ingest 1..1000 analytics events; answered once they are committed",
             "events",
-            {"202": json_content("Committed", ref("EventsAccepted"))},
+            {
+                "202": json_content("Committed", ref("EventsAccepted")),
+                "422": problem(
+                    "Validation failed; `errors` names each offending field (`events[i].name` "
+                    "for a new event name past the tenant's EVENTS_MAX_NAMES_PER_TENANT)"
+                ),
+            },
             body="EventBatch",
         )
     },
@@ -153,11 +175,26 @@ PATHS: Json = {
                     "description": (
                         'A stream of `event: counts` messages, data `{"ts": "<second>", '
                         '"counts": {"<name>": n}}`, one per second until the client leaves '
-                        "or the server drains"
+                        "or the server drains; a `reauthenticate` event, then the end, when "
+                        "the access token expires or is revoked. A client that does not read "
+                        "(EVENTS_LIVE_BUFFER_BYTES unsent, or a write stalled for 5 s) is "
+                        "disconnected"
                     ),
                     # OpenAPI 3.1 without itemSchema: the schema describes each event.
                     "content": {"text/event-stream": {"schema": ref("LiveCountsEvent")}},
-                }
+                },
+                # 429, not 503: these limits are the caller's to free (close a stream), not the
+                # server's capacity; 503 is the process's own limit, or a drain.
+                "429": _retry_after(
+                    "Rate limited, or the caller (EVENTS_LIVE_MAX_PER_USER) or its tenant "
+                    "(EVENTS_LIVE_MAX_PER_TENANT) has the most streams open on this server",
+                    required=True,
+                ),
+                "503": _retry_after(
+                    "The server holds EVENTS_LIVE_MAX_CLIENTS streams, or is draining; or a "
+                    "dependency is down",
+                    required=False,
+                ),
             },
         )
     },

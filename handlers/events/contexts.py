@@ -11,8 +11,9 @@ from aiohttp import web
 
 from db.pool import open_copy_pool
 from handlers.events.counters import EventCounters
-from handlers.events.keys import EVENT_COUNTERS, EVENT_WRITER, LIVE_HUB
+from handlers.events.keys import EVENT_COUNTERS, EVENT_NAMES, EVENT_WRITER, LIVE_HUB
 from handlers.events.live import LiveHub
+from handlers.events.names import EventNames
 from handlers.events.partitions import start_maintenance
 from handlers.events.relay import OutboxRelay, UserEventsConsumer, Worker, stream_key
 from handlers.events.writer import EventWriter
@@ -32,7 +33,11 @@ async def partitions_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def counters_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[EVENT_COUNTERS] = EventCounters(app[REDIS], app[CONFIG].redis_key_prefix)
+    config = app[CONFIG]
+    app[EVENT_NAMES] = EventNames(
+        app[REDIS], config.redis_key_prefix, config.events_max_names_per_tenant
+    )
+    app[EVENT_COUNTERS] = EventCounters(app[REDIS], config.redis_key_prefix)
     try:
         yield
     finally:
@@ -76,7 +81,14 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
 async def live_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     app[LIVE_HUB] = LiveHub(
-        app[REDIS], config.redis_key_prefix, app[LIFECYCLE], config.events_live_max_clients
+        app[REDIS],
+        config.redis_key_prefix,
+        app[LIFECYCLE],
+        max_clients=config.events_live_max_clients,
+        max_per_tenant=config.events_live_max_per_tenant,
+        max_per_user=config.events_live_max_per_user,
+        buffer_bytes=config.events_live_buffer_bytes,
+        top_names=config.events_live_top_names,
     )
     try:
         yield

@@ -9,11 +9,10 @@ from aiohttp import web
 
 from handlers.events.analytics import bucket_counts, counts_view, parse_counts_query
 from handlers.events.ingest import parse_batch
-from handlers.events.keys import EVENT_WRITER, LIVE_HUB
+from handlers.events.keys import EVENT_NAMES, EVENT_WRITER, LIVE_HUB
 from server import rbac
-from server.chain import NOSNIFF
 from server.http import json_response, raw_json_response
-from server.keys import CONFIG, PG_READ, RATELIMIT_HEADERS, REDIS, REQUEST_ID
+from server.keys import CONFIG, PG_READ, REDIS
 from server.validation import read_raw_json
 
 
@@ -25,8 +24,11 @@ async def post_events(request: web.Request) -> web.Response:
     # commit, where they would survive into the cyclic GC's oldest generation and make every
     # full collection (which scans the whole heap) come sooner.
     records, counts = parse_batch(
-        (await read_raw_json(request, walk_depth=False))[1], str(p.tenant_id), datetime.now(UTC)
+        (await read_raw_json(request, walk_depth=False))[1], p.tenant_text, datetime.now(UTC)
     )
+    names = request.app[EVENT_NAMES]
+    if new_names := names.unknown(p.tenant_text, counts):  # else a set lookup per name: known
+        await names.admit(p.tenant_text, new_names, records)
     await writer.submit(records, counts)
     return raw_json_response(b'{"accepted":%d}' % len(records), status=202)
 
@@ -43,31 +45,4 @@ async def get_counts(request: web.Request) -> web.Response:
 
 
 async def live(request: web.Request) -> web.StreamResponse:
-    p = rbac.caller(request)
-    hub = request.app[LIVE_HUB]
-    queue = hub.subscribe(p.tenant_id)
-    try:
-        resp = web.StreamResponse(headers=_stream_headers(request))
-        await resp.prepare(request)
-        await resp.write(b"retry: 2000\n\n")
-        while (message := await queue.get()) is not None:
-            await resp.write(message)
-        await resp.write_eof()
-    except ConnectionResetError:
-        pass  # the client went away: nothing left to tell it
-    finally:
-        hub.unsubscribe(p.tenant_id, queue)
-    return resp
-
-
-def _stream_headers(request: web.Request) -> dict[str, str]:
-    return {
-        "Content-Type": "text/event-stream",
-        "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no",  # proxies must pass each message on at once
-        "X-Content-Type-Options": NOSNIFF,
-        # The chain sets these on the response it gets back, when a stream has long sent its
-        # headers; this one is prepared here, so it carries them itself.
-        "X-Request-ID": request[REQUEST_ID],
-        **request.get(RATELIMIT_HEADERS, {}),
-    }
+    return await request.app[LIVE_HUB].serve(request, rbac.caller(request))
