@@ -212,6 +212,7 @@ def overload_app(config: Config, gate: asyncio.Event) -> web.Application:
     app = create_app(
         dataclasses.replace(
             config,
+            adaptive_concurrency=True,
             max_in_flight=2,
             concurrency_min=2,
             concurrency_initial=2,
@@ -292,7 +293,12 @@ async def test_a_request_that_waits_past_the_deadline_is_answered_503(
     gate = asyncio.Event()
     app = create_app(
         dataclasses.replace(
-            config, max_in_flight=1, concurrency_min=1, concurrency_initial=1, queue_deadline_ms=20
+            config,
+            adaptive_concurrency=True,
+            max_in_flight=1,
+            concurrency_min=1,
+            concurrency_initial=1,
+            queue_deadline_ms=20,
         )
     )
 

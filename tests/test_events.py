@@ -308,10 +308,7 @@ async def test_a_batch_of_1000_lands_exactly_once(aiohttp_client: Any, config: C
 
 
 async def test_concurrent_requests_share_commits(aiohttp_client: Any, config: Config) -> None:
-    # 50 at once against a fresh process's concurrency limit would queue past the deadline:
-    # admission is not what this measures (tests/test_admission.py is)
-    cfg = dataclasses.replace(config, events_flush_ms=50, adaptive_concurrency=False)
-    client = await aiohttp_client(create_app(cfg))
+    client = await aiohttp_client(create_app(dataclasses.replace(config, events_flush_ms=50)))
     owner = await signup(client)
     before = _flushes()
     results = await asyncio.gather(

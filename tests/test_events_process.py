@@ -26,6 +26,8 @@ def start(services: Services, port: int) -> subprocess.Popen[bytes]:
         RATE_LIMIT_BURST="100000",
         RATE_LIMIT_RATE="100000",
         HASH_CONCURRENCY="2",
+        # durability is measured here, not admission: 200 posts at once all admitted
+        ADAPTIVE_CONCURRENCY="false",
     )
     return subprocess.Popen(
         [sys.executable, "-m", "server", "serve"],
