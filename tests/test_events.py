@@ -514,8 +514,11 @@ async def test_a_request_that_cannot_be_stored_fails_alone_in_its_group(
         for actor, name in ((a, "click"), (b, "poison"), (c, "click"))
     ]
     assert stored == [3, 0, 4]
-    sql = "SELECT coalesce(sum(count), 0) FROM event_counts WHERE tenant_id = $1"
-    counted = [await query(config.database_url, sql, uuid.UUID(x.tenant_id)) for x in (a, b, c)]
+    sql = "SELECT coalesce(sum(count), 0) FROM event_counts WHERE tenant_id = $1 AND name = $2"
+    counted = [
+        await query(config.database_url, sql, uuid.UUID(actor.tenant_id), name)
+        for actor, name in ((a, "click"), (b, "poison"), (c, "click"))
+    ]
     assert counted == [3, 0, 4]
 
 
