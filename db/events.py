@@ -112,3 +112,10 @@ async def list_partitions(pg: Executor, table: str) -> list[str]:
     assert table in PARTITIONED
     rows = await pg.fetch(_Q["list_partitions"], table)
     return [r["name"] for r in rows]
+
+
+async def stray_partitions(pg: Executor, table: str) -> list[str]:
+    """Tables named like a day partition of `table` that are not attached to it."""
+    assert table in PARTITIONED
+    rows = await pg.fetch(_Q["stray_partitions"], table)
+    return [r["name"] for r in rows]

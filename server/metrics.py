@@ -448,6 +448,12 @@ EVENT_PARTITIONS = Counter(
     ["action"],
     registry=REGISTRY,
 )
+EVENT_PARTITIONS_STRAY = Gauge(
+    "surge_event_partitions_stray",
+    "Tables named like an events day partition but not attached (detached): rows nobody reads",
+    multiprocess_mode="livemax",
+    registry=REGISTRY,
+)
 LIVE_CLIENTS = Gauge(
     "surge_analytics_live_clients",
     "Open /v1/analytics/live streams",

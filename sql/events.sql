@@ -43,3 +43,15 @@ FROM pg_inherits i
 JOIN pg_class c ON c.oid = i.inhrelid
 WHERE i.inhparent = $1::text::regclass
 ORDER BY c.relname;
+
+-- name: stray_partitions
+-- Tables named like a day partition of $1 (events or event_counts), in its schema, that are
+-- not attached to it: a detached partition, whose rows no query reads and no retention drops.
+SELECT c.relname::text AS name
+FROM pg_class c
+JOIN pg_class p ON p.oid = $1::text::regclass
+WHERE c.relnamespace = p.relnamespace
+  AND c.relkind IN ('r', 'p')
+  AND c.relname ~ ('^' || p.relname || '_p[0-9]{8}(_[0-9]+)?$')
+  AND NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid AND i.inhparent = p.oid)
+ORDER BY 1;

@@ -117,8 +117,10 @@ def test_to_is_rounded_up_from_its_exact_value(
     assert q.start == q.end - 60 * step
 
 
-def test_the_default_to_includes_the_bucket_holding_now() -> None:
-    q = parse_counts_query({"name": "x"}, now=MIDNIGHT + 0.3)
+@pytest.mark.parametrize("into", [0.0, 0.000001, 0.3, 0.999999, 59.999])
+def test_the_default_to_includes_the_bucket_holding_now(into: float) -> None:
+    """Even at the bucket's first microsecond (issue #23: reads in second :00 read 0)."""
+    q = parse_counts_query({"name": "x"}, now=MIDNIGHT + into)
     assert (q.start, q.end) == (MIDNIGHT + 60 - 3600, MIDNIGHT + 60)
 
 
@@ -261,3 +263,42 @@ async def test_live_streams_end_when_the_server_drains(aiohttp_client: Any, conf
     body = await asyncio.wait_for(resp.content.read(), 5)  # ends: EOF after the last message
     assert body.startswith(b"retry: 2000\n\n")
     assert app[LIVE_HUB].clients == 0
+
+
+async def test_counts_read_after_a_202_include_its_events(
+    aiohttp_client: Any, config: Config
+) -> None:
+    """Read-your-writes: each 202 is followed at once by a read of the counts, from this
+    process and from another one (sharing PostgreSQL and Redis), while other writers keep the
+    writer and the Redis counters busy. Every read holds every event acknowledged before it."""
+    cfg = dataclasses.replace(config, events_flush_ms=2)
+    one, two = await aiohttp_client(create_app(cfg)), await aiohttp_client(create_app(cfg))
+    owner, noisy = await signup(one), await signup(one, "Noisy")
+    stop = asyncio.Event()
+
+    async def writer(k: int) -> None:
+        body = {"events": [{"name": f"bg{k}x{i % 10}"} for i in range(100)]}
+        while not stop.is_set():
+            resp = await one.post("/v1/events", json=body, headers=noisy.headers)
+            assert resp.status == 202
+
+    background = [asyncio.create_task(writer(k)) for k in range(4)]
+    sent, short = 0, []
+    try:
+        for i in range(60):
+            n = 1 + i % 5
+            resp = await one.post(
+                "/v1/events", json={"events": [{"name": "ryw"}] * n}, headers=owner.headers
+            )
+            assert resp.status == 202
+            sent += n
+            reader = (one, two)[i % 2]
+            resp = await reader.get("/v1/analytics/counts?name=ryw", headers=owner.headers)
+            assert resp.status == 200
+            seen = sum(b["count"] for b in (await resp.json())["buckets"])
+            if seen != sent:
+                short.append((i, sent - seen))
+    finally:
+        stop.set()
+        await asyncio.gather(*background)
+    assert short == []

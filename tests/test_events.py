@@ -479,3 +479,84 @@ async def test_events_for_a_missing_partition_make_it(
     resp = await client.post("/v1/events", json=batch(2), headers=owner.headers)
     assert resp.status == 202
     assert await query(config.database_url, CLICKS) == 2
+
+
+# --- one bad request in a group commit (issue #23 item 11) -----------------------------------
+
+
+async def test_a_request_that_cannot_be_stored_fails_alone_in_its_group(
+    aiohttp_client: Any, config: Config, pg: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three tenants' requests ride one group commit; one of them breaks a CHECK constraint.
+    The group is written again request by request: the other two are 202 and stored."""
+    client = await aiohttp_client(create_app(dataclasses.replace(config, events_flush_ms=200)))
+    a, b, c = await signup(client, "A"), await signup(client, "B"), await signup(client, "C")
+    await pg.execute("ALTER TABLE events ADD CONSTRAINT test_poison CHECK (name <> 'poison')")
+    try:
+        with caplog.at_level("WARNING", logger="surge.events"):
+            results = await asyncio.gather(
+                client.post("/v1/events", json=batch(3), headers=a.headers),
+                client.post("/v1/events", json=batch(2, "poison"), headers=b.headers),
+                client.post("/v1/events", json=batch(4), headers=c.headers),
+            )
+    finally:
+        await pg.execute("ALTER TABLE events DROP CONSTRAINT test_poison")
+    assert [r.status for r in results] == [202, 503, 202]
+    assert [await r.json() for r in (results[0], results[2])] == [{"accepted": 3}, {"accepted": 4}]
+    assert results[1].headers["Content-Type"] == "application/problem+json"
+    grouped = [r for r in caplog.records if "writing each on its own" in r.getMessage()]
+    assert [r.getMessage().split(" (")[0] for r in grouped] == [
+        "a group commit of 3 requests failed"
+    ]
+    sql = "SELECT count(*) FROM events WHERE tenant_id = $1 AND name = $2"
+    stored = [
+        await query(config.database_url, sql, uuid.UUID(actor.tenant_id), name)
+        for actor, name in ((a, "click"), (b, "poison"), (c, "click"))
+    ]
+    assert stored == [3, 0, 4]
+    sql = "SELECT coalesce(sum(count), 0) FROM event_counts WHERE tenant_id = $1 AND name = $2"
+    counted = [
+        await query(config.database_url, sql, uuid.UUID(actor.tenant_id), name)
+        for actor, name in ((a, "click"), (b, "poison"), (c, "click"))
+    ]
+    assert counted == [3, 0, 4]
+
+
+async def test_a_detached_partition_does_not_stop_its_day(
+    aiohttp_client: Any, config: Config, pg: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A partition detached by hand leaves a table holding the day's name. Maintenance makes
+    the day's partition under the next name, leaves the detached table alone, and says so."""
+    client = await aiohttp_client(create_app(config))
+    owner = await signup(client)
+    today = datetime.now(UTC).date()
+    name = f"events_p{today:%Y%m%d}"
+    await pg.execute(f"ALTER TABLE events DETACH PARTITION {name}")
+    try:
+        with caplog.at_level("WARNING", logger="surge.events"):
+            created, _ = await maintain_partitions(pg, None)
+        assert created == [f"{name}_1"]
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert warned == [
+            f"table {name} is named like a day partition of events but is not attached to it"
+            " (detached?): no query reads its rows and retention never drops them; that day's"
+            f" rows go to {name}_N. Move its rows back or drop it"
+            " (RUNBOOK: a detached event partition)"
+        ]
+        assert metrics.REGISTRY.get_sample_value("surge_event_partitions_stray") == 1
+        resp = await client.post("/v1/events", json=batch(2), headers=owner.headers)
+        assert resp.status == 202
+        assert await query(config.database_url, CLICKS) == 2
+        sql = "SELECT count(*) FROM events WHERE tableoid = $1::regclass AND name = 'click'"
+        assert await query(config.database_url, sql, f"{name}_1") == 2
+        # The next round finds the day covered: nothing new, the detached table left alone.
+        assert (await maintain_partitions(pg, None))[0] == []
+        assert name not in await events_db.list_partitions(pg, "events")
+        assert await query(config.database_url, "SELECT to_regclass($1)::text", name) == name
+        # Retention drops the partition under its second name too.
+        _, dropped = await maintain_partitions(pg, 0, today=today + timedelta(days=1))
+        assert f"{name}_1" in dropped
+    finally:  # the schema outlives the test: later ones need the day's partition
+        await pg.execute(f"DROP TABLE IF EXISTS {name}")
+        await maintain_partitions(pg, None)
+    assert metrics.REGISTRY.get_sample_value("surge_event_partitions_stray") == 0

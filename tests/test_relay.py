@@ -385,3 +385,38 @@ async def test_redis_away_is_a_warning_line_not_a_traceback(
         assert record.levelno == logging.WARNING and record.exc_info is None
         assert record.getMessage().startswith("outbox relay round failed; retrying in")
         assert "ConnectionError" in record.getMessage()
+
+
+async def test_the_lag_rises_while_redis_is_away(
+    config: Config, pg: Database, redis: Redis
+) -> None:
+    """The lag gauge is read from PostgreSQL on its own schedule: with every relay round
+    failing (Redis on a closed port), rows added to the outbox still show up in it."""
+    stream = stream_key(config.redis_key_prefix)
+    await outbox.ensure_position(pg, stream)
+    away = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.2)
+    relay = OutboxRelay(pg, away, stream, poll_s=0.01)
+    relay.lag_interval_s = 0.05
+    metrics.OUTBOX_LAG.set(0)
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay.run(stop))
+    errors = metrics.REGISTRY.get_sample_value("surge_outbox_relay_errors_total") or 0.0
+    try:
+        await add_outbox(pg, 3)
+        for _ in range(400):  # the relay is in its outage: its rounds fail on Redis
+            if (metrics.REGISTRY.get_sample_value("surge_outbox_relay_errors_total") or 0) > errors:
+                break
+            await asyncio.sleep(0.05)
+        await add_outbox(pg, 558, start=3)
+        lag = 0.0
+        for _ in range(400):  # bounded: 20 s at most, a fraction of a second when it works
+            lag = metrics.REGISTRY.get_sample_value("surge_outbox_lag") or 0.0
+            if lag >= 561:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await running
+        await away.aclose()
+    assert lag == 561
+    assert await stream_ids(redis, stream) == []  # nothing was relayed: the rounds all failed

@@ -80,12 +80,15 @@ def parse_counts_query(q: Mapping[str, str], now: float) -> CountsQuery:
     if errors:
         raise ValidationFailed(errors, "invalid query parameter")
     assert name is not None
-    if to_us is None:
-        to_us = int(now * _US)
     bucket_us = bucket * _US
-    # [from, to) rounded out to whole buckets: `to` up (a `to` inside a bucket, by even a
-    # microsecond, includes it), `from` down.
-    end = -(-to_us // bucket_us) * bucket
+    if to_us is None:
+        # Up to now, the bucket holding now included even at its very first microsecond: an
+        # event stamped at that instant was acknowledged before this read.
+        end = (int(now * _US) // bucket_us + 1) * bucket
+    else:
+        # [from, to) rounded out to whole buckets: `to` up (a `to` inside a bucket, by even a
+        # microsecond, includes it), `from` down.
+        end = -(-to_us // bucket_us) * bucket
     start = end - 60 * bucket if from_us is None else from_us // bucket_us * bucket
     if start >= end:
         raise ValidationFailed(

@@ -32,11 +32,14 @@ def minute_key(prefix: str, tenant_id: str, minute: int) -> str:
 
 
 class EventCounters:
-    """Per-second and per-minute counts in Redis, updated after commits and off their path.
+    """Per-second and per-minute counts in Redis, updated after each commit.
 
-    `add` only merges into dicts; one task pushes what has accumulated in one pipeline, so a
-    slow or absent Redis never delays a 202, and under load many commits share one round
-    trip. What fails to reach Redis is lost to Redis only: the rollups in PostgreSQL have it.
+    `add` merges into dicts and returns a future that is done once those counts have been
+    sent; one task pushes whatever has accumulated in one pipeline, so under load many commits
+    share one round trip. The writer answers its requests when that future is done, so a read
+    after a 202 sees the events (read-your-writes); the client's socket timeouts bound how long
+    a slow Redis can hold it. What fails to reach Redis is lost to Redis only: the rollups in
+    PostgreSQL have it, and reads fall back to them while Redis fails.
     """
 
     def __init__(self, redis: Redis, prefix: str) -> None:
@@ -44,12 +47,16 @@ class EventCounters:
         self.prefix = prefix
         self._seconds: dict[tuple[str, int, str], int] = {}
         self._minutes: MinuteCounts = {}
+        self._sent: asyncio.Future[None] | None = None  # done once the dicts' counts are sent
+        # The last push failed: 202s do not wait on a Redis that is away (reads fall back to
+        # PostgreSQL then), until a push gets through again.
+        self._failing = False
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._task = asyncio.create_task(self._run())
 
-    def add(self, counts: MinuteCounts) -> None:
+    def add(self, counts: MinuteCounts) -> asyncio.Future[None]:
         now = time.time()
         second = int(now)
         oldest = now - MINUTE_KEEP_S  # older minutes are answered by PostgreSQL only
@@ -59,8 +66,13 @@ class EventCounters:
             if minute.timestamp() >= oldest:
                 mkey = (tenant, name, minute)
                 self._minutes[mkey] = self._minutes.get(mkey, 0) + n
+        if self._sent is None:
+            self._sent = asyncio.get_running_loop().create_future()
+            if self._failing or self._task.done():  # no 202 waits on a failing or closed Redis
+                _resolve(self._sent)
         self._idle.clear()
         self._wake.set()
+        return self._sent
 
     async def flushed(self) -> None:
         """Wait until everything added so far has been sent (or has failed to be)."""
@@ -72,11 +84,20 @@ class EventCounters:
             self._wake.clear()
             seconds, self._seconds = self._seconds, {}
             minutes, self._minutes = self._minutes, {}
+            sent, self._sent = self._sent, None
             try:
                 await self._push(seconds, minutes)
+                self._failing = False
             except (RedisError, OSError):
+                self._failing = True
                 metrics.EVENT_COUNTER_ERRORS.inc()
                 log.warning("event counters not updated in Redis", exc_info=True)
+            except Exception:  # the loop must live on: the writer's requests wait for it
+                self._failing = True
+                metrics.EVENT_COUNTER_ERRORS.inc()
+                log.exception("event counters not updated in Redis")
+            finally:
+                _resolve(sent)
             if not self._wake.is_set():
                 self._idle.set()
 
@@ -105,3 +126,9 @@ class EventCounters:
             await asyncio.wait_for(self.flushed(), 2.0)
         self._task.cancel()
         await asyncio.wait({self._task}, timeout=1.0)
+        _resolve(self._sent)  # nobody waits for a push that will not come
+
+
+def _resolve(sent: asyncio.Future[None] | None) -> None:
+    if sent is not None and not sent.done():
+        sent.set_result(None)

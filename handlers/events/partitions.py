@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from datetime import UTC, date, datetime, timedelta
 
 from db import events, outbox
@@ -20,6 +21,7 @@ PARTITION_DAYS_AHEAD = 3
 MAINTENANCE_INTERVAL_S = 3600.0
 MAINTENANCE_RETRY_S = 30.0
 MAINTENANCE_START_S = 5.0
+_DAY_NAME = re.compile(r"^(.*_p[0-9]{8})(_[0-9]+)?$")
 
 
 async def maintain_partitions(
@@ -47,7 +49,28 @@ async def maintain_partitions(
         log.info("created partition %s", name)
     for name in dropped:
         log.info("dropped partition %s", name)
+    await _report_strays(pg)
     return created, dropped
+
+
+async def _report_strays(pg: Database) -> None:
+    """Warn, every round, of tables named like a partition that are not attached: the day's
+    partition was made under the next name (0007_partition_names.sql), and what to do with the
+    stray table's rows is the operator's call."""
+    strays = 0
+    for table in events.PARTITIONED:
+        for name in await events.stray_partitions(pg, table):
+            strays += 1
+            log.warning(
+                "table %s is named like a day partition of %s but is not attached to it"
+                " (detached?): no query reads its rows and retention never drops them; that"
+                " day's rows go to %s_N. Move its rows back or drop it"
+                " (RUNBOOK: a detached event partition)",
+                name,
+                table,
+                _DAY_NAME.sub(r"\1", name),
+            )
+    metrics.EVENT_PARTITIONS_STRAY.set(strays)
 
 
 async def start_maintenance(pg: Database, retention_days: int) -> asyncio.Task[None]:

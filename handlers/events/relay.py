@@ -101,7 +101,7 @@ class OutboxRelay:
         # once those writer transactions are gone, its last id is safe too.
         self.safe = 0
         self.horizon: tuple[int, list[str]] | None = None
-        self._lag_at = 0.0
+        self.lag_interval_s = LAG_INTERVAL_S
 
     async def _advance_safe(self, con: asyncpg.Connection) -> int:
         if self.horizon is not None:
@@ -162,7 +162,26 @@ class OutboxRelay:
         metrics.OUTBOX_LAG.set(ids)
         metrics.OUTBOX_LAG_SECONDS.set(seconds)
 
+    async def measure_lag(self, stop: asyncio.Event) -> None:
+        """The lag, read from PostgreSQL every lag_interval_s by its own task: it must keep
+        rising while rounds fail (Redis away) or hang, which is when its alert matters."""
+        while not stop.is_set():
+            try:
+                await self.update_lag()
+            except Exception as exc:  # PostgreSQL away: the gauge keeps its last reading
+                _log_failure(exc, "outbox lag not measured; retrying in %.1fs", self.lag_interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.lag_interval_s)
+
     async def run(self, stop: asyncio.Event) -> None:
+        lag = asyncio.create_task(self.measure_lag(stop))
+        try:
+            await self._relay(stop)
+        finally:
+            lag.cancel()  # a read only: nothing is left half done
+            await asyncio.wait({lag}, timeout=1.0)
+
+    async def _relay(self, stop: asyncio.Event) -> None:
         pause = self.poll_s
         ready = False
         while not stop.is_set():
@@ -172,9 +191,6 @@ class OutboxRelay:
                     await outbox.ensure_position(self.pg, self.stream)
                     ready = True
                 published = await self.relay_once()
-                if time.monotonic() - self._lag_at >= LAG_INTERVAL_S:
-                    self._lag_at = time.monotonic()
-                    await self.update_lag()
                 pause = next_pause(pause, self.poll_s, published)
             except Exception as exc:
                 metrics.OUTBOX_RELAY_ERRORS.inc()

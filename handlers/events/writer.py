@@ -1,10 +1,15 @@
 """The group-commit writer behind POST /v1/events.
 
-A 202 means committed. Requests hand their events to one EventWriter per process and wait;
-the writer's connections each take whatever is pending, COPY it in one transaction with its
-one-minute rollups, commit, and wake every request whose events rode along. The pending
+A 202 means committed and counted. Requests hand their events to one EventWriter per process
+and wait; the writer's connections each take whatever is pending, COPY it in one transaction
+with its one-minute rollups, commit, push the group's counts to the Redis counters in one
+pipeline, and then wake every request whose events rode along: a client that reads
+GET /v1/analytics/counts after its 202 finds its events there (read-your-writes). The pending
 buffer is bounded (EVENTS_MAX_PENDING): past it a request is refused with 503 before anything
 of it is buffered, so memory cannot grow with a stalled database.
+
+A group whose commit fails on something in its rows (a data or constraint error) is written
+again one request at a time, so only the request that cannot be stored is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +30,19 @@ from server import metrics
 from server.errors import ServiceUnavailable
 
 log = logging.getLogger("surge.events")
+
+# SQLSTATE classes that a row can cause (data exception, integrity constraint violation,
+# program limit exceeded): a group failing with one of them is retried request by request.
+_ROW_CLASSES = frozenset({"22", "23", "54"})
+
+# One request in a group: (its number of events, its counts, the future its handler awaits).
+_Request = tuple[int, MinuteCounts, asyncio.Future[bool]]
+
+
+def caused_by_rows(exc: BaseException) -> bool:
+    """Whether `exc` may come from some rows of a batch rather than from the database."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    return isinstance(exc, asyncpg.PostgresError) and str(sqlstate)[:2] in _ROW_CLASSES
 
 
 class EventWriter:
@@ -54,10 +72,10 @@ class EventWriter:
         self.max_pending = max_pending
         # Rollup rows are per shard, so replicas rarely update the same row (0003_events.sql).
         self.shard = random.randrange(32)
-        self.pending = 0  # accepted and not yet committed: waiting in the batch or being written
+        self.pending = 0  # accepted and not yet answered: waiting, being written or counted
         self._records: list[CopyRecord] = []
         self._counts: MinuteCounts = {}
-        self._done: asyncio.Future[bool] | None = None
+        self._requests: list[_Request] = []
         self._timer: asyncio.TimerHandle | None = None
         self._due = asyncio.Event()
         self._closing = False
@@ -76,11 +94,11 @@ class EventWriter:
         """Return once `records` are committed; ServiceUnavailable when they cannot be."""
         n = len(records)
         self.check_room(n)
-        done = self._done
-        if done is None:
-            loop = asyncio.get_running_loop()
-            done = self._done = loop.create_future()
+        loop = asyncio.get_running_loop()
+        if not self._requests:
             self._timer = loop.call_later(self.flush_s, self._due.set)
+        done: asyncio.Future[bool] = loop.create_future()
+        self._requests.append((n, counts, done))
         self._records += records
         for key, c in counts.items():
             self._counts[key] = self._counts.get(key, 0) + c
@@ -88,14 +106,13 @@ class EventWriter:
         metrics.EVENTS_PENDING.set(self.pending)
         if len(self._records) >= self.batch_size:
             self._due.set()
-        # Shielded: a request that goes away must not cancel the commit others wait on.
-        if not await asyncio.shield(done):
+        # A request that goes away cancels only its own future: the group commits regardless.
+        if not await done:
             raise ServiceUnavailable("the events could not be stored; retry shortly")
 
-    def _take(self) -> tuple[list[CopyRecord], MinuteCounts, asyncio.Future[bool]]:
-        assert self._done is not None
-        batch = (self._records, self._counts, self._done)
-        self._records, self._counts, self._done = [], {}, None
+    def _take(self) -> tuple[list[CopyRecord], MinuteCounts, list[_Request]]:
+        batch = (self._records, self._counts, self._requests)
+        self._records, self._counts, self._requests = [], {}, []
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -106,7 +123,7 @@ class EventWriter:
     async def _work(self) -> None:
         while True:
             await self._due.wait()
-            if self._done is None:  # another connection took the batch
+            if not self._requests:  # another connection took the batch
                 if self._closing:
                     return
                 self._due.clear()
@@ -114,33 +131,68 @@ class EventWriter:
             await self._write(*self._take())
 
     async def _write(
-        self, records: list[CopyRecord], counts: MinuteCounts, done: asyncio.Future[bool]
+        self, records: list[CopyRecord], counts: MinuteCounts, requests: list[_Request]
     ) -> None:
         start = time.perf_counter()
-        ok = False
         try:
             await self._commit(records, counts)
-            ok = True
-        except Exception:
-            log.exception("writing %d events failed", len(records))
-            metrics.EVENTS_REFUSED.labels("error").inc(len(records))
-        finally:
-            self.pending -= len(records)
-            metrics.EVENTS_PENDING.set(self.pending)
+        except asyncio.CancelledError:
+            self._settle(requests, False)  # nobody may be left waiting
+            raise
+        except Exception as exc:
+            if len(requests) > 1 and caused_by_rows(exc):
+                log.warning(
+                    "a group commit of %d requests failed (%s: %s); writing each on its own",
+                    len(requests),
+                    type(exc).__name__,
+                    exc,
+                )
+                await self._write_each(records, requests)
+            else:
+                log.exception("writing %d events failed", len(records))
+                self._settle(requests, False)
+            return
+        metrics.EVENTS_FLUSH.observe(time.perf_counter() - start)
+        metrics.EVENTS_FLUSH_SIZE.observe(len(records))
+        self._stored(len(records), counts, requests)
+
+    async def _write_each(self, records: list[CopyRecord], requests: list[_Request]) -> None:
+        at = 0
+        for request in requests:
+            n, counts, _done = request
+            part, at = records[at : at + n], at + n
+            try:
+                # The group already made any missing partition: no second round of that.
+                await self._commit(part, counts, make_partitions=False)
+            except Exception:
+                log.exception("writing a request's %d events failed", n)
+                self._settle([request], False)
+            else:
+                self._stored(n, counts, [request])
+
+    def _stored(self, n: int, counts: MinuteCounts, requests: list[_Request]) -> None:
+        """Committed: the requests are answered once the Redis counters include them (or
+        failed to: then reads fall back to PostgreSQL's rollups, committed with the events)."""
+        metrics.EVENTS_INGESTED.inc(n)
+        self.counters.add(counts).add_done_callback(lambda _: self._settle(requests, True))
+
+    def _settle(self, requests: list[_Request], ok: bool) -> None:
+        for n, _counts, done in requests:
+            self.pending -= n
+            if not ok:
+                metrics.EVENTS_REFUSED.labels("error").inc(n)
             if not done.done():
                 done.set_result(ok)
-        if ok:
-            metrics.EVENTS_INGESTED.inc(len(records))
-            metrics.EVENTS_FLUSH.observe(time.perf_counter() - start)
-            metrics.EVENTS_FLUSH_SIZE.observe(len(records))
-            self.counters.add(counts)
+        metrics.EVENTS_PENDING.set(self.pending)
 
-    async def _commit(self, records: list[CopyRecord], counts: MinuteCounts) -> None:
+    async def _commit(
+        self, records: list[CopyRecord], counts: MinuteCounts, *, make_partitions: bool = True
+    ) -> None:
         """One transaction of the batch. Tried once more when the partition is missing, and
         when the connection was lost before COMMIT went out: nothing of the batch was stored
         then. Lost during COMMIT, the batch may have been stored: its requests are refused
         (503) rather than the events risk being stored twice."""
-        made_partitions = retried = False
+        made_partitions, retried = not make_partitions, False
         while True:
             copied = False
             try:
