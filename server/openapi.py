@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from db.ids import UUID_RE
+from server.version import version
 
 Json = dict[str, Any]
 
@@ -180,7 +181,7 @@ def document(sections: Iterable[tuple[Json, Json]]) -> Json:
         "openapi": "3.1.0",
         "info": {
             "title": "Surge API",
-            "version": "1.0.0",
+            "version": version(),
             "description": (
                 "Multi-tenant JSON API. Errors are application/problem+json (RFC 9457); lists "
                 "use keyset pagination (`limit`, `cursor` -> `next_cursor`); every /v1 response "
