@@ -19,7 +19,7 @@ $(STAMP): requirements.lock
 		echo "$(VENV) has $$($(BIN)/python -V); surge needs 3.11 or newer: make clean, then" \
 			"make PYTHON=python3.11 ..." >&2; exit 1; \
 	fi
-	@echo "==> installing requirements.lock into $(VENV), hash-checked (about a minute the first" \
+	@echo "==> installing requirements.lock into $(VENV), hash-checked (1-3 minutes the first" \
 		"time, seconds after)"
 	@$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	@rm -f $(VENV)/.installed-* && touch $@
