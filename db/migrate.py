@@ -22,7 +22,9 @@ from pathlib import Path
 
 import asyncpg
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "sql" / "migrations"
+from db.queries import SQL_DIR
+
+MIGRATIONS_DIR = SQL_DIR / "migrations"
 
 # An arbitrary constant; every replica uses the same one.
 LOCK_KEY = 0x5E_26_E0_00_13_16

@@ -15,7 +15,10 @@ import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+# A checkout keeps the SQL in sql/ beside db/; an installed package has it in db/sql/
+# (pyproject.toml's package-dir). Migrations are in its migrations/ (db/migrate.py).
+_DB = Path(__file__).resolve().parent
+SQL_DIR = _DB / "sql" if (_DB / "sql").is_dir() else _DB.parent / "sql"
 
 _NAME = re.compile(r"^--\s*name:\s*(?P<name>\S*)\s*$")
 _VALID_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")

@@ -1,4 +1,4 @@
-"""python -m server {serve,migrate,env}"""
+"""surge {serve,migrate,env} (also `python -m server ...`)"""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ from types import ModuleType
 
 from server import logs
 from server.config import Config, ConfigError, settings_table
+from server.devservices import DevServiceError
+from server.version import version
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m server",
+        prog="surge",
         description="Surge: a multi-tenant JSON API backend. Settings come from the environment.",
     )
+    parser.add_argument("--version", action="version", version=f"surge {version()}")
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)
     serve = sub.add_parser("serve", help="apply migrations, then serve HTTP until SIGTERM")
     serve.add_argument("--host", help="overrides HOST")
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except MigrationError as exc:
         print(f"surge: migrations refused: {exc}", file=sys.stderr)
         return 1
-    except runner.StartupError as exc:
+    except (runner.StartupError, DevServiceError) as exc:
         print(f"surge: {exc}", file=sys.stderr)
         return 1
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:

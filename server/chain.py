@@ -482,7 +482,8 @@ def bearer_principal(request: web.Request) -> Principal | None:
         return None
     try:
         return request.app[TOKENS].verify(token.strip())
-    except TokenError:
+    except TokenError as exc:  # only a refusal pays for the count, never a valid token
+        metrics.AUTH_FAILURES.labels(exc.reason).inc()
         return None
 
 

@@ -289,7 +289,7 @@ class Config:
         "RATE_LIMIT_BACKEND",
         _choice("local", "redis"),
         "local",
-        "local: per process (aiolimiter); redis: one bucket shared by all replicas",
+        "local: per process (server/ratelimit.py); redis: one bucket shared by all replicas",
     )
     rate_limit_rate: float = _setting(
         "RATE_LIMIT_RATE", _float(0.001, 1e9), 100.0, "Requests per second per principal"
@@ -367,7 +367,8 @@ class Config:
         "JWT_KEYS",
         _str,
         "",
-        "Signing keys 'kid:secret,kid:secret' (first signs, all verify); unset: a random dev key",
+        "Signing keys 'kid:secret,kid:secret' (first signs, all verify); unset: with no"
+        " DATABASE_URL a dev key kept in DATA_DIR/jwt-keys, else a random key per start",
         secret=True,
     )
     jwt_issuer: str = _setting("JWT_ISSUER", _nonempty, "surge", "iss claim of access tokens")

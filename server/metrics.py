@@ -30,6 +30,16 @@ MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
+
+def zeroed(counter: Counter, *label_values: str | tuple[str, ...]) -> Counter:
+    """The counter with a child made now for each of its known label values, so every series
+    is exported at 0 from the start: dashboards show 0, not "No data", and rate() alerts can
+    fire on the first increment. A value not listed here still works; it appears when used."""
+    for values in label_values:
+        counter.labels(*((values,) if isinstance(values, str) else values))
+    return counter
+
+
 REQUESTS_DOC = "HTTP requests answered, by route template and status"
 LATENCY_DOC = "Time from request start to response, by route template"
 IN_FLIGHT_DOC = "Requests being handled now"
@@ -191,11 +201,14 @@ SHED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
-RATELIMITED = Counter(
-    "surge_ratelimit_refused_total",
-    "Requests refused with 429, by limit",
-    ["limit"],
-    registry=REGISTRY,
+RATELIMITED = zeroed(
+    Counter(
+        "surge_ratelimit_refused_total",
+        "Requests refused with 429, by limit (general, auth, graphql, webhook)",
+        ["limit"],
+        registry=REGISTRY,
+    ),
+    *("general", "auth", "graphql", "webhook"),
 )
 RATELIMIT_FALLBACK = Counter(
     "surge_ratelimit_fallback_total",
@@ -209,11 +222,15 @@ READINESS = Gauge(
     multiprocess_mode="livemin",  # several workers: the instance shows a failing check
     registry=REGISTRY,
 )
-CONNECTIONS_DROPPED = Counter(
-    "surge_connections_dropped_total",
-    "Connections closed before a request was served, by reason (header_timeout, per_address_cap)",
-    ["reason"],
-    registry=REGISTRY,
+CONNECTIONS_DROPPED = zeroed(
+    Counter(
+        "surge_connections_dropped_total",
+        "Connections closed before a request was served, by reason (header_timeout,"
+        " per_address_cap)",
+        ["reason"],
+        registry=REGISTRY,
+    ),
+    *("header_timeout", "per_address_cap"),
 )
 POOL_TIMEOUTS = Counter(
     "surge_db_pool_timeouts_total",
@@ -242,8 +259,15 @@ DB_RETRIES = Counter(
 )
 
 
+_POOL_CLOSE_REASONS = ("lost", "interrupted", "lifetime", "idle")
+
+
 def pool_events(pool: str) -> Callable[[str], None]:
-    """The pool's on_event: its events (db.pool.Database) counted under the pool's name."""
+    """The pool's on_event: its events (db.pool.Database) counted under the pool's name, each
+    series exported at 0 from the pool's opening."""
+    DB_RETRIES.labels(pool)
+    for reason in _POOL_CLOSE_REASONS:
+        DB_CONNECTIONS_CLOSED.labels(pool, reason)
 
     def note(event: str) -> None:
         if event == "retry":
@@ -378,17 +402,27 @@ ADMISSION = AdmissionCollector()
 if MULTIPROC_DIR is None:
     REGISTRY.register(ADMISSION)
 
-CACHE = Counter(
-    "surge_user_cache_total",
-    "User cache lookups and failures, by result (hit, miss, error)",
-    ["result"],
-    registry=REGISTRY,
+CACHE = zeroed(
+    Counter(
+        "surge_user_cache_total",
+        "User cache lookups and failures, by result (hit, miss, error)",
+        ["result"],
+        registry=REGISTRY,
+    ),
+    *("hit", "miss", "error"),
 )
-AUTH_FAILURES = Counter(
-    "surge_auth_failures_total",
-    "Refused credentials, by reason",
-    ["reason"],
-    registry=REGISTRY,
+# Why server/tokens.py refused an access token (TokenError.reason).
+TOKEN_FAILURES = ("bad_header", "malformed", "bad_signature", "wrong_audience", "expired")
+AUTH_FAILURES = zeroed(
+    Counter(
+        "surge_auth_failures_total",
+        "Refused credentials, by reason: login, refresh, refresh_reuse (a rotated refresh token"
+        " replayed), revoked, and the access tokens refused by server/tokens.py (bad_header,"
+        " malformed, bad_signature, wrong_audience, expired)",
+        ["reason"],
+        registry=REGISTRY,
+    ),
+    *("login", "refresh", "refresh_reuse", "revoked", *TOKEN_FAILURES),
 )
 REVOCATION_CURRENT = Gauge(
     "surge_revocation_current",
@@ -402,22 +436,28 @@ REVOCATION_DB_CHECKS = Counter(
     "Access tokens checked against PostgreSQL because the revocation list was stale",
     registry=REGISTRY,
 )
-REVOCATION_ERRORS = Counter(
-    "surge_revocation_errors_total",
-    "Revocation list failures, by source (subscription: lost Redis subscriptions; sweep: failed"
-    " PostgreSQL sweeps; publish: revocations not published)",
-    ["source"],
-    registry=REGISTRY,
+REVOCATION_ERRORS = zeroed(
+    Counter(
+        "surge_revocation_errors_total",
+        "Revocation list failures, by source (subscription: lost Redis subscriptions; sweep:"
+        " failed PostgreSQL sweeps; publish: revocations not published)",
+        ["source"],
+        registry=REGISTRY,
+    ),
+    *("subscription", "sweep", "publish"),
 )
 
 EVENTS_INGESTED = Counter(
     "surge_events_ingested_total", "Events committed by POST /v1/events", registry=REGISTRY
 )
-EVENTS_REFUSED = Counter(
-    "surge_events_refused_total",
-    "Events answered 503 without being written, by reason (full, error, closing)",
-    ["reason"],
-    registry=REGISTRY,
+EVENTS_REFUSED = zeroed(
+    Counter(
+        "surge_events_refused_total",
+        "Events answered 503 without being written, by reason (full, error, closing)",
+        ["reason"],
+        registry=REGISTRY,
+    ),
+    *("full", "error", "closing"),
 )
 EVENTS_PENDING = Gauge(
     "surge_events_pending",
@@ -437,16 +477,20 @@ EVENTS_FLUSH_SIZE = Histogram(
     buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10_000, 25_000),
     registry=REGISTRY,
 )
+# Not "..._counter_...": a metric name must not name a metric type (promtool check metrics).
 EVENT_COUNTER_ERRORS = Counter(
-    "surge_event_counter_errors_total",
+    "surge_event_redis_count_errors_total",
     "Redis counter updates or reads that failed (PostgreSQL rollups still hold the counts)",
     registry=REGISTRY,
 )
-EVENT_PARTITIONS = Counter(
-    "surge_event_partitions_total",
-    "Day partitions created or dropped by this process",
-    ["action"],
-    registry=REGISTRY,
+EVENT_PARTITIONS = zeroed(
+    Counter(
+        "surge_event_partitions_total",
+        "Day partitions created or dropped by this process, by action (created, dropped)",
+        ["action"],
+        registry=REGISTRY,
+    ),
+    *("created", "dropped"),
 )
 EVENT_PARTITIONS_STRAY = Gauge(
     "surge_event_partitions_stray",
@@ -499,11 +543,15 @@ OUTBOX_RELAY_ERRORS = Counter(
     "Relay rounds that failed and were retried",
     registry=REGISTRY,
 )
-STREAM_CONSUMED = Counter(
-    "surge_stream_consumed_total",
-    "Stream messages a consumer handled, by result (applied, duplicate, skipped)",
-    ["consumer", "result"],
-    registry=REGISTRY,
+STREAM_CONSUMED = zeroed(
+    Counter(
+        "surge_stream_consumed_total",
+        "Stream messages a consumer handled, by result (applied, duplicate, skipped)",
+        ["consumer", "result"],
+        registry=REGISTRY,
+    ),
+    # the consumer groups of handlers/events/relay.py
+    *(("analytics", result) for result in ("applied", "duplicate", "skipped")),
 )
 PAYMENTS_BREAKER_STATE = Gauge(
     "surge_payments_breaker_state",
@@ -511,23 +559,43 @@ PAYMENTS_BREAKER_STATE = Gauge(
     multiprocess_mode="max",  # several workers: the instance shows its most open breaker
     registry=REGISTRY,
 )
-PAYMENTS_CALLS = Counter(
-    "surge_payments_calls_total",
-    "Calls to the payment provider, by operation and outcome",
-    ["op", "outcome"],
-    registry=REGISTRY,
+_PAYMENT_OPS = ("authorize", "capture", "void", "refund")
+_PAYMENT_OUTCOMES = (
+    "ok",
+    "declined",
+    "rejected",
+    "5xx",
+    "retry_later",
+    "unreachable",
+    "breaker_open",
 )
-PAYMENTS_SAGAS = Counter(
-    "surge_payments_sagas_total",
-    "Pay sagas that ended, by result (paid, payment_failed, refunded, voided)",
-    ["result"],
-    registry=REGISTRY,
+PAYMENTS_CALLS = zeroed(
+    Counter(
+        "surge_payments_calls_total",
+        "Calls to the payment provider, by operation (authorize, capture, void, refund) and"
+        " outcome (ok, declined, rejected, 5xx, retry_later, unreachable, breaker_open)",
+        ["op", "outcome"],
+        registry=REGISTRY,
+    ),
+    *((op, outcome) for op in _PAYMENT_OPS for outcome in _PAYMENT_OUTCOMES),
 )
-WEBHOOKS = Counter(
-    "surge_payments_webhooks_total",
-    "Provider webhooks received, by result (applied, duplicate, ignored, bad_signature)",
-    ["result"],
-    registry=REGISTRY,
+PAYMENTS_SAGAS = zeroed(
+    Counter(
+        "surge_payments_sagas_total",
+        "Pay sagas that ended, by result (paid, payment_failed, cancelled, refunded, voided)",
+        ["result"],
+        registry=REGISTRY,
+    ),
+    *("paid", "payment_failed", "cancelled", "refunded", "voided"),
+)
+WEBHOOKS = zeroed(
+    Counter(
+        "surge_payments_webhooks_total",
+        "Provider webhooks received, by result (applied, duplicate, ignored, bad_signature)",
+        ["result"],
+        registry=REGISTRY,
+    ),
+    *("applied", "duplicate", "ignored", "bad_signature"),
 )
 
 

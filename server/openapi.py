@@ -7,13 +7,11 @@ keep them within the JSON Schema subset fastjsonschema understands (draft-07 key
 from __future__ import annotations
 
 import copy
-import importlib.metadata
-import tomllib
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 from db.ids import UUID_RE
+from server.version import version
 
 Json = dict[str, Any]
 
@@ -203,17 +201,6 @@ def _name(paths: Json, operation_ids: Mapping[tuple[str, str], str]) -> None:
         paths[path][method]["operationId"] = operation_id
 
 
-def package_version() -> str:
-    """Surge's version: pyproject.toml's in a source checkout (always the current one), else
-    the installed package's metadata."""
-    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
-    if pyproject.is_file():
-        project = tomllib.loads(pyproject.read_text(encoding="utf-8")).get("project", {})
-        if project.get("name") == "surge":
-            return str(project["version"])
-    return importlib.metadata.version("surge")
-
-
 def document(
     sections: Iterable[tuple[Json, Json]], operation_ids: Mapping[tuple[str, str], str]
 ) -> Json:
@@ -236,7 +223,7 @@ def document(
         "openapi": "3.1.0",
         "info": {
             "title": "Surge API",
-            "version": package_version(),
+            "version": version(),
             "license": {"name": "MIT", "identifier": "MIT"},
             "description": (
                 "Multi-tenant JSON API. Errors are application/problem+json (RFC 9457); lists "

@@ -1,4 +1,4 @@
-"""Token buckets per principal: local (aiolimiter) or shared by all replicas (Redis + Lua).
+"""Token buckets per principal: local (TokenBucket) or shared by all replicas (Redis + Lua).
 
 Both answer the same question, `take(key, rate, burst, cost=1, need=None)` -> Decision, so the
 middleware does not care which one runs. A cost above 1 takes that many tokens at once (a GraphQL
@@ -18,9 +18,9 @@ import logging
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
-from aiolimiter import AsyncLimiter
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -55,38 +55,56 @@ class Limiter(Protocol):
     ) -> Decision: ...
 
 
-class LocalLimiter:
-    """One aiolimiter bucket per key, the least recently used evicted past max_keys."""
+class TokenBucket:
+    """`burst` tokens refilled at `rate` per second, the same arithmetic as the Redis script
+    below. A take above what the bucket holds leaves it in debt (tokens < 0)."""
 
-    def __init__(self, max_keys: int = 100_000) -> None:
+    __slots__ = ("burst", "rate", "tokens", "updated")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.updated = now
+
+    def take(self, cost: int, need: int, now: float) -> Decision:
+        """Take `cost` tokens if `need` are there; the decision and the bucket's state."""
+        tokens = min(self.burst, self.tokens + max(0.0, now - self.updated) * self.rate)
+        self.updated = now
+        allowed = tokens >= need
+        if allowed:
+            tokens -= cost
+        self.tokens = tokens
+        rate = self.rate
+        remaining = max(0, math.floor(tokens))
+        reset_s = math.ceil((self.burst - tokens) / rate) if tokens < self.burst else 0
+        retry = 0 if allowed else max(1, math.ceil((need - tokens) / rate))
+        return Decision(allowed, self.burst, remaining, reset_s, retry)
+
+
+class LocalLimiter:
+    """One TokenBucket per (key, rate, burst), the least recently used evicted past max_keys."""
+
+    def __init__(
+        self, max_keys: int = 100_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.max_keys = max_keys
-        self._buckets: OrderedDict[tuple[str, float, int], AsyncLimiter] = OrderedDict()
+        self._clock = clock
+        self._buckets: OrderedDict[tuple[str, float, int], TokenBucket] = OrderedDict()
 
     async def take(
         self, key: str, rate: float, burst: int, cost: int = 1, need: int | None = None
     ) -> Decision:
+        now = self._clock()
         bkey = (key, rate, burst)
         bucket = self._buckets.get(bkey)
         if bucket is None:
-            # A leaky bucket of `burst` capacity draining `rate` per second is a token bucket
-            # of `burst` tokens refilled at `rate`.
-            bucket = self._buckets[bkey] = AsyncLimiter(burst, burst / rate)
+            bucket = self._buckets[bkey] = TokenBucket(rate, burst, now)
             if len(self._buckets) > self.max_keys:
                 self._buckets.popitem(last=False)
         else:
             self._buckets.move_to_end(bkey)
-        if need is None:
-            need = min(cost, burst)
-        allowed = bucket.has_capacity(need)  # leaks first, so the level is current
-        if allowed:
-            # Not acquire(): it refuses amounts above the capacity, and nothing here ever waits.
-            # A level above max_rate is the debt; the leak pays it back at `rate`.
-            bucket._level += cost
-        level: float = bucket._level  # tokens used; aiolimiter keeps it current after has_capacity
-        remaining = max(0, math.floor(burst - level))
-        reset_s = math.ceil(level / rate) if level > 0 else 0
-        retry = 0 if allowed else max(1, math.ceil((level + need - burst) / rate))
-        return Decision(allowed, burst, remaining, reset_s, retry)
+        return bucket.take(cost, min(cost, burst) if need is None else need, now)
 
 
 # KEYS[1] bucket key; ARGV rate (tokens/s), burst, cost, need (tokens that must be there to

@@ -298,6 +298,8 @@ def _serve_instance(config: Config) -> int:
     # deployment that forgot PAYMENTS_URL refuses payments (503) instead of faking them.
     dev = config.database_url is None
     config, services = resolve_services(config, payments=dev)
+    if dev and not config.jwt_keys:  # tokens survive a restart of a development server
+        config = dataclasses.replace(config, jwt_keys=services.dev_jwt_keys())
     if config.payments_url is None:
         log.warning("PAYMENTS_URL is unset: POST /v1/orders/{id}/pay answers 503")
     try:

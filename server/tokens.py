@@ -35,7 +35,12 @@ ROLES = frozenset(RANK)
 
 
 class TokenError(Exception):
-    pass
+    """A refused access token; `reason` is one of server.metrics.TOKEN_FAILURES, the label
+    values of surge_auth_failures_total."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def _b64(data: bytes) -> str:
@@ -134,13 +139,13 @@ class TokenService:
         payload_seg, dot2, sig_seg = rest.partition(".")
         key = self._header_keys.get(header_seg)
         if key is None:
-            raise TokenError("unexpected header")
+            raise TokenError("bad_header")
         if not dot or not dot2 or "." in sig_seg:
             raise TokenError("malformed")
         signing_input = token[: len(header_seg) + 1 + len(payload_seg)].encode("ascii", "replace")
         expected = base64.urlsafe_b64encode(hmac.new(key, signing_input, hashlib.sha256).digest())
         if not hmac.compare_digest(expected.rstrip(b"="), sig_seg.encode("ascii", "replace")):
-            raise TokenError("bad signature")
+            raise TokenError("bad_signature")
         try:
             claims = orjson.loads(
                 base64.urlsafe_b64decode(payload_seg + "=" * (-len(payload_seg) % 4))
@@ -149,22 +154,22 @@ class TokenService:
             generation = claims.get("gen", 0)
             aud = claims["aud"]
             if claims["iss"] != self.issuer:
-                raise TokenError("wrong issuer")
+                raise TokenError("wrong_audience")
             if aud != self.audience and not (isinstance(aud, list) and self.audience in aud):
-                raise TokenError("wrong audience")
+                raise TokenError("wrong_audience")
             if type(exp) is not int or type(iat) is not int or type(generation) is not int:
-                raise TokenError("bad times")
+                raise TokenError("malformed")
             if exp <= time.time():
                 raise TokenError("expired")
             if not isinstance(roles, list) or not set(roles) <= ROLES:
-                raise TokenError("bad roles")
+                raise TokenError("malformed")
             principal = Principal(
                 uuid.UUID(claims["sub"]), uuid.UUID(claims["tid"]), frozenset(roles), generation
             )
         except TokenError:
             raise
         except (KeyError, ValueError, TypeError, AttributeError, binascii.Error) as exc:
-            raise TokenError("malformed claims") from exc
+            raise TokenError("malformed") from exc
         return principal, float(exp)
 
 

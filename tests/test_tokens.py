@@ -15,9 +15,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from server import metrics
 from server.app import create_app
 from server.config import Config
-from server.tokens import TokenError, TokenService
+from server.metrics import TOKEN_FAILURES
+from server.tokens import TOKENS, TokenError, TokenService, header_segment
+from server.tokens import sign as sign_with
 
 from .helpers import add_user, login, signup
 
@@ -121,8 +124,58 @@ ATTACKS = {
 
 @pytest.mark.parametrize("attack", sorted(ATTACKS))
 def test_attacks_are_refused(attack: str) -> None:
-    with pytest.raises(TokenError):
+    with pytest.raises(TokenError) as refused:
         service().verify(ATTACKS[attack]())
+    assert refused.value.reason in TOKEN_FAILURES
+
+
+def forged(tokens: TokenService, reason: str) -> list[str]:
+    """Tokens the server `tokens` refuses for `reason`."""
+    header, key = header_segment(tokens.signing_kid), tokens.signing_key
+    ok = claims(iss=tokens.issuer, aud=tokens.audience)
+    tampered = sign_with(header, ok, key).split(".")
+    return {
+        "bad_header": [ATTACKS["alg none"](), ATTACKS["unknown kid"](), "not.a.jwt"],
+        "bad_signature": [
+            sign_with(header, ok, b"x" * 40),
+            ".".join([tampered[0], b64({**ok, "roles": ["owner"]}), tampered[2]]),
+        ],
+        "expired": [sign_with(header, {**ok, "exp": int(time.time()) - 1}, key)],
+        "wrong_audience": [
+            sign_with(header, {**ok, "aud": "other-api"}, key),
+            sign_with(header, {**ok, "iss": "evil"}, key),
+        ],
+        "malformed": [
+            sign_with(header, {**ok, "sub": "admin"}, key),
+            sign_with(header, {**ok, "roles": ["superuser"]}, key),
+            sign_with(header, {}, key),  # no claims at all
+        ],
+    }[reason]
+
+
+def auth_failures() -> dict[str, float]:
+    found = {}
+    for reason in TOKEN_FAILURES:
+        value = metrics.REGISTRY.get_sample_value("surge_auth_failures_total", {"reason": reason})
+        assert value is not None, f"no series for reason={reason}: counters start at 0"
+        found[reason] = value
+    return found
+
+
+@pytest.mark.parametrize("reason", TOKEN_FAILURES)
+async def test_refused_access_tokens_are_counted_by_reason(
+    aiohttp_client: Any, config: Config, reason: str
+) -> None:
+    client = await aiohttp_client(create_app(config))
+    tokens = forged(client.app[TOKENS], reason)
+    before = auth_failures()
+    for token in tokens:
+        resp = await client.get("/v1/me", headers={"Authorization": f"Bearer {token}"})
+        assert resp.status == 401
+    after = auth_failures()
+    assert {r: after[r] - before[r] for r in TOKEN_FAILURES if after[r] != before[r]} == {
+        reason: len(tokens)
+    }
 
 
 @pytest.mark.parametrize("attack", ["alg none", "wrong key", "expired", "tampered claims"])

@@ -60,6 +60,7 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
         name="events",
         on_event=metrics.pool_events("events"),
     )
+    metrics.POOLS.sources["events"] = pool.stats
     try:
         app[EVENT_WRITER] = EventWriter(
             pool,
@@ -75,6 +76,7 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
         finally:
             await app[EVENT_WRITER].close()
     finally:
+        metrics.POOLS.sources.pop("events", None)
         await pool.close(config.shutdown_grace_s)
 
 
