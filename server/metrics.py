@@ -193,13 +193,18 @@ if MULTIPROC_DIR is None:
     REGISTRY.register(HTTP)
 else:
     HTTP = PromHttpMetrics()
-SHED = Counter(
-    "surge_shed_total",
-    "Requests refused with 503 because the process was full, by reason (queue_full: the queue"
-    " was at its bound; deadline: waited past the wait allowed; tenant_share: its tenant held"
-    " more than its share of the queue)",
-    ["reason"],
-    registry=REGISTRY,
+SHED = zeroed(
+    Counter(
+        "surge_shed_total",
+        "Requests refused with 503 because the process was full, by reason (queue_full: the queue"
+        " was at its bound; deadline: waited past the wait allowed; tenant_share: its tenant held"
+        " more than its share of the queue)",
+        ["reason"],
+        registry=REGISTRY,
+    ),
+    "queue_full",
+    "deadline",
+    "tenant_share",
 )
 RATELIMITED = zeroed(
     Counter(
@@ -504,18 +509,28 @@ LIVE_CLIENTS = Gauge(
     multiprocess_mode="livesum",
     registry=REGISTRY,
 )
-LIVE_REFUSED = Counter(
-    "surge_analytics_live_refused_total",
-    "Live streams refused, by the limit reached (user, tenant: 429; process: 503)",
-    ["limit"],
-    registry=REGISTRY,
+LIVE_REFUSED = zeroed(
+    Counter(
+        "surge_analytics_live_refused_total",
+        "Live streams refused, by the limit reached (user, tenant: 429; process: 503)",
+        ["limit"],
+        registry=REGISTRY,
+    ),
+    "user",
+    "tenant",
+    "process",
 )
-LIVE_CLOSED = Counter(
-    "surge_analytics_live_closed_total",
-    "Live streams the server ended, by reason (slow: a consumer past its buffer or write "
-    "timeout; expired, revoked: its token, after a reauthenticate event)",
-    ["reason"],
-    registry=REGISTRY,
+LIVE_CLOSED = zeroed(
+    Counter(
+        "surge_analytics_live_closed_total",
+        "Live streams the server ended, by reason (slow: a consumer past its buffer or write "
+        "timeout; expired, revoked: its token, after a reauthenticate event)",
+        ["reason"],
+        registry=REGISTRY,
+    ),
+    "slow",
+    "expired",
+    "revoked",
 )
 EVENT_NAMES_REFUSED = Counter(
     "surge_event_names_refused_total",
