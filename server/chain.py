@@ -6,7 +6,8 @@ Outermost first, as each request meets it:
              exception rendered as problem+json (server/problems.py), the headers every
              answer carries (nosniff; no-store on API answers)
     body     a request's body read into memory within BODY_READ_TIMEOUT_S (408 past it, 413
-             past MAX_BODY_BYTES), so a body that trickles in holds a connection, never a slot
+             past MAX_BODY_BYTES), so a body that trickles in holds a connection, never a slot;
+             a body in a Content-Encoding its route does not take is refused 415 unread
     shed     a bounded, fair gate; a request that waits too long for a slot is refused 503
     api      access token verified in memory (and not revoked), token-bucket rate limit,
              RateLimit-* headers
@@ -34,6 +35,7 @@ from multidict import istr
 from db.gate import FairGate
 from server import metrics
 from server.access_log import AccessLine, AccessLog
+from server.encoding import check_coding
 from server.errors import ApiError, TooManyRequests, Unauthorized, ValidationFailed
 from server.http import client_ip
 from server.keys import CONFIG, LIMITER, PRINCIPAL, RATELIMIT_HEADERS, REQUEST_ID, REVOCATIONS
@@ -120,7 +122,9 @@ class Chain:
             # the request takes a slot, never while it holds one.
             inner = handler_of(route)
             if route.shed:
-                inner = _body(_shed(inner, self.shed_gate), self.body_read_timeout_s)
+                inner = _body(
+                    _shed(inner, self.shed_gate), self.body_read_timeout_s, encoded=route.encoded
+                )
             if route.api:
                 inner = _api(inner, public=route.public, limited=not route.own_limit)
         return self._observe(
@@ -136,8 +140,9 @@ class Chain:
         """The catch-all's handler: whether it is shed and rate limited follows the path asked
         for (an ops path is never shed; an API path answers with RateLimit-* headers)."""
         timeout_s = self.body_read_timeout_s
-        api = _api(_body(_shed(_unmatched, self.shed_gate), timeout_s), public=True)
-        page = _body(_shed(_unmatched, self.shed_gate), timeout_s)
+        # No route, no content coding to check: the body is read as sent, never decoded.
+        api = _api(_body(_shed(_unmatched, self.shed_gate), timeout_s, None), public=True)
+        page = _body(_shed(_unmatched, self.shed_gate), timeout_s, None)
 
         async def dispatch(request: web.Request) -> web.StreamResponse:
             path = request.path
@@ -263,14 +268,20 @@ async def _never(request: web.Request) -> web.StreamResponse:
     raise AssertionError("a plain route's handler is called directly")
 
 
-def _body(handler: Handler, timeout_s: float) -> Handler:
+def _body(handler: Handler, timeout_s: float, encoded: bool | None) -> Handler:
     """The request's body in memory before `handler` (the shed gate) runs: a body that trickles
     in holds its connection, never a slot. request.read() keeps the bytes, so the handler's own
     read returns them at once. (A refusal that needs no body, such as an overload check, would
-    go before this layer.)"""
+    go before this layer.)
+
+    The bytes are kept as sent (the server does not decompress: server/encoding.py): a body in
+    a Content-Encoding its route does not take (`encoded`) is refused 415 unread; one it takes
+    is decoded by the handler, inside its slot. `encoded` None: not checked (the catch-all)."""
 
     async def body(request: web.Request) -> web.StreamResponse:
         if request.body_exists:
+            if encoded is not None:
+                check_coding(request, encoded)
             try:
                 async with asyncio.timeout(timeout_s):
                     await request.read()  # 413 past client_max_size (MAX_BODY_BYTES)
