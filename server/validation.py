@@ -153,7 +153,7 @@ def screen(data: Any, raw: bytes | None = None, *, walk_depth: bool = True) -> N
         runs = _digit_runs(raw)
         cards = deep or text is None or _card_shaped(text, runs if text is raw else None)
         nul = escaped and b"\\u0000" in raw
-        numbers = _inexact_suspect(raw, runs)
+        numbers = _inexact_suspect(raw, runs, data)
         if not (deep or cards or nul or numbers):
             return
     found = _first_problem(data, cards, nul) if deep or cards or nul else None
@@ -343,29 +343,70 @@ def _first_problem(data: Any, cards: bool, nul: bool) -> tuple[str, str] | None:
 # A number can change on its way through a 64-bit float only when it has 16 significant digits
 # or more (15 always come back), is -0.0, or has an exponent of -100 or less (a float's range
 # ends near 1e-308; a longer way there spells 16 digits). Bodies with none of these are not
-# parsed again; false alarms cost one parse, misses none.
+# parsed again; false alarms cost one parse, misses none. UUIDs hold "e-" and "-0e" often, so
+# those are found with bytes.find and looked at where they are, not with a pattern run over the
+# whole body.
 _SIXTEEN = b"0" * 16
-_TINY_EXPONENT = re.compile(rb"[0-9][eE]-0*[1-9][0-9]{2,}(?=[\s,\]}])")
+_TINY_EXPONENT = re.compile(rb"[eE]-0*[1-9][0-9]{2,}[\s,\]}]")  # matched where [eE]- is
+_DIGITS = frozenset(b"0123456789")
+_ALNUM = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+# orjson writes every negative zero as -0.0 (and -0.05 as itself)
+_NEGATIVE_ZERO = re.compile(rb"-0\.0(?![0-9])")
 
 
-def _inexact_suspect(raw: bytes, runs: bytes) -> bool:
-    return (
-        _SIXTEEN in runs
-        or b"-0." in raw
-        or b"-0e" in raw
-        or b"-0E" in raw
-        or ((b"e-" in raw or b"E-" in raw) and _TINY_EXPONENT.search(raw) is not None)
-    )
+def _inexact_suspect(raw: bytes, runs: bytes, data: Any) -> bool:
+    if _SIXTEEN in runs or _found(raw, (b"e-", b"E-"), 0, _DIGITS, _TINY_EXPONENT):
+        return True
+    if b"-0." in raw or _found(raw, (b"-0e", b"-0E"), -1, _ALNUM, None):
+        try:  # a negative number: is it a zero? asked of orjson's output
+            return _NEGATIVE_ZERO.search(orjson.dumps(data)) is not None
+        except orjson.JSONEncodeError:  # deeper than orjson writes
+            return True
+    return False
+
+
+def _found(
+    raw: bytes, needles: tuple[bytes, ...], before: int, chars: frozenset[int], then: Any
+) -> bool:
+    """Whether a needle occurs where the byte before it is in `chars` (before=0) or is not
+    (before=-1), and `then` (a pattern) matches from it, when given."""
+    for needle in needles:
+        at = raw.find(needle, 1)
+        while at > 0:
+            if (raw[at - 1] in chars) is (before == 0) and (then is None or then.match(raw, at)):
+                return True
+            at = raw.find(needle, at + 2)
+    return False
+
+
+class _Inexact(Exception):
+    pass
+
+
+def _exact_int(token: str) -> int:
+    if len(token) >= 19 and not INT_MIN <= int(token) <= INT_MAX:
+        raise _Inexact
+    return 0  # the value itself is not kept
+
+
+def _exact_float(token: str) -> float:
+    if _inexact(Decimal(token)) is not None:
+        raise _Inexact
+    return 0.0
 
 
 def _inexact_number(raw: bytes) -> tuple[str, str] | None:
     """(path, message) of the first number in `raw` that orjson would not give back equal, with
-    why; the body parsed again by the standard library, its numbers exact."""
+    why; the body parsed again by the standard library, which hands over each number as sent.
+    The first parse only looks at the numbers; a second one, rarely, finds the path."""
     try:
-        exact = json.loads(raw, parse_float=Decimal)
+        json.loads(raw, parse_int=_exact_int, parse_float=_exact_float)
+        return None
+    except _Inexact:
+        pass
     except RecursionError:  # deeper than any body may be: that is its problem
         return "", DEEP_MESSAGE
-    stack = [_Node(exact, 1, None, "")]
+    stack = [_Node(json.loads(raw, parse_float=Decimal), 1, None, "")]
     while stack:
         node = stack.pop()
         value = node.value
