@@ -7,6 +7,7 @@
     ops=True     probes, scrape, docs: never shed, rate limited or authenticated
     stream=True  long-lived: not shed (capped by its own limit)
     plain=True   the handler is a plain function that never waits
+    encoded=True takes a gzip, deflate or br body (server/encoding.py); the rest refuse one, 415
 
 `contexts` lists each domain's resources and workers, installed in this order after the pools.
 """
@@ -44,7 +45,7 @@ routes = [
     delete("/v1/users/{user_id}", identity_routes.delete_user),
     put("/v1/users/{user_id}/roles/{role}", identity_routes.grant_role),
     delete("/v1/users/{user_id}/roles/{role}", identity_routes.revoke_role),
-    post("/v1/events", events_routes.post_events),
+    post("/v1/events", events_routes.post_events, encoded=True),
     get("/v1/analytics/counts", events_routes.get_counts),
     get("/v1/analytics/live", events_routes.live, stream=True),
     get("/v1/products", orders_routes.list_products),

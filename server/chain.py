@@ -9,7 +9,8 @@ Outermost first, as each request meets it:
              RateLimit-* headers
     body     a request's body read into memory within BODY_READ_TIMEOUT_S (408 past it, 413
              past MAX_BODY_BYTES), so a body that trickles in holds a connection, never a slot;
-             a request the shed layer would refuse anyway is refused before its body is read
+             a request the shed layer would refuse anyway is refused before its body is read;
+             a body in a Content-Encoding its route does not take is refused 415 unread
     shed     admission (server/admission.py): an adaptive limit of requests served at once, a
              queue per tenant served round-robin, a deadline on the wait counted from the
              request's arrival; a request refused is answered 503 + Retry-After
@@ -40,6 +41,7 @@ from server import metrics
 from server.access_log import AccessLine, AccessLog
 from server.admission import DEADLINE, QUEUE_FULL, TENANT_SHARE, Admission, Refused
 from server.cors import Cors
+from server.encoding import check_coding
 from server.errors import ApiError, TooManyRequests, Unauthorized, ValidationFailed
 from server.http import client_ip, not_modified
 from server.keys import (
@@ -135,13 +137,13 @@ class Chain:
         self.trust_forwarded_for = trust_forwarded_for
         self.ops_paths: frozenset[str] = frozenset()
 
-    def _gated(self, handler: Handler) -> Handler:
-        """`handler` behind the body and shed layers."""
+    def _gated(self, handler: Handler, encoded: bool | None) -> Handler:
+        """`handler` behind the body and shed layers (`encoded`: see _body)."""
         gate, timeout_s = self.shed_gate, self.body_read_timeout_s
         if isinstance(gate, FairGate):
-            return _body(_shed(handler, gate), timeout_s, None, False)
+            return _body(_shed(handler, gate), timeout_s, None, False, encoded)
         trust = self.trust_forwarded_for
-        return _body(_admit(handler, gate, trust), timeout_s, gate, trust)
+        return _body(_admit(handler, gate, trust), timeout_s, gate, trust, encoded)
 
     def wrap(self, route: Route, method: str) -> Handler:
         """The handler registered for `route` under `method` (GET routes answer HEAD too)."""
@@ -156,7 +158,7 @@ class Chain:
             if method in ("GET", "HEAD") and not route.stream:
                 inner = _conditional(inner)
             if route.shed:
-                inner = self._gated(inner)
+                inner = self._gated(inner, route.encoded)
             if route.api:
                 inner = _api(inner, public=route.public, limited=not route.own_limit)
         return self._observe(
@@ -171,8 +173,9 @@ class Chain:
     def unmatched(self) -> Handler:
         """The catch-all's handler: whether it is shed and rate limited follows the path asked
         for (an ops path is never shed; an API path answers with RateLimit-* headers)."""
-        api = _api(self._gated(_unmatched), public=True)
-        page = self._gated(_unmatched)
+        # No route, no content coding to check: the body is read as sent, never decoded.
+        api = _api(self._gated(_unmatched, None), public=True)
+        page = self._gated(_unmatched, None)
         cors = self.cors
 
         async def dispatch(request: web.Request) -> web.StreamResponse:
@@ -307,17 +310,27 @@ async def _never(request: web.Request) -> web.StreamResponse:
 
 
 def _body(
-    handler: Handler, timeout_s: float, admission: Admission | None, trust_forwarded_for: bool
+    handler: Handler,
+    timeout_s: float,
+    admission: Admission | None,
+    trust_forwarded_for: bool,
+    encoded: bool | None,
 ) -> Handler:
     """The request's body in memory before `handler` (the shed gate) runs: a body that trickles
     in holds its connection, never a slot. request.read() keeps the bytes, so the handler's own
     read returns them at once. While the admission queue is full, a request whose tenant holds
     its share of it is refused before its body is read. A request with a body arrives, for
-    admission, once its body is in: an upload's time on the wire is not a wait for a slot."""
+    admission, once its body is in: an upload's time on the wire is not a wait for a slot.
+
+    The bytes are kept as sent (the server does not decompress: server/encoding.py): a body in
+    a Content-Encoding its route does not take (`encoded`) is refused 415 unread; one it takes
+    is decoded by the handler, inside its slot. `encoded` None: not checked (the catch-all)."""
     clock = time.perf_counter
 
     async def body(request: web.Request) -> web.StreamResponse:
         if request.body_exists:
+            if encoded is not None:
+                check_coding(request, encoded)
             if (
                 admission is not None
                 and admission.queued

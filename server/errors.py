@@ -36,6 +36,14 @@ class BadRequest(ApiError):
     status, slug, title = 400, "bad-request", "Bad Request"
 
 
+class PayloadTooLarge(ApiError):
+    status, slug, title = 413, "payload-too-large", "Content Too Large"
+
+
+class UnsupportedMediaType(ApiError):
+    status, slug, title = 415, "unsupported-media-type", "Unsupported Media Type"
+
+
 class Unauthorized(ApiError):
     status, slug, title = 401, "unauthorized", "Unauthorized"
 

@@ -371,10 +371,11 @@ class AdmissionCollector(Collector):
         wait[_WAIT_SUM] += seconds
 
     def collect(self) -> Iterable[Metric]:
-        if self.source is not None:
-            values = self.source()
-            for key, (name, doc) in _ADMISSION_GAUGES.items():
-                yield GaugeMetricFamily(name, doc, values[key])
+        # Without an adaptive limit (ADAPTIVE_CONCURRENCY=false, or no app yet) the gauges are
+        # declared with no sample: they exist, and read "no data" rather than a false 0.
+        values = self.source() if self.source is not None else None
+        for key, (name, doc) in _ADMISSION_GAUGES.items():
+            yield GaugeMetricFamily(name, doc, None if values is None else values[key])
         counts = self.wait
         cumulative = 0.0
         buckets: list[tuple[str, float]] = []

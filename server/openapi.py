@@ -82,7 +82,10 @@ BODY_ERRORS = {  # an operation that reads a JSON body
     "400": problem("Malformed JSON"),
     "408": problem("The body did not arrive within BODY_READ_TIMEOUT_S; the connection is closed"),
     "413": problem("Body larger than MAX_BODY_BYTES"),
-    "415": problem("The body is not application/json"),
+    "415": problem(
+        "The body is not application/json, or has a Content-Encoding (only POST"
+        " /v1/events takes one)"
+    ),
     "422": problem("Validation failed; `errors` names each offending field"),
 }
 PARAM_ERRORS = {  # an operation with query or header parameters

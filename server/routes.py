@@ -41,6 +41,9 @@ class Route:
     # of its own once it knows who calls (the payment webhook, after its signature check), so
     # neither a shop's load from a shared address nor an unsigned flood spends the provider's.
     own_limit: bool = False
+    # Takes a body in a Content-Encoding (server/encoding.py CODINGS), decoded by its handler
+    # once shed admitted it; every other route refuses an encoded body with 415.
+    encoded: bool = False
 
     @property
     def api(self) -> bool:
@@ -63,13 +66,16 @@ def route(
     stream: bool = False,
     plain: bool = False,
     own_limit: bool = False,
+    encoded: bool = False,
 ) -> Route:
     if plain == inspect.iscoroutinefunction(handler):
         kind = "a plain function" if plain else "a coroutine function (or mark it plain=True)"
         raise TypeError(f"{method} {path}: {handler!r} is not {kind}")
     if sum((public, ops, page, own_limit)) > 1:
         raise TypeError(f"{method} {path}: public, ops, page and own_limit exclude each other")
-    return Route(method, path, handler, own_limit or public, ops, page, stream, plain, own_limit)
+    return Route(
+        method, path, handler, own_limit or public, ops, page, stream, plain, own_limit, encoded
+    )
 
 
 def handler_of(route: Route) -> Handler:

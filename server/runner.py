@@ -40,6 +40,7 @@ from server.app import create_app
 from server.config import Config
 from server.connections import ConnectionLimits, Listener
 from server.devservices import DevServiceError, EmbeddedServices
+from server.encoding import BODY_AS_SENT
 from server.keys import LIFECYCLE
 from server.tls import server_context
 
@@ -127,6 +128,10 @@ async def serve_app(
     handler_args: dict[str, Any] = {
         "access_log": None,  # our own JSON access log replaces aiohttp's
         "keepalive_timeout": config.keepalive_timeout_s,
+        # Bodies are read as sent: a route that takes a Content-Encoding decodes it, bounded,
+        # once its request is admitted (server/encoding.py); aiohttp would inflate any body on
+        # any URL before the app saw it.
+        **BODY_AS_SENT,
     }
     runner = web.AppRunner(
         app, handle_signals=False, shutdown_timeout=config.shutdown_grace_s, **handler_args

@@ -3,20 +3,20 @@ what /openapi.json documents and what the server accepts cannot drift apart."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any
 
 import fastjsonschema
 import orjson
 from aiohttp import web
 
-from server.errors import ApiError, BadRequest, ValidationFailed
+from server.encoding import content_coding, decode
+from server.errors import BadRequest, UnsupportedMediaType, ValidationFailed
+from server.keys import CONFIG
 from server.openapi import Json, resolved_schema
-
-
-class UnsupportedMediaType(ApiError):
-    status, slug, title = 415, "unsupported-media-type", "Unsupported Media Type"
 
 
 class Validators:
@@ -80,12 +80,16 @@ def _errors(exc: fastjsonschema.JsonSchemaValueException) -> list[dict[str, str]
 
 
 async def read_raw_json(request: web.Request, *, walk_depth: bool = True) -> tuple[bytes, Any]:
-    """The raw body and its parsed JSON, screened (`screen`) but not validated: 415 unless JSON,
-    400 if malformed, 422 if too deep or holding a card number or a NUL character."""
+    """The raw body (decoded from its Content-Encoding, server/encoding.py) and its parsed JSON,
+    screened (`screen`) but not validated: 415 unless JSON, 400 if malformed, 422 if too deep or
+    holding a card number, a NUL character or a number that would not be stored exactly."""
     ctype = request.content_type
     if ctype != "application/json" and not ctype.endswith("+json"):
         raise UnsupportedMediaType("the request body must be application/json")
     raw = await request.read()  # aiohttp raises 413 past client_max_size
+    coding = content_coding(request)
+    if coding is not None:  # only on a route that takes one (server/chain.py refuses the rest)
+        raw = decode(raw, coding, request.app[CONFIG].max_body_bytes)
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -110,18 +114,28 @@ MAX_DEPTH = 32
 DEEP_MESSAGE = f"is nested more than {MAX_DEPTH} levels deep"
 CARD_MESSAGE = "looks like a card number; send the payment provider's token instead"
 NUL_MESSAGE = "must not contain NUL characters"
+# A number is stored as orjson parsed it (an int of 64 bits, else a 64-bit float) and wrote it
+# back, never as sent: one that would not come back equal is refused, each for its reason.
+INT_MIN, INT_MAX = -(1 << 63), (1 << 64) - 1
+INT_RANGE_MESSAGE = "is an integer outside -2^63 .. 2^64-1, which would not be stored exactly"
+NEGATIVE_ZERO_MESSAGE = "is negative zero, which would be stored as 0; send 0"
+PRECISION_MESSAGE = "has more digits than a 64-bit float holds, so it would not be stored exactly"
+TINY_MESSAGE = "is too close to zero for a 64-bit float, so it would be stored as 0"
 
 
 def screen(data: Any, raw: bytes | None = None, *, walk_depth: bool = True) -> None:
     """ValidationFailed naming the first value of a parsed body that is nested deeper than
-    MAX_DEPTH or is (or holds a key that is) a card number or holds a NUL character.
+    MAX_DEPTH or is (or holds a key that is) a card number or holds a NUL character; then, given
+    the raw body, the first number in it that would not be stored as sent (`_inexact_number`).
 
     Card data never enters Surge (PCI DSS scope stays with the payment provider); PostgreSQL
-    text and jsonb cannot hold NUL. Given the raw body, cheap tests over it decide whether the
-    body is walked at all; one walk then finds the field for all three. A caller passing
-    walk_depth=False checks the depth itself (POST /v1/events: each event's props, which a
-    batch of a thousand events makes cheaper than walking the batch).
+    text and jsonb cannot hold NUL; a number is never changed silently. Given the raw body,
+    cheap tests over it decide whether the body is walked at all; one walk then finds the field
+    for the first three. A caller passing walk_depth=False checks the depth itself (POST
+    /v1/events: each event's props, which a batch of a thousand events makes cheaper than
+    walking the batch).
     """
+    numbers = False  # no raw body, no number as sent to compare with
     if raw is None:
         deep = cards = nul = True
     else:
@@ -136,11 +150,16 @@ def screen(data: Any, raw: bytes | None = None, *, walk_depth: bool = True) -> N
                 text = orjson.dumps(data)
             except orjson.JSONEncodeError:  # deeper than orjson writes: walked below
                 text = None
-        cards = deep or text is None or card_shaped(text)
+        runs = _digit_runs(raw)
+        cards = deep or text is None or _card_shaped(text, runs if text is raw else None)
         nul = escaped and b"\\u0000" in raw
-        if not (deep or cards or nul):
+        numbers = _inexact_suspect(raw, runs, data)
+        if not (deep or cards or nul or numbers):
             return
-    found = _first_problem(data, cards, nul)
+    found = _first_problem(data, cards, nul) if deep or cards or nul else None
+    if found is None and numbers:
+        assert raw is not None
+        found = _inexact_number(raw)
     if found is None:
         return
     field, message = found
@@ -206,9 +225,18 @@ _UUID_BYTES = re.compile(
 )
 
 
+def _digit_runs(raw: bytes) -> bytes:
+    """`raw` with each digit as 0 and the separators dropped (see _KINDS)."""
+    return raw.translate(_KINDS).replace(b"s", b"")
+
+
 def card_shaped(raw: bytes) -> bool:
     """Whether a body may hold a card number (false alarms allowed, no misses)."""
-    kinds = raw.translate(_KINDS).replace(b"s", b"")
+    return _card_shaped(raw, None)
+
+
+def _card_shaped(raw: bytes, runs: bytes | None) -> bool:
+    kinds = _digit_runs(raw) if runs is None else runs
     if _THIRTEEN in kinds:
         return True
     if _DASHED[0] not in kinds and _DASHED[1] not in kinds:
@@ -310,3 +338,93 @@ def _first_problem(data: Any, cards: bool, nul: bool) -> tuple[str, str] | None:
         elif nul and type(value) is str and "\x00" in value:
             return node.path(), NUL_MESSAGE
     return None
+
+
+# A number can change on its way through a 64-bit float only when it has 16 significant digits
+# or more (15 always come back), is -0.0, or has an exponent of -100 or less (a float's range
+# ends near 1e-308; a longer way there spells 16 digits). Bodies with none of these are not
+# parsed again; false alarms cost one parse, misses none. UUIDs hold "e-" and "-0e" often, so
+# those are found with bytes.find and looked at where they are, not with a pattern run over the
+# whole body.
+_SIXTEEN = b"0" * 16
+_TINY_EXPONENT = re.compile(rb"[eE]-0*[1-9][0-9]{2,}[\s,\]}]")  # matched where [eE]- is
+_DIGITS = frozenset(b"0123456789")
+_ALNUM = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+# orjson writes every negative zero as -0.0 (and -0.05 as itself)
+_NEGATIVE_ZERO = re.compile(rb"-0\.0(?![0-9])")
+
+
+def _inexact_suspect(raw: bytes, runs: bytes, data: Any) -> bool:
+    if _SIXTEEN in runs or _found(raw, (b"e-", b"E-"), 0, _DIGITS, _TINY_EXPONENT):
+        return True
+    if b"-0." in raw or _found(raw, (b"-0e", b"-0E"), -1, _ALNUM, None):
+        try:  # a negative number: is it a zero? asked of orjson's output
+            return _NEGATIVE_ZERO.search(orjson.dumps(data)) is not None
+        except orjson.JSONEncodeError:  # deeper than orjson writes
+            return True
+    return False
+
+
+def _found(
+    raw: bytes, needles: tuple[bytes, ...], before: int, chars: frozenset[int], then: Any
+) -> bool:
+    """Whether a needle occurs where the byte before it is in `chars` (before=0) or is not
+    (before=-1), and `then` (a pattern) matches from it, when given."""
+    for needle in needles:
+        at = raw.find(needle, 1)
+        while at > 0:
+            if (raw[at - 1] in chars) is (before == 0) and (then is None or then.match(raw, at)):
+                return True
+            at = raw.find(needle, at + 2)
+    return False
+
+
+class _Inexact(Exception):
+    pass
+
+
+def _exact_int(token: str) -> int:
+    if len(token) >= 19 and not INT_MIN <= int(token) <= INT_MAX:
+        raise _Inexact
+    return 0  # the value itself is not kept
+
+
+def _exact_float(token: str) -> float:
+    if _inexact(Decimal(token)) is not None:
+        raise _Inexact
+    return 0.0
+
+
+def _inexact_number(raw: bytes) -> tuple[str, str] | None:
+    """(path, message) of the first number in `raw` that orjson would not give back equal, with
+    why; the body parsed again by the standard library, which hands over each number as sent.
+    The first parse only looks at the numbers; a second one, rarely, finds the path."""
+    try:
+        json.loads(raw, parse_int=_exact_int, parse_float=_exact_float)
+        return None
+    except _Inexact:
+        pass
+    except RecursionError:  # deeper than any body may be: that is its problem
+        return "", DEEP_MESSAGE
+    stack = [_Node(json.loads(raw, parse_float=Decimal), 1, None, "")]
+    while stack:
+        node = stack.pop()
+        value = node.value
+        if type(value) is dict:
+            stack.extend(reversed([_Node(v, 0, node, k) for k, v in value.items()]))
+        elif type(value) is list:
+            stack.extend(reversed([_Node(v, 0, node, i) for i, v in enumerate(value)]))
+        elif type(value) is int and not INT_MIN <= value <= INT_MAX:
+            return node.path(), INT_RANGE_MESSAGE
+        elif type(value) is Decimal and (message := _inexact(value)) is not None:
+            return node.path(), message
+    return None
+
+
+def _inexact(value: Decimal) -> str | None:
+    if value.is_zero():
+        return NEGATIVE_ZERO_MESSAGE if value.is_signed() else None
+    stored = float(value)  # what orjson parses, written back as repr writes it
+    if stored == 0.0:
+        return TINY_MESSAGE
+    return None if Decimal(repr(stored)) == value else PRECISION_MESSAGE

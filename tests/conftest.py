@@ -20,19 +20,23 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 import redis as sync_redis
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from db.migrate import migrate
 from server.config import Config
 from server.devservices import EmbeddedServices, tcp_reachable
+from server.encoding import BODY_AS_SENT
 from server.runner import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -261,3 +265,19 @@ def server_url(clean: Services, provider_url: str) -> Iterator[str]:
         proc.wait(30)
         if proc.stderr:
             proc.stderr.close()
+
+
+@pytest.fixture
+def aiohttp_client(aiohttp_client: Any) -> Callable[..., Awaitable[Any]]:
+    """pytest-aiohttp's, its test server reading bodies as the real one does: as sent, never
+    decompressed by aiohttp (server/encoding.py). (A TestServer drops the handler arguments
+    given to its constructor: they go to its start_server.)"""
+
+    async def go(app: Any, *, server_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        if isinstance(app, web.Application):
+            server = TestServer(app, **(server_kwargs or {}))
+            await server.start_server(**BODY_AS_SENT)
+            app = server
+        return await aiohttp_client(app, **kwargs)
+
+    return go

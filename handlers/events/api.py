@@ -4,6 +4,7 @@ validator that names the offending field when POST /v1/events refuses a body."""
 from __future__ import annotations
 
 from db.ids import UUID_RE
+from server.encoding import CODINGS
 from server.openapi import Json, json_content, op, problem, query_param, ref
 
 MAX_EVENTS = 1000
@@ -140,6 +141,26 @@ def _retry_after(description: str, *, required: bool) -> Json:
     return out
 
 
+def _any_case(word: str) -> str:
+    """`word` as a pattern matching it in any case: content codings are case-insensitive (RFC
+    9110 8.4.1), and ECMA 262 patterns have no inline flag for it."""
+    return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in word)
+
+
+# What server/encoding.py takes: one of CODINGS (or x-gzip, or identity), or nothing at all.
+_CODINGS_RE = "|".join(_any_case(c) for c in ("identity", "x-gzip", *CODINGS))
+CONTENT_ENCODING_PARAM: Json = {
+    "name": "Content-Encoding",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "pattern": rf"^[ \t]*({_CODINGS_RE})?[ \t]*$"},
+    "description": (
+        "The body's compression, if any: gzip (x-gzip), deflate or br. Decoded, it may be at"
+        " most MAX_BODY_BYTES as any body (413 past it); a body that is not in the coding it"
+        " names is a 400, another coding a 415"
+    ),
+}
+
 PATHS: Json = {
     "/v1/events": {
         "post": op(
@@ -147,12 +168,19 @@ PATHS: Json = {
             "events",
             {
                 "202": json_content("Committed", ref("EventsAccepted")),
+                "400": problem("Malformed JSON, or a body that is not in its Content-Encoding"),
+                "413": problem("Body larger than MAX_BODY_BYTES as sent, or once decoded"),
+                "415": problem(
+                    "The body is not application/json, or its Content-Encoding is"
+                    " not one of gzip, deflate, br"
+                ),
                 "422": problem(
                     "Validation failed; `errors` names each offending field (`events[i].name` "
                     "for a new event name past the tenant's EVENTS_MAX_NAMES_PER_TENANT)"
                 ),
             },
             body="EventBatch",
+            params=[CONTENT_ENCODING_PARAM],
         )
     },
     "/v1/analytics/counts": {

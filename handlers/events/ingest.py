@@ -16,7 +16,7 @@ from db.events import CopyRecord, MinuteCounts, pg_micros
 from db.ids import UUID_RE
 from handlers.events.api import MAX_EVENTS, MAX_PROPS_BYTES, MAX_PROPS_KEYS, NAME_RE, SCHEMAS, TS_RE
 from server.errors import ValidationFailed
-from server.validation import MAX_DEPTH, Validators, looks_like_card, screen, too_deep
+from server.validation import DEEP_MESSAGE, MAX_DEPTH, Validators, looks_like_card, screen, too_deep
 
 MAX_SKEW = timedelta(hours=24)
 PROPS_DEPTH = MAX_DEPTH - 3  # the body, events and the event hold an event's props
@@ -90,7 +90,7 @@ def parse_batch(data: Any, tenant_id: str, now: datetime) -> tuple[list[CopyReco
             # to hold for every pending event.
             try:
                 props_json = b"\x01" + orjson.dumps(props)
-            except orjson.JSONEncodeError:  # an int past 64 bits; orjson.loads never makes one
+            except orjson.JSONEncodeError:  # nested past the 254 levels orjson writes
                 _refuse(data)
             if (
                 len(props_json) > MAX_PROPS_BYTES + 1
@@ -171,8 +171,8 @@ def _refuse(data: Any) -> NoReturn:
         props = event.get("props")
         try:
             size = len(orjson.dumps(props))
-        except orjson.JSONEncodeError:
-            errors.append({"field": f"events[{i}].props", "message": "holds a number out of range"})
+        except orjson.JSONEncodeError:  # too deep for orjson.dumps; screen() names it first
+            errors.append({"field": f"events[{i}].props", "message": DEEP_MESSAGE})
             continue
         if props is not None and size > MAX_PROPS_BYTES:
             errors.append(

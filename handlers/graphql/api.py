@@ -10,13 +10,14 @@ def _graphql(desc: str) -> Json:
     return json_content(desc, ref("GraphQLResponse"))
 
 
-def _refused(desc: str) -> Json:
+def _refused(desc: str, *, retry_after: bool = True) -> Json:
     """A refusal either shape can carry: the chain refuses before the query is read, as on
     every route (problem+json); GraphQL refuses inside the request, in the GraphQL shape.
     Clients branch on the status first, then read whichever body came."""
+    headers = {"Retry-After": {"schema": {"type": "integer"}, "required": True}}
     return {
         "description": desc,
-        "headers": {"Retry-After": {"schema": {"type": "integer"}, "required": True}},
+        **({"headers": headers} if retry_after else {}),
         "content": {
             "application/json": {"schema": ref("GraphQLResponse")},
             "application/problem+json": {"schema": ref("Problem")},
@@ -107,7 +108,11 @@ PATHS: Json = {
                     "GRAPHQL_MAX_COST"
                 ),
                 "413": _graphql("The query is larger than GRAPHQL_MAX_BYTES"),
-                "415": _graphql("The body is not application/json"),
+                "415": _refused(
+                    "The body is not application/json (a GraphQL response), or has a "
+                    "Content-Encoding (problem+json)",
+                    retry_after=False,
+                ),
                 "422": _graphql(
                     "The body is not {query, variables?, operationName?}, or a "
                     "variable or argument value is refused (BAD_USER_INPUT)"
