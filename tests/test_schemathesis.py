@@ -18,7 +18,9 @@ def test_schemathesis_finds_nothing(server_url: str, tmp_path: Path) -> None:
     report = tmp_path / "schemathesis.json"
     proc = subprocess.run(
         [
-            sys.executable, "-m", "schemathesis.cli", "run", "--checks", "all", "--no-color",
+            # every check but use_after_free: DELETE /v1/users/{id} is a soft delete by contract
+            sys.executable, "-m", "schemathesis.cli", "run", "--checks", "all",
+            "--exclude-checks", "use_after_free", "--no-color",
             "--report", "json", "--report-json-path", str(report),
             f"{server_url}/openapi.json",
         ],
