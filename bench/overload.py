@@ -269,7 +269,9 @@ def access_log_window(
                 line = orjson.loads(raw)
             except orjson.JSONDecodeError:
                 continue
-            if not since <= line["ts"] <= until or line.get("tenant") != tenant:
+            # access lines stamp ISO 8601 UTC (server/access_log.py)
+            ts = datetime.fromisoformat(line["ts"]).timestamp()
+            if not since <= ts <= until or line.get("tenant") != tenant:
                 continue
             statuses[line["status"]] += 1
             if line["status"] == 200:

@@ -223,7 +223,7 @@ class Config:
     adaptive_concurrency: bool = _setting(
         "ADAPTIVE_CONCURRENCY",
         _bool,
-        True,
+        False,  # off until it beats the fixed gate: docs/PERFORMANCE.md, "Overload"
         "Adapt the requests admitted at once to measured latency (CONCURRENCY_*), with a queue"
         " per tenant; false: a fixed MAX_IN_FLIGHT and one FIFO queue",
     )
