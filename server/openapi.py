@@ -67,7 +67,8 @@ _RL_HEADERS = {
 }
 
 
-def _retry(desc: str, *, required: bool) -> Json:
+def retry_problem(desc: str, *, required: bool) -> Json:
+    """A problem+json answer with a Retry-After header (`required`: always sent)."""
     out = problem(desc)
     header: Json = {"schema": {"type": "integer"}, "description": "Seconds to wait before retrying"}
     if required:
@@ -92,8 +93,8 @@ PARAM_ERRORS = {  # an operation with query or header parameters
     "422": problem("A parameter is refused; `errors` names it"),
 }
 LIMITED_ERRORS = {  # every rate-limited operation (each /v1 one and POST /graphql)
-    "429": _retry("Rate limited; see Retry-After", required=True),
-    "503": _retry("Overloaded or a dependency is down; see Retry-After", required=False),
+    "429": retry_problem("Rate limited; see Retry-After", required=True),
+    "503": retry_problem("Overloaded or a dependency is down; see Retry-After", required=False),
 }
 AUTH_ERRORS = {  # every operation that needs an access token
     "401": problem("Missing, invalid, expired or revoked access token"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from db.ids import UUID_RE
 from server.encoding import CODINGS
-from server.openapi import Json, json_content, op, problem, query_param, ref
+from server.openapi import Json, json_content, op, problem, query_param, ref, retry_problem
 
 MAX_EVENTS = 1000
 MAX_PROPS_BYTES = 2048
@@ -132,15 +132,6 @@ COUNT_PARAMS = [
 ]
 
 
-def _retry_after(description: str, *, required: bool) -> Json:
-    out = problem(description)
-    header: Json = {"schema": {"type": "integer"}, "description": "Seconds to wait before retrying"}
-    if required:
-        header["required"] = True
-    out["headers"] = {"Retry-After": header}
-    return out
-
-
 def _any_case(word: str) -> str:
     """`word` as a pattern matching it in any case: content codings are case-insensitive (RFC
     9110 8.4.1), and ECMA 262 patterns have no inline flag for it."""
@@ -213,12 +204,12 @@ PATHS: Json = {
                 },
                 # 429, not 503: these limits are the caller's to free (close a stream), not the
                 # server's capacity; 503 is the process's own limit, or a drain.
-                "429": _retry_after(
+                "429": retry_problem(
                     "Rate limited, or the caller (EVENTS_LIVE_MAX_PER_USER) or its tenant "
                     "(EVENTS_LIVE_MAX_PER_TENANT) has the most streams open on this server",
                     required=True,
                 ),
-                "503": _retry_after(
+                "503": retry_problem(
                     "The server holds EVENTS_LIVE_MAX_CLIENTS streams, or is draining; or a "
                     "dependency is down",
                     required=False,
