@@ -1,4 +1,4 @@
-"""Revocation of access tokens (../shared/API.md "Revocation"): suspending or deleting a user, a
+"""Revocation of access tokens (README, "Identity, as built"): suspending or deleting a user, a
 password change, a role change and logout-all take effect on that user's access tokens within
 1 s in every process, though tokens are verified in memory.
 
