@@ -3,19 +3,21 @@
 Issue 19's measurement. Surge runs as in bench.run (one process pinned to CPU 0, cache off,
 rate limits too high to refuse) once per mode: ADAPTIVE_CONCURRENCY=true (the adaptive limit)
 and =false (the fixed MAX_IN_FLIGHT gate). Per mode it first measures capacity: 200s per second
-with wrk at 64 connections. Then steps of rising load (wrk, pinned to CPU 1, one tenant's users,
-64 to 2,000 connections), and during each measured step a second tenant probes the same
-endpoint at ~40 requests/s from this process (aiohttp, open loop: a request every 25 ms,
-whether or not the previous one has answered).
+with wrk at 64 connections. Then steps of rising load from one tenant's users, pinned to CPU 1,
+and during each measured step a second tenant probes the same endpoint at ~40 requests/s from
+this process (aiohttp, open loop: a request every 25 ms, whether or not the previous one has
+answered).
 
-wrk is a closed loop: a connection sends its next request when the last one is answered, so a
-step's connection count sets the load, and the offered load it measures is what was sent
-(every answer per second) over capacity; the nominal multiple names the step. Per step:
-goodput (200s/s) as a share of capacity; the latency of admitted requests and of refusals from
-the server's access log (the `/metrics` histogram has no status label, and wrk's latency mixes
-both: it cannot pair an answer with its request); wrk's own percentiles over all answers; the
-probe's success share and latency; 5xx other than 503; 503s without Retry-After; refusals by
-reason and the queue wait from `/metrics` when the server exports them.
+The flood is an open loop by default (bench/openloop, a small Go program built with Debian's
+golang-go): a step sends its multiple of capacity on a fixed schedule, as independent clients
+do, and times each request from when it was due, so waiting in the kernel's accept and receive
+queues and in the event loop's backlog counts. `--load wrk` floods with wrk at 64 to 2,000
+connections instead: a closed loop, where a connection sends its next request when the last is
+answered, so fast refusals make it send more and a stall makes it send less. Per step: goodput
+(200s/s) as a share of capacity; the latency of admitted requests and of refusals as the client
+saw them (open loop) and from the server's access log; the probe's success share and latency;
+requests never answered; 5xx other than 503; 503s without Retry-After; refusals by reason and
+the queue wait from `/metrics`.
 
 Results go to bench/results/overload-<UTC timestamp>.json; the table and docs/bench-overload.png
 go into docs/PERFORMANCE.md between `<!-- overload:start -->` and `<!-- overload:end -->`
@@ -23,6 +25,7 @@ go into docs/PERFORMANCE.md between `<!-- overload:start -->` and `<!-- overload
 
     python -m bench.overload                          # both modes, 15 s per step (~4 min)
     python -m bench.overload --seconds 5 --modes fixed
+    python -m bench.overload --load wrk               # the closed loop of earlier runs
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import resource
 import secrets
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 import urllib.request
@@ -77,8 +81,11 @@ from bench.run import (
 PORT = 8206  # not bench.run's ports: the two can be told apart in `ss`
 REDIS_PREFIX = "surgeoverload:"
 CAPACITY_CONNECTIONS = 64
-# (nominal multiple of capacity, wrk connections)
-STEPS: tuple[tuple[int, int], ...] = ((1, 64), (2, 200), (5, 800), (10, 2000))
+# Nominal multiples of capacity; with --load wrk, each is a connection count instead.
+STEPS: tuple[int, ...] = (1, 2, 5, 10)
+WRK_CONNECTIONS = {1: 64, 2: 200, 5: 800, 10: 2000}
+OPENLOOP_SOURCE = ROOT / "bench" / "openloop" / "main.go"
+OPENLOOP_BINARY = DATA_DIR / "openloop"
 PROBE_RPS = 40.0
 PROBE_TIMEOUT_S = 10.0
 WRK_TIMEOUT_S = 10  # long enough that a stall is measured as latency, not dropped
@@ -88,6 +95,10 @@ REPORT = DOCS_DIR / "PERFORMANCE.md"
 CHART = DOCS_DIR / "bench-overload.png"
 BLOCK = re.compile(r"<!-- overload:start -->.*?<!-- overload:end -->", re.S)
 MODES = {"adaptive": "true", "fixed": "false"}
+LOADS = {
+    "openloop": "at rising multiples of capacity sent on a fixed schedule (an open loop)",
+    "wrk": "with wrk at rising connection counts (a closed loop)",
+}
 COLOURS = {"adaptive": "#d9480f", "fixed": "#1c7ed6"}
 
 # Issue 19's targets, at every step up to 10x.
@@ -134,6 +145,45 @@ def split_tenants() -> Tenants:
 
 
 # --- load ----------------------------------------------------------------------------------------
+
+
+def build_openloop() -> Path:
+    """bench/openloop/main.go (standard library only) built with Debian's golang-go."""
+    go = shutil.which("go")
+    if go is None:
+        raise BenchError("the open-loop generator needs Go: apt-get install golang-go")
+    if (
+        OPENLOOP_BINARY.exists()
+        and OPENLOOP_BINARY.stat().st_mtime > OPENLOOP_SOURCE.stat().st_mtime
+    ):
+        return OPENLOOP_BINARY
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "GO111MODULE": "off", "GOCACHE": str(DATA_DIR / "go-cache")}
+    out = subprocess.run(
+        [go, "build", "-o", str(OPENLOOP_BINARY), str(OPENLOOP_SOURCE)],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise BenchError("go build of bench/openloop failed: " + (out.stderr or out.stdout)[:300])
+    return OPENLOOP_BINARY
+
+
+async def run_openloop(rate: float, seconds: float) -> dict[str, Any]:
+    """Open loop: `rate` requests/s on a schedule, latency counted from each one's due time."""
+    cmd = [
+        "taskset", "-c", CLIENT_CPU, str(OPENLOOP_BINARY), "-url", f"http://127.0.0.1:{PORT}",
+        "-targets", str(FLOOD_TSV), "-rate", f"{rate:.0f}", "-duration", f"{seconds:g}s",
+        "-timeout", f"{WRK_TIMEOUT_S}s",
+    ]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), seconds + WRK_TIMEOUT_S + 60)
+    try:
+        result: dict[str, Any] = json.loads(out)
+    except ValueError:
+        raise BenchError(f"openloop gave no result (exit {proc.returncode}): {err!r}") from None
+    return result
 
 
 async def run_wrk(connections: int, seconds: float) -> dict[str, Any]:
@@ -302,41 +352,66 @@ async def measure_step(
     proc_pid: int,
     log_path: Path,
     tenants: Tenants,
-    connections: int,
+    load: tuple[str, float],
     seconds: float,
     warmup_s: float,
     with_probe: bool,
 ) -> dict[str, Any]:
+    """One step under `load`: ("wrk", connections) or ("openloop", requests per second)."""
+    kind, amount = load
+
+    def generate(secs: float) -> Any:
+        if kind == "wrk":
+            return run_wrk(int(amount), secs)
+        return run_openloop(amount, secs)
+
     if warmup_s > 0:
-        await run_wrk(connections, warmup_s)
+        await generate(warmup_s)
     before = scrape()
     pids = process_tree(proc_pid)
     cpu_before = cpu_seconds(pids)
     offset = os.stat(log_path).st_size  # before the load starts: blocking is harmless here
     since, wall0 = time.time(), time.monotonic()
-    wrk_task = asyncio.create_task(run_wrk(connections, seconds))
+    load_task = asyncio.create_task(generate(seconds))
     answers = await probe(tenants, seconds) if with_probe else []
-    wrk = await wrk_task
+    found = await load_task
     wall = time.monotonic() - wall0
     until = time.time()
     cpu = cpu_seconds(pids) - cpu_before
     after = scrape()
     await asyncio.sleep(1.5)  # the access log is written in batches every 0.5 s
-    duration = wrk["duration_us"] / 1e6
-    statuses = {int(k): v for k, v in wrk["statuses"].items()}
+    statuses = {int(k): v for k, v in found["statuses"].items()}
     answered = sum(statuses.values())
-    lat = wrk["latency_us"]
-    row: dict[str, Any] = {
-        "connections": connections,
+    row: dict[str, Any] = {"load": kind}
+    if kind == "wrk":
+        duration = found["duration_us"] / 1e6
+        lat = found["latency_us"]
+        row |= {
+            "connections": int(amount),
+            "client_p50_ms": lat["p50"] / 1000,
+            "client_p99_ms": lat["p99"] / 1000,
+            "client_errors": found["errors"],
+        }
+    else:
+        duration = found["sending_s"]
+        lat = found["latency_ms"]
+        row |= {
+            "rate": amount,
+            "not_sent": found["not_sent"],
+            "client_p50_ms": (lat["all"] or {}).get("p50"),
+            "client_p99_ms": (lat["all"] or {}).get("p99"),
+            "client_admitted_p50_ms": (lat["ok"] or {}).get("p50"),
+            "client_admitted_p99_ms": (lat["ok"] or {}).get("p99"),
+            "client_refused_p99_ms": (lat["refused"] or {}).get("p99"),
+        }
+    row |= {
         "seconds": round(duration, 3),
         "sent_per_s": round(answered / duration, 1),
         "goodput_per_s": round(statuses.get(200, 0) / duration, 1),
-        "wrk_statuses": {str(k): v for k, v in sorted(statuses.items())},
-        "wrk_p50_ms": lat["p50"] / 1000,
-        "wrk_p99_ms": lat["p99"] / 1000,
-        "wrk_errors": wrk["errors"],
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
         "other_5xx": sum(v for k, v in statuses.items() if k >= 500 and k != 503),
-        "no_retry_after": wrk["no_retry_after"],
+        "no_answer": statuses.get(0, 0),  # open loop only: timed out or connection refused
+        "no_retry_after": found["no_retry_after"],
         "server_busy": round(cpu / wall, 3) if wall else None,
         "server": access_log_window(log_path, offset, since, until, tenants.flood),
         "metrics": metric_deltas(before, after),
@@ -365,18 +440,23 @@ def judge(row: dict[str, Any], capacity: float) -> None:
     row["goodput_share"] = round(share, 3)
     row["offered_x"] = round(row["sent_per_s"] / capacity, 2) if capacity else None
     server, p = row["server"], row.get("probe", {})
+    # the client's view when the open loop gives it (it includes the kernel's and the event
+    # loop's backlog, which the server's own clock does not see); else the server's
+    admitted = row.get("client_admitted_p99_ms", server["admitted_p99_ms"])
+    refused = row.get("client_refused_p99_ms", server["refused_p99_ms"])
 
     def at_most(value: float | None, limit: float) -> bool | None:
         return None if value is None else value <= limit
 
     row["targets"] = {
-        "admitted_p99": at_most(server["admitted_p99_ms"], ADMITTED_P99_MS),
-        "refused_p99": at_most(server["refused_p99_ms"], REFUSED_P99_MS),
+        "admitted_p99": at_most(admitted, ADMITTED_P99_MS),
+        "refused_p99": at_most(refused, REFUSED_P99_MS),
         "goodput": share >= GOODPUT_SHARE,
         "probe_ok": None if p.get("ok_share") is None else p["ok_share"] >= PROBE_OK_SHARE,
         "probe_p99": at_most(p.get("p99_ms"), PROBE_P99_MS),
         "no_other_5xx": row["other_5xx"] == 0,
         "retry_after": row["no_retry_after"] == 0,
+        "all_answered": row.get("no_answer", 0) == 0,
     }
 
 
@@ -384,7 +464,8 @@ async def run_mode(
     mode: str,
     server: Server,
     tenants: Tenants,
-    steps: Sequence[tuple[int, int]],
+    steps: Sequence[int],
+    load: str,
     seconds: float,
     warmup_s: float,
 ) -> dict[str, Any]:
@@ -397,14 +478,15 @@ async def run_mode(
     proc = start_server(srv, endpoint, f"overload-{mode}.log", stdout=log_path)
     try:
         cap = await measure_step(
-            proc.pid, log_path, tenants, CAPACITY_CONNECTIONS, seconds, warmup_s, False
+            proc.pid, log_path, tenants, ("wrk", CAPACITY_CONNECTIONS), seconds, warmup_s, False
         )
         capacity = cap["goodput_per_s"]
         _say(f"[overload {mode}] capacity {capacity:,.0f} rps at {CAPACITY_CONNECTIONS} conns")
         rows = []
-        for nominal, connections in steps:
+        for nominal in steps:
+            amount = WRK_CONNECTIONS[nominal] if load == "wrk" else nominal * capacity
             row = await measure_step(
-                proc.pid, log_path, tenants, connections, seconds, min(warmup_s, 2.0), True
+                proc.pid, log_path, tenants, (load, amount), seconds, min(warmup_s, 2.0), True
             )
             row["nominal_x"] = nominal
             judge(row, capacity)
@@ -421,14 +503,22 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{value:,.{digits}f}"
 
 
+def _step(row: Mapping[str, Any]) -> str:
+    if row["load"] == "wrk":
+        return f"{row['connections']:,} conns"
+    return f"{row['rate']:,.0f}/s"
+
+
 def _line(row: Mapping[str, Any]) -> str:
     s, p = row["server"], row.get("probe", {})
     missed = [k for k, v in row["targets"].items() if v is False]
     return (
-        f"{row['nominal_x']}x ({row['connections']} conns): sent {row['offered_x']}x, goodput "
+        f"{row['nominal_x']}x ({_step(row)}): sent {row['offered_x']}x, goodput "
         f"{row['goodput_share']:.0%}, admitted p50/p99 {_fmt(s['admitted_p50_ms'])}/"
         f"{_fmt(s['admitted_p99_ms'])} ms, refused p99 {_fmt(s['refused_p99_ms'])} ms, probe "
         f"{_fmt((p.get('ok_share') or 0) * 100)} % ok p99 {_fmt(p.get('p99_ms'))} ms, "
+        f"client admitted/refused p99 {_fmt(row.get('client_admitted_p99_ms'))}/"
+        f"{_fmt(row.get('client_refused_p99_ms'))} ms, no answer {row.get('no_answer', 0)}, "
         f"other 5xx {row['other_5xx']}, 503 w/o Retry-After {row['no_retry_after']}"
         + (f"  MISSED {missed}" if missed else "")
     )
@@ -482,17 +572,18 @@ def render(results: Mapping[str, Any], results_path: Path) -> str:
         "<!-- Written by `python -m bench.overload`; bench/report.py keeps this block. -->",
         "",
         f"Run of {results['started_at']} (`{results['command']}`), raw figures in "
-        f"[`{rel}`](../{rel}). One tenant floods GET /v1/users/{{id}} (cache off) with wrk at "
-        "rising connection counts while a second tenant probes the same endpoint at "
+        f"[`{rel}`](../{rel}). One tenant floods GET /v1/users/{{id}} (cache off) "
+        f"{LOADS[results.get('load', 'wrk')]} while a second tenant probes the same endpoint at "
         f"{PROBE_RPS:g} requests/s; {results['seconds']:g} s per step. ✗ marks a missed target "
         f"(admitted p99 ≤ {ADMITTED_P99_MS:g} ms, refusals p99 ≤ {REFUSED_P99_MS:g} ms, goodput "
         f"≥ {GOODPUT_SHARE:g}× capacity, probe ≥ {PROBE_OK_SHARE:.0%} answered 200 with p99 ≤ "
         f"{PROBE_P99_MS:g} ms, no 5xx but 503, every 503 with Retry-After).",
         "",
-        "| mode | step (conns) | sent / capacity | goodput / capacity | admitted p50 / p99 ms "
-        "(server) | refusals p99 ms (server) | all answers p50 / p99 ms (wrk) | probe 200s | "
-        "probe p50 / p99 ms | refusals by reason | other 5xx | 503 w/o Retry-After |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| mode | step | sent / capacity | goodput / capacity | admitted p50 / p99 ms "
+        "(server) | refusals p99 ms (server) | admitted / refusals p99 ms (client) | all answers"
+        " p50 / p99 ms (client) | probe 200s | probe p50 / p99 ms | refusals by reason | no "
+        "answer | other 5xx | 503 w/o Retry-After |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, run in results["modes"].items():
         for r in run["steps"]:
@@ -500,13 +591,16 @@ def render(results: Mapping[str, Any], results_path: Path) -> str:
             shed = ", ".join(f"{k} {v:,.0f}" for k, v in r["metrics"]["shed_by_reason"].items())
             lines.append(
                 f"| {mode} (capacity {run['capacity_per_s']:,.0f}/s) | {r['nominal_x']}x "
-                f"({r['connections']:,}) | {r['offered_x']}× | {r['goodput_share']:.2f}×"
+                f"({_step(r)}) | {r['offered_x']}× | {r['goodput_share']:.2f}×"
                 f"{_yes(t['goodput'])} | {_fmt(s['admitted_p50_ms'])} / "
-                f"{_fmt(s['admitted_p99_ms'])}{_yes(t['admitted_p99'])} | "
-                f"{_fmt(s['refused_p99_ms'])}{_yes(t['refused_p99'])} | {_fmt(r['wrk_p50_ms'])} "
-                f"/ {_fmt(r['wrk_p99_ms'])} | {_fmt((p.get('ok_share') or 0) * 100)} %"
+                f"{_fmt(s['admitted_p99_ms'])} | {_fmt(s['refused_p99_ms'])} | "
+                f"{_fmt(r.get('client_admitted_p99_ms'))}{_yes(t['admitted_p99'])} / "
+                f"{_fmt(r.get('client_refused_p99_ms'))}{_yes(t['refused_p99'])} | "
+                f"{_fmt(r['client_p50_ms'])} / {_fmt(r['client_p99_ms'])} | "
+                f"{_fmt((p.get('ok_share') or 0) * 100)} %"
                 f"{_yes(t['probe_ok'])} | {_fmt(p.get('p50_ms'))} / {_fmt(p.get('p99_ms'))}"
-                f"{_yes(t['probe_p99'])} | {shed or '–'} | {r['other_5xx']}"
+                f"{_yes(t['probe_p99'])} | {shed or '–'} | {r.get('no_answer', 0)}"
+                f"{_yes(t['all_answered'])} | {r['other_5xx']}"
                 f"{_yes(t['no_other_5xx'])} | {r['no_retry_after']}{_yes(t['retry_after'])} |"
             )
     lines += [
@@ -515,13 +609,16 @@ def render(results: Mapping[str, Any], results_path: Path) -> str:
         "",
         "Method: Surge pinned to CPU 0 as in the tables above (`USER_CACHE_TTL_S=0`, "
         "`MAX_CONNECTIONS_PER_IP=0` so 2,000 connections from one address are let in), started "
-        "afresh per mode; wrk (1 thread) and the probe pinned to CPU 1. Capacity: 200s per "
-        f'second at {CAPACITY_CONNECTIONS} connections, measured first in each mode. "sent / '
-        'capacity" is every answer per second over capacity (wrk is a closed loop: fast '
-        "refusals let it send more). Server-side latency is the access log's `duration_ms` of "
-        "the flooding tenant's 200s and 503s within the measured window; the probe's figures "
-        "are its own, for its 200s. Refusals by reason are the `surge_shed_total` increase over "
-        "the step.",
+        "afresh per mode; the load generator and the probe pinned to CPU 1. Capacity: 200s per "
+        f"second with wrk at {CAPACITY_CONNECTIONS} connections, measured first in each mode. "
+        '"sent / capacity" is every answer per second over capacity. With the open loop '
+        "(bench/openloop, Go) a step sends its multiple of capacity on a fixed schedule and "
+        "counts each request's latency from when it was due, so the kernel's and the event "
+        "loop's backlog count (the targets are judged on these client figures); with wrk, a "
+        "closed loop, fast refusals let it send more and a stall makes it send less. "
+        "Server-side latency is the access log's `duration_ms` of the flooding tenant's 200s "
+        "and 503s within the measured window; the probe's figures are its own, for its 200s. "
+        "Refusals by reason are the `surge_shed_total` increase over the step.",
         "<!-- overload:end -->",
     ]
     return "\n".join(lines)
@@ -541,7 +638,7 @@ def write_report(block: str) -> None:
 # --- main ---------------------------------------------------------------------------------------
 
 
-async def run(args: argparse.Namespace, steps: Sequence[tuple[int, int]]) -> dict[str, Any]:
+async def run(args: argparse.Namespace, steps: Sequence[int]) -> dict[str, Any]:
     secret = secrets.token_urlsafe(30)
     write_targets(secret)
     tenants = split_tenants()
@@ -555,8 +652,14 @@ async def run(args: argparse.Namespace, steps: Sequence[tuple[int, int]]) -> dic
     server = replace(base, port=PORT, env=env)
     modes = {}
     for mode in args.modes.split(","):
-        modes[mode] = await run_mode(mode, server, tenants, steps, args.seconds, args.warmup)
-    return {"modes": modes, "tenants": {"flood": tenants.flood, "probe": tenants.probe}}
+        modes[mode] = await run_mode(
+            mode, server, tenants, steps, args.load, args.seconds, args.warmup
+        )
+    return {
+        "load": args.load,
+        "modes": modes,
+        "tenants": {"flood": tenants.flood, "probe": tenants.probe},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -567,14 +670,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="adaptive,fixed", help="adaptive, fixed or both")
     parser.add_argument(
         "--steps",
-        default=",".join(f"{x}:{c}" for x, c in STEPS),
-        help="nominal multiple:connections, comma-separated",
+        default=",".join(str(x) for x in STEPS),
+        help=f"multiples of capacity, comma-separated (--load wrk: of {list(WRK_CONNECTIONS)})",
+    )
+    parser.add_argument(
+        "--load", choices=list(LOADS), default="openloop", help="the flooding load generator"
     )
     parser.add_argument("--no-report", action="store_true", help="results JSON only")
     args = parser.parse_args(argv)
     if any(m not in MODES for m in args.modes.split(",")):
         parser.error(f"--modes: one or more of {', '.join(MODES)}")
-    steps = [(int(x), int(c)) for x, c in (s.split(":") for s in args.steps.split(","))]
+    steps = [int(x) for x in args.steps.split(",")]
+    if args.load == "wrk" and any(x not in WRK_CONNECTIONS for x in steps):
+        parser.error(f"--steps with --load wrk: some of {list(WRK_CONNECTIONS)}")
     for tool in ("wrk", "taskset"):
         if shutil.which(tool) is None:
             _say(f"overload: {tool} is not installed (Debian: apt-get install {tool})")
@@ -583,10 +691,16 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"overload: port {PORT} is in use: is another overload bench running?")
         return 2
     nofile = raise_nofile()
-    if nofile < max(c for _, c in steps) + 256:
+    if nofile < max(WRK_CONNECTIONS.values()) + 256:
         _say(f"overload: only {nofile} open files allowed; lower --steps or raise the hard limit")
         return 2
-    # The probe and the scrapes share the client's core with wrk, as a second client would.
+    if args.load == "openloop":
+        try:
+            build_openloop()
+        except BenchError as exc:
+            _say(f"overload: {exc}")
+            return 2
+    # The probe and the scrapes share the client's core with the load, as a second client would.
     os.sched_setaffinity(0, {int(CLIENT_CPU)})
     started = datetime.now(UTC)
     try:
