@@ -20,7 +20,10 @@ from .served import Served, start_process, stop_process, wait_ready
 def serving_with_provider(services: Services, out: Path, **env: str) -> Iterator[Served]:
     """The server (test defaults, `env` over them; the production rate limits) and its provider,
     both stopped on exit. Logs under `out`: stdout/stderr (the server's), provider.log."""
-    port, provider_port = free_port(), free_port()
+    port = free_port()
+    provider_port = free_port()
+    while provider_port == port:  # free_port closes its socket: the kernel may hand it out again
+        provider_port = free_port()
     provider = provider_proc(provider_port, f"http://127.0.0.1:{port}/v1/webhooks/payments", out)
     provider.start()
     try:
