@@ -16,6 +16,9 @@ something the test does not start must be marked, not left to rot.
 The script runs twice against the same server (a reader pasting it again), and each run must
 exit 0; then the test checks what it did through the API: the order is paid, the events are
 counted, the users are there.
+
+Beside it: docs/API.md names every route of the URL map, the README links it and
+docs/ARCHITECTURE.md, and no document points outside the repository.
 """
 
 from __future__ import annotations
@@ -145,3 +148,25 @@ def test_the_readme_walk_through_runs_as_written(services: Services, tmp_path: P
             )
 
         wait_until("a payment webhook answered 200", webhooks_accepted)
+
+
+def test_docs_api_covers_every_route_and_the_readme_links_it() -> None:
+    """docs/API.md is the contract for someone with only the repository: every route of the URL
+    map is in it (method and path, path parameters by any name), and nothing points outside."""
+    from handlers import routes
+
+    api = (ROOT / "docs" / "API.md").read_text()
+    documented = {
+        (method, re.sub(r"\{[^}]*\}", "{}", path))
+        for method, path in re.findall(r"`(GET|POST|PUT|PATCH|DELETE) (/[^`\s]*)`", api)
+    }
+    missing = [
+        f"{r.method} {r.path}"
+        for r in routes
+        if (r.method, re.sub(r"\{[^}]*\}", "{}", r.path)) not in documented
+    ]
+    assert not missing, f"docs/API.md does not describe {missing}"
+    readme = (ROOT / "README.md").read_text()
+    assert "(docs/API.md)" in readme and "(docs/ARCHITECTURE.md)" in readme
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        assert "../shared" not in doc.read_text(), f"{doc.name} points outside the repository"
