@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -105,6 +106,10 @@ def test_a_failing_step_fails_the_run() -> None:
 
 
 def test_the_readme_walk_through_runs_as_written(services: Services, tmp_path: Path) -> None:
+    for program in ("bash", "curl", "python3"):
+        assert shutil.which(program), (
+            f"the README's walk-through needs {program} (.ci/run installs curl)"
+        )
     readme = (ROOT / "README.md").read_text()
     blocks = shell_blocks(readme)
     script = "\n\n".join(blocks)
