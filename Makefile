@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum requirements.lock | cut -d' ' -f1)
 
-.PHONY: run test lint fmt migrate bench profile lock clean
+.PHONY: run test demo lint fmt migrate bench profile lock clean
 
 # Python 3.11 or newer, checked before anything is made: an older one leaves no .venv behind.
 NEED_311 = import sys; sys.exit(sys.version_info < (3, 11))
@@ -32,6 +32,9 @@ run: $(STAMP)  ## serve on HOST:PORT (embedded PostgreSQL/Redis unless DATABASE_
 
 test: $(STAMP)  ## the whole suite (what CI runs)
 	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)  ## with `make run` serving: a demo tenant (users, products, orders, events) and its login
+	$(BIN)/python -m server demo
 
 migrate: $(STAMP)
 	$(BIN)/python -m server migrate

@@ -1,4 +1,4 @@
-"""surge {serve,migrate,env} (also `python -m server ...`)"""
+"""surge {serve,migrate,env,demo} (also `python -m server ...`)"""
 
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)  # set by the supervisor
     sub.add_parser("migrate", help="apply pending migrations and exit")
     sub.add_parser("env", help="print every environment variable with its default")
+    demo = sub.add_parser("demo", help="fill a demo tenant on a running server, print a login")
+    demo.add_argument("--url", help="the server's base URL (default: http://HOST:PORT)")
     args = parser.parse_args(argv)
 
     if args.command == "env":
@@ -49,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"surge: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    if args.command == "demo":  # a client of the running server over HTTP: no services here
+        from server import demo as demo_cmd
+
+        return demo_cmd.run(args.url or demo_cmd.default_url(config))
     logs.configure(config.log_level, config.log_format)
 
     import asyncpg
