@@ -554,6 +554,17 @@ OUTBOX_LAG_SECONDS = Gauge(
 OUTBOX_RELAYED = Counter(
     "surge_outbox_relayed_total", "Outbox rows published to the Redis stream", registry=REGISTRY
 )
+OUTBOX_PRUNED = Counter(
+    "surge_outbox_pruned_total",
+    "Relayed outbox rows deleted past OUTBOX_RETENTION_H",
+    registry=REGISTRY,
+)
+OUTBOX_OLDEST_SECONDS = Gauge(
+    "surge_outbox_oldest_seconds",
+    "Age of the oldest outbox row kept (how far back `surge outbox replay` can reach)",
+    multiprocess_mode="livemax",
+    registry=REGISTRY,
+)
 OUTBOX_RELAY_ERRORS = Counter(
     "surge_outbox_relay_errors_total",
     "Relay rounds that failed and were retried",
