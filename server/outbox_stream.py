@@ -139,15 +139,12 @@ def replay_command(
     if done.position is None:
         print(f"nothing was ever relayed to {stream}: nothing to replay")
         return 0
-    if done.oldest is not None and since < done.oldest:
-        print(
-            f"surge: the oldest outbox row kept was written at {timestamp(done.oldest)};"
-            " anything older was pruned (OUTBOX_RETENTION_H)",
-            file=sys.stderr,
-        )
     ids = "" if done.first_id is None else f" (ids {done.first_id}..{done.last_id})"
+    # What is older than the oldest row kept was pruned (OUTBOX_RETENTION_H), or never was.
+    oldest = "" if done.oldest is None else f"; oldest row kept {timestamp(done.oldest)}"
     print(
-        f"replayed {done.count} outbox event(s){ids} to {stream}; relayed up to id {done.position}"
+        f"replayed {done.count} outbox event(s){ids} to {stream};"
+        f" relayed up to id {done.position}{oldest}"
     )
     return 0
 

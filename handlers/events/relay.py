@@ -264,20 +264,22 @@ class UserEventsConsumer:
 
     async def _read(self) -> list[Message]:
         messages: list[Message] = []
-        if time.monotonic() - self._claimed_at >= self.claim_every_s:
-            self._claimed_at = time.monotonic()
-            claimed = await self.redis.xautoclaim(
-                self.stream, self.group, self.name, self.claim_idle_ms, "0-0", count=self.batch
-            )
-            messages += cast(list[Message], claimed[1])
         try:
+            if time.monotonic() - self._claimed_at >= self.claim_every_s:
+                self._claimed_at = time.monotonic()
+                claimed = await self.redis.xautoclaim(
+                    self.stream, self.group, self.name, self.claim_idle_ms, "0-0", count=self.batch
+                )
+                messages += cast(list[Message], claimed[1])
             reply = await self.redis.xreadgroup(
                 self.group, self.name, {self.stream: ">"}, count=self.batch
             )
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
-            await self.ensure_group()  # the stream was deleted (a flushed Redis)
+            # The stream was deleted (a flushed Redis): the group reads the new one from its
+            # start, where the relay's next rows and a replay (surge outbox replay) arrive.
+            await self.ensure_group()
             return messages
         for _stream, entries in cast(list[tuple[bytes, list[Message]]], reply or []):
             messages += entries
