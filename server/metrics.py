@@ -586,6 +586,12 @@ PAYMENTS_BREAKER_STATE = Gauge(
     multiprocess_mode="max",  # several workers: the instance shows its most open breaker
     registry=REGISTRY,
 )
+PAYMENTS_BREAKER_LOCAL = Counter(
+    "surge_payments_breaker_redis_errors_total",
+    "Times Redis did not answer the shared payments breaker; the process then decides alone"
+    " for 5 s",
+    registry=REGISTRY,
+)
 _PAYMENT_OPS = ("authorize", "capture", "void", "refund")
 _PAYMENT_OUTCOMES = (
     "ok",
