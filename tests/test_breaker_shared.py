@@ -231,3 +231,19 @@ async def test_with_redis_stopped_the_local_breaker_still_works(
     assert breaker.state == CLOSED
     assert (await pay(client, owner, second))[0] == 202
     assert (await settled(client, owner, second))["status"] == "paid"
+
+
+async def test_a_breaker_closed_elsewhere_closes_here_at_the_next_read(
+    config: Config, redis: Redis
+) -> None:
+    """An operator's DEL (or another process's probe) reaches a process that knows the breaker
+    open, at its next periodic read, not only when its own cool-down ends."""
+    a, b = breakers(redis, config.redis_key_prefix)
+    await a.failure()
+    await a.failure()
+    assert not await b.allow() and b.state == OPEN
+    await redis.delete(a.key)
+    await a.refresh()
+    await b.refresh()
+    assert (a.state, b.state) == (CLOSED, CLOSED)
+    assert await a.allow() and await b.allow()

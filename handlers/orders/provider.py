@@ -251,8 +251,9 @@ class CircuitBreaker:
 
     async def refresh(self) -> None:
         """Take the shared state in, so a process that is not calling the provider still
-        answers POST /pay with 503 while another process found the provider down."""
-        if self.redis is not None and not self._known_open():
+        answers POST /pay with 503 while another process found the provider down, and one
+        that knows it open learns that another's probe (or an operator's DEL) closed it."""
+        if self.redis is not None:
             await self._read()
 
     def start(self) -> None:
