@@ -1,4 +1,4 @@
-"""surge {serve,migrate,env,demo} (also `python -m server ...`)"""
+"""surge {serve,migrate,outbox,env,demo} (also `python -m server ...`)"""
 
 from __future__ import annotations
 
@@ -31,6 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)  # set by the supervisor
     sub.add_parser("migrate", help="apply pending migrations and exit")
+    outbox = sub.add_parser("outbox", help="the outbox stream: `outbox replay --help`")
+    outbox_sub = outbox.add_subparsers(dest="outbox_command", metavar="command", required=True)
+    replay = outbox_sub.add_parser(
+        "replay", help="publish the relayed outbox events of a time range to the stream again"
+    )
+    replay.add_argument("--since", required=True, help="RFC 3339 time, e.g. 2026-12-07T10:00:00Z")
+    replay.add_argument("--until", help="RFC 3339 time (excluded; default: all relayed since)")
     sub.add_parser("env", help="print every environment variable with its default")
     demo = sub.add_parser("demo", help="fill a demo tenant on a running server, print a login")
     demo.add_argument("--url", help="the server's base URL (default: http://HOST:PORT)")
@@ -99,6 +106,12 @@ def _run(args: argparse.Namespace, config: Config, runner: ModuleType) -> int:
             f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else "")
         )
         return 0
+    if args.command == "outbox":
+        from server import outbox_stream
+
+        return outbox_stream.replay_command(
+            config, args.since, args.until, resolve=runner.resolve_services
+        )
     return 2  # pragma: no cover
 
 

@@ -522,6 +522,14 @@ class Config:
         1_000_000,
         "Approximate length the outbox stream is trimmed to",
     )
+    # Relayed rows are what `surge outbox replay` can publish again after Redis lost the
+    # stream; past this they are deleted (handlers/events/relay.py, docs/EVENTS.md).
+    outbox_retention_h: int = _setting(
+        "OUTBOX_RETENTION_H",
+        _int(0, 87_600),
+        168,
+        "Hours a relayed outbox row is kept for `surge outbox replay`; 0 keeps every row",
+    )
     analytics_consumer: bool = _setting(
         "ANALYTICS_CONSUMER",
         _bool,

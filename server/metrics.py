@@ -554,6 +554,17 @@ OUTBOX_LAG_SECONDS = Gauge(
 OUTBOX_RELAYED = Counter(
     "surge_outbox_relayed_total", "Outbox rows published to the Redis stream", registry=REGISTRY
 )
+OUTBOX_PRUNED = Counter(
+    "surge_outbox_pruned_total",
+    "Relayed outbox rows deleted past OUTBOX_RETENTION_H",
+    registry=REGISTRY,
+)
+OUTBOX_OLDEST_SECONDS = Gauge(
+    "surge_outbox_oldest_seconds",
+    "Age of the oldest outbox row kept (how far back `surge outbox replay` can reach)",
+    multiprocess_mode="livemax",
+    registry=REGISTRY,
+)
 OUTBOX_RELAY_ERRORS = Counter(
     "surge_outbox_relay_errors_total",
     "Relay rounds that failed and were retried",
@@ -573,6 +584,12 @@ PAYMENTS_BREAKER_STATE = Gauge(
     "surge_payments_breaker_state",
     "The payment provider's circuit breaker: 0 closed, 1 half-open, 2 open",
     multiprocess_mode="max",  # several workers: the instance shows its most open breaker
+    registry=REGISTRY,
+)
+PAYMENTS_BREAKER_LOCAL = Counter(
+    "surge_payments_breaker_redis_errors_total",
+    "Times Redis did not answer the shared payments breaker; the process then decides alone"
+    " for 5 s",
     registry=REGISTRY,
 )
 _PAYMENT_OPS = ("authorize", "capture", "void", "refund")

@@ -61,3 +61,57 @@ RETURNING event_id;
 -- name: prune_consumed
 -- Forgets applied ids older than $1: the stream no longer holds anything that old.
 DELETE FROM stream_consumed WHERE consumed_at < $1;
+
+-- name: prune_outbox
+-- Deletes, of the $2 oldest rows every stream has relayed (at or below the lowest position),
+-- those created more than $1 ago. Only that prefix of the table in id order is read, so a
+-- round with nothing due reads at most $2 rows (not the whole retention); the price is that
+-- a row behind younger ones (its transaction ran long) goes when they do. SKIP LOCKED:
+-- replicas pruning at once take disjoint batches instead of queueing on the same rows.
+-- No position row: nothing has been relayed, nothing is deleted.
+WITH batch AS (
+    SELECT id FROM outbox
+    WHERE id <= (SELECT min(last_id) FROM outbox_relay)
+    ORDER BY id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM outbox
+    WHERE id IN (SELECT id FROM batch) AND created_at < now() - $1::interval
+    RETURNING 1
+)
+SELECT count(*)::int FROM gone;
+
+-- name: oldest_outbox_age
+-- Age in seconds of the oldest row kept (0 when the outbox is empty).
+SELECT coalesce(extract(epoch FROM now() - (
+    SELECT created_at FROM outbox ORDER BY id LIMIT 1
+)), 0)::float8;
+
+-- name: wait_position
+-- The relayed position, row-locked until the transaction ends; unlike lock_position it waits
+-- for a relay round in progress. A replay holds it, so relays skip their rounds meanwhile.
+SELECT last_id FROM outbox_relay WHERE stream = $1 FOR UPDATE;
+
+-- name: replay_first_id
+-- The lowest id of a row created at or after $1, at or below the relayed position $2. Found
+-- by the primary key from the oldest row: created_at has no index (it would cost every
+-- write), and a replay is rare.
+SELECT id FROM outbox WHERE created_at >= $1 AND id <= $2 ORDER BY id LIMIT 1;
+
+-- name: replay_last_id
+-- The highest id of a row created before $1, at or below the relayed position $2.
+SELECT id FROM outbox WHERE created_at < $1 AND id <= $2 ORDER BY id DESC LIMIT 1;
+
+-- name: fetch_replay
+-- The next rows of a replay: after id $1, up to id $2, created in [$3, $4), in id order
+-- (created_at follows the id only roughly: a transaction commits after it began).
+SELECT id, event_id, tenant_id, topic, aggregate_id, payload::text AS payload, created_at
+FROM outbox
+WHERE id > $1 AND id <= $2 AND created_at >= $3 AND created_at < $4
+ORDER BY id
+LIMIT $5;
+
+-- name: oldest_outbox_time
+-- When the oldest row kept was written (no row: NULL).
+SELECT created_at FROM outbox ORDER BY id LIMIT 1;

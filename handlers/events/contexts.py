@@ -110,6 +110,7 @@ async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
         batch=config.outbox_relay_batch,
         poll_s=config.outbox_relay_poll_ms / 1000,
         maxlen=config.outbox_stream_maxlen,
+        retention_h=config.outbox_retention_h,
     )
     worker = Worker(relay)
     try:

@@ -10,6 +10,10 @@ Rows are published only up to a "safe" id: one no unfinished transaction can sti
 below (see the outbox_writer_lock trigger in 0003_events.sql). Without it, a transaction that
 drew id 10 and committed after id 11 had been relayed would be skipped for good.
 
+Relayed rows are kept OUTBOX_RETENTION_H hours, for `surge outbox replay` (server/outbox_stream.py)
+to publish again after Redis lost them; every relaying process then deletes them in small
+batches (prune_once), never a row some stream has not been fed yet.
+
 UserEventsConsumer reads the stream in the consumer group "analytics" and counts `user.*`
 events into the event analytics (event name = the topic). Delivery is at least once, so it
 records each event id in stream_consumed in the same transaction as the counted event: a
@@ -44,8 +48,8 @@ from db.events import MinuteCounts
 from db.pool import Database, unavailable
 from handlers.events.counters import EventCounters
 from handlers.events.partitions import maintain_partitions
-from server import metrics
-from server.http import timestamp
+from server import metrics, outbox_stream
+from server.outbox_stream import stream_key as stream_key  # its home since the replay
 
 log = logging.getLogger("surge.relay")
 
@@ -60,6 +64,11 @@ def _log_failure(exc: Exception, message: str, *args: object) -> None:
 
 
 LAG_INTERVAL_S = 1.0
+# Pruning: one short transaction per batch (its locks and WAL stay small, a replica running
+# it at the same time takes other rows), rounds this far apart; the oldest row's age is
+# measured every round.
+PRUNE_INTERVAL_S = 60.0
+PRUNE_BATCH = 1000
 
 Message = tuple[bytes, dict[bytes, bytes] | None]  # (stream id, fields); None: trimmed
 MAX_BACKOFF_S = 5.0
@@ -76,10 +85,6 @@ def next_pause(pause: float, poll_s: float, found: int) -> float:
     return min(pause * 2, max(poll_s, IDLE_MAX_S))
 
 
-def stream_key(prefix: str) -> str:
-    return f"{prefix}outbox"
-
-
 class OutboxRelay:
     def __init__(
         self,
@@ -90,6 +95,7 @@ class OutboxRelay:
         batch: int = 500,
         poll_s: float = 0.1,
         maxlen: int = 1_000_000,
+        retention_h: int = 0,
     ) -> None:
         self.pg = pg
         self.redis = redis
@@ -102,6 +108,9 @@ class OutboxRelay:
         self.safe = 0
         self.horizon: tuple[int, list[str]] | None = None
         self.lag_interval_s = LAG_INTERVAL_S
+        self.retention = timedelta(hours=retention_h) if retention_h else None
+        self.prune_batch = PRUNE_BATCH
+        self.prune_interval_s = PRUNE_INTERVAL_S
 
     async def _advance_safe(self, con: asyncpg.Connection) -> int:
         if self.horizon is not None:
@@ -139,23 +148,7 @@ class OutboxRelay:
         return len(rows)
 
     async def publish(self, rows: Sequence[Record]) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for r in rows:
-                pipe.xadd(
-                    self.stream,
-                    {
-                        "id": str(r["id"]),
-                        "event_id": str(r["event_id"]),
-                        "tenant_id": str(r["tenant_id"]),
-                        "topic": r["topic"],
-                        "aggregate_id": "" if r["aggregate_id"] is None else str(r["aggregate_id"]),
-                        "payload": r["payload"],
-                        "created_at": timestamp(r["created_at"]),
-                    },
-                    maxlen=self.maxlen,
-                    approximate=True,
-                )
-            await pipe.execute()
+        await outbox_stream.publish(self.redis, self.stream, rows, self.maxlen)
 
     async def update_lag(self) -> None:
         ids, seconds = await outbox.outbox_lag(self.pg, self.stream)
@@ -173,13 +166,42 @@ class OutboxRelay:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.lag_interval_s)
 
+    async def prune_once(self) -> int:
+        """Delete the relayed rows older than the retention, a batch per transaction, until a
+        batch finds none; how many. Then measure the oldest row kept."""
+        pruned = 0
+        while self.retention is not None:
+            n = await outbox.prune_outbox(self.pg, self.retention, self.prune_batch)
+            metrics.OUTBOX_PRUNED.inc(n)
+            pruned += n
+            # Not `n < batch`: a row still young near the head of the table (its transaction
+            # began later than the next ones') keeps every batch short until it ages.
+            if n == 0:
+                break
+        if pruned:
+            log.info("pruned %d relayed outbox rows older than %s", pruned, self.retention)
+        metrics.OUTBOX_OLDEST_SECONDS.set(await outbox.oldest_outbox_age(self.pg))
+        return pruned
+
+    async def prune(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.prune_once()
+            except Exception as exc:
+                _log_failure(exc, "outbox prune failed; retrying in %.0fs", self.prune_interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.prune_interval_s)
+
     async def run(self, stop: asyncio.Event) -> None:
         lag = asyncio.create_task(self.measure_lag(stop))
+        prune = asyncio.create_task(self.prune(stop))
         try:
             await self._relay(stop)
         finally:
-            lag.cancel()  # a read only: nothing is left half done
-            await asyncio.wait({lag}, timeout=1.0)
+            # A read, and deletes of one batch per transaction: nothing is left half done.
+            lag.cancel()
+            prune.cancel()
+            await asyncio.wait({lag, prune}, timeout=1.0)
 
     async def _relay(self, stop: asyncio.Event) -> None:
         pause = self.poll_s
@@ -242,20 +264,22 @@ class UserEventsConsumer:
 
     async def _read(self) -> list[Message]:
         messages: list[Message] = []
-        if time.monotonic() - self._claimed_at >= self.claim_every_s:
-            self._claimed_at = time.monotonic()
-            claimed = await self.redis.xautoclaim(
-                self.stream, self.group, self.name, self.claim_idle_ms, "0-0", count=self.batch
-            )
-            messages += cast(list[Message], claimed[1])
         try:
+            if time.monotonic() - self._claimed_at >= self.claim_every_s:
+                self._claimed_at = time.monotonic()
+                claimed = await self.redis.xautoclaim(
+                    self.stream, self.group, self.name, self.claim_idle_ms, "0-0", count=self.batch
+                )
+                messages += cast(list[Message], claimed[1])
             reply = await self.redis.xreadgroup(
                 self.group, self.name, {self.stream: ">"}, count=self.batch
             )
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
-            await self.ensure_group()  # the stream was deleted (a flushed Redis)
+            # The stream was deleted (a flushed Redis): the group reads the new one from its
+            # start, where the relay's next rows and a replay (surge outbox replay) arrive.
+            await self.ensure_group()
             return messages
         for _stream, entries in cast(list[tuple[bytes, list[Message]]], reply or []):
             messages += entries

@@ -10,7 +10,7 @@ from aiohttp import web
 from handlers.orders.keys import PAYMENTS
 from handlers.orders.provider import CircuitBreaker, PaymentsClient
 from handlers.orders.saga import SagaRunner
-from server.keys import CONFIG, PG
+from server.keys import CONFIG, PG, REDIS
 
 
 async def payments_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -25,7 +25,11 @@ async def payments_ctx(app: web.Application) -> AsyncIterator[None]:
             retries=config.payments_retries,
             backoff_s=config.payments_backoff_ms / 1000,
             breaker=CircuitBreaker(
-                config.payments_breaker_failures, config.payments_breaker_reset_s
+                config.payments_breaker_failures,
+                config.payments_breaker_reset_s,
+                redis=app[REDIS],
+                prefix=config.redis_key_prefix,
+                probe_ttl_s=config.payments_timeout_s + 1.0,
             ),
         )
         await client.start()

@@ -11,12 +11,18 @@ answered from the provider's record instead of being executed twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import random
+import secrets
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from server import metrics
 from server.errors import ServiceUnavailable
@@ -24,6 +30,15 @@ from server.tracing import client_span
 
 CLOSED, HALF_OPEN, OPEN = 0, 1, 2
 MAX_RETRY_AFTER_S = 30.0
+# The shared breaker: after Redis fails to answer, the process decides alone this long before
+# asking it again (each call would otherwise wait out a Redis timeout first). Every process
+# reads the shared state this often even when it makes no call (its POST /pay answers).
+REDIS_RETRY_S = 5.0
+SYNC_INTERVAL_S = 1.0
+PROBE_WAIT_S = 0.2
+
+T = TypeVar("T")
+log = logging.getLogger("surge.payments")
 
 
 def not_configured() -> ServiceUnavailable:
@@ -60,25 +75,115 @@ class BreakerOpen(Unavailable):
 
 class CircuitBreaker:
     """closed → open after `failures` consecutive failures → half-open after `reset_s`: one
-    probe call goes through; its success closes the circuit, its failure opens it again."""
+    probe call goes through; its success closes the circuit, its failure opens it again.
 
-    def __init__(self, failures: int, reset_s: float) -> None:
+    With `redis`, the open state is shared by every process and replica: the process that
+    opens the breaker writes a key (`<prefix>payments:breaker`) whose remaining lifetime is
+    the state: longer than the half-open window, open; within it, half-open, where one
+    process at a time probes, holding `<prefix>payments:breaker:probe` (SET NX, expiring after
+    a call's timeout should its process die); gone, closed. So one replica's discovery that
+    the provider is down stops every replica calling it, for the same cool-down. Failures are
+    counted per process (consecutive failures are a process's own observation). Every
+    decision that needs Redis falls back to this process's own breaker when Redis does not
+    answer (and for REDIS_RETRY_S after): a payment never fails because Redis is down.
+    """
+
+    def __init__(
+        self,
+        failures: int,
+        reset_s: float,
+        *,
+        redis: Redis | None = None,
+        prefix: str = "",
+        probe_ttl_s: float = 10.0,
+    ) -> None:
         self.threshold = failures
         self.reset_s = reset_s
         self.state = CLOSED
         self.failures = 0
         self.opened_at = 0.0
         self._probing = False
+        self.redis = redis
+        self.key = f"{prefix}payments:breaker"
+        self.probe_key = f"{prefix}payments:breaker:probe"
+        self.probe_ttl_s = probe_ttl_s
+        # How long the shared state stays half-open after the cool-down when no probe settles
+        # it (nobody is paying): long enough for a probe whose process died to be taken over.
+        self.half_open_s = max(reset_s, 2 * probe_ttl_s)
+        self._probe_token: str | None = None  # set while this process holds the shared probe
+        self._redis_down_until = 0.0
+        self._changes = 0  # local transitions: a Redis read older than one is not applied
+        self._sync: asyncio.Task[None] | None = None
         metrics.PAYMENTS_BREAKER_STATE.set(CLOSED)
 
     def _set(self, state: int) -> None:
+        self._changes += 1
         self.state = state
         metrics.PAYMENTS_BREAKER_STATE.set(state)
 
     def retry_after(self) -> float:
         return max(0.0, self.opened_at + self.reset_s - time.monotonic())
 
-    def allow(self) -> bool:
+    def _known_open(self) -> bool:
+        return self.state == OPEN and self.retry_after() > 0
+
+    # -- the decisions, each shared when Redis answers --
+
+    async def allow(self) -> bool:
+        if self._known_open():  # no Redis round trip while this process knows it is open
+            return False
+        seen = await self._read()
+        if seen is None:
+            return self._allow_local()
+        if seen == CLOSED:
+            return True
+        if seen == OPEN or self._probing:
+            return False
+        self._probing = True  # before the await: a second caller of this process waits its turn
+        token = secrets.token_hex(8)
+        try:
+            taken = await self._redis_call(
+                lambda r: r.set(self.probe_key, token, nx=True, px=_ms(self.probe_ttl_s))
+            )
+        except _RedisAway:
+            return True  # the local breaker's probe (this process holds _probing)
+        if not taken:
+            self._probing = False
+            return False
+        self._probe_token = token
+        return True
+
+    async def success(self) -> None:
+        probed = self._probe_token is not None
+        self._probe_token = None
+        self.failures = 0
+        self._probing = False
+        if self.state != CLOSED:
+            self._set(CLOSED)
+        if probed:  # this process's probe closes the breaker for everyone
+            with contextlib.suppress(_RedisAway):
+                await self._redis_call(lambda r: r.delete(self.key, self.probe_key))
+
+    async def failure(self) -> None:
+        probed = self._probe_token is not None
+        self._probe_token = None
+        self.failures += 1
+        self._probing = False
+        if self.state == HALF_OPEN or self.failures >= self.threshold:
+            self.opened_at = time.monotonic()
+            self._set(OPEN)
+            with contextlib.suppress(_RedisAway):
+                await self._redis_call(lambda r: self._open_shared(r, probed))
+
+    def release(self) -> None:
+        """A half-open probe ended without telling anything (cancelled). A shared probe is
+        left to expire: another process probes after probe_ttl_s."""
+        self._probing = False
+        self._probe_token = None
+
+    # -- this process's own breaker: Redis away --
+
+    def _allow_local(self) -> bool:
         if self.state == CLOSED:
             return True
         if self.state == OPEN:
@@ -90,22 +195,92 @@ class CircuitBreaker:
         self._probing = True
         return True
 
-    def success(self) -> None:
-        self.failures = 0
-        self._probing = False
-        if self.state != CLOSED:
-            self._set(CLOSED)
+    # -- the shared state --
 
-    def failure(self) -> None:
-        self.failures += 1
-        self._probing = False
-        if self.state == HALF_OPEN or self.failures >= self.threshold:
-            self.opened_at = time.monotonic()
-            self._set(OPEN)
+    async def _open_shared(self, r: Redis, probed: bool) -> None:
+        async with r.pipeline(transaction=False) as pipe:
+            pipe.set(self.key, "open", px=_ms(self.reset_s + self.half_open_s))
+            if probed:
+                pipe.delete(self.probe_key)
+            await pipe.execute()
 
-    def release(self) -> None:
-        """A half-open probe ended without telling anything (cancelled)."""
-        self._probing = False
+    async def _read(self) -> int | None:
+        """The shared state, adopted by this process; None when Redis did not answer."""
+        changes = self._changes
+        try:
+            ttl_ms = await self._redis_call(lambda r: r.pttl(self.key))
+        except _RedisAway:
+            return None
+        ttl = ttl_ms / 1000
+        if ttl_ms < 0:  # no key: closed
+            seen, retry_after = CLOSED, 0.0
+        elif ttl > self.half_open_s:
+            seen, retry_after = OPEN, ttl - self.half_open_s
+        else:
+            seen, retry_after = HALF_OPEN, 0.0
+        if changes == self._changes:  # nothing happened here meanwhile (a failure opening it)
+            self._adopt(seen, retry_after)
+        return seen
+
+    def _adopt(self, seen: int, retry_after: float) -> None:
+        if seen == OPEN:
+            self.opened_at = time.monotonic() - self.reset_s + retry_after
+        elif seen == HALF_OPEN:
+            self.opened_at = time.monotonic() - self.reset_s
+        elif self.state != CLOSED:
+            self.failures = 0
+        if seen != self.state:
+            self._set(seen)
+
+    async def _redis_call(self, op: Callable[[Redis], Awaitable[T]]) -> T:
+        if self.redis is None or time.monotonic() < self._redis_down_until:
+            raise _RedisAway
+        try:
+            return await op(self.redis)
+        except (RedisError, OSError) as exc:
+            self._redis_down_until = time.monotonic() + REDIS_RETRY_S
+            metrics.PAYMENTS_BREAKER_LOCAL.inc()
+            log.warning(
+                "payments breaker: Redis did not answer (%s: %s); this process decides alone"
+                " for %.0fs",
+                type(exc).__name__,
+                exc,
+                REDIS_RETRY_S,
+            )
+            raise _RedisAway from exc
+
+    async def refresh(self) -> None:
+        """Take the shared state in, so a process that is not calling the provider still
+        answers POST /pay with 503 while another process found the provider down, and one
+        that knows it open learns that another's probe (or an operator's DEL) closed it."""
+        if self.redis is not None:
+            await self._read()
+
+    def start(self) -> None:
+        if self.redis is not None and self._sync is None:
+            self._sync = asyncio.create_task(self._sync_forever())
+
+    async def close(self) -> None:
+        if self._sync is not None:
+            self._sync.cancel()
+            await asyncio.wait({self._sync}, timeout=1.0)
+            self._sync = None
+
+    async def _sync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SYNC_INTERVAL_S)
+            try:
+                await self.refresh()
+            except Exception:  # a bug: logged, and the next round tries again
+                log.exception("payments breaker: reading the shared state failed")
+
+
+class _RedisAway(Exception):
+    """Redis did not answer (or did not a moment ago): the local breaker decides."""
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
 
 
 class PaymentsClient:
@@ -133,8 +308,10 @@ class PaymentsClient:
             json_serialize=lambda v: orjson.dumps(v).decode(),
             connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=60),
         )
+        self.breaker.start()
 
     async def close(self) -> None:
+        await self.breaker.close()
         if self._session is not None:
             await self._session.close()
 
@@ -169,9 +346,10 @@ class PaymentsClient:
         for attempt in range(self.retries + 1):
             if attempt:
                 await asyncio.sleep(self._delay(attempt - 1))
-            if not self.breaker.allow():
+            if not await self.breaker.allow():
                 metrics.PAYMENTS_CALLS.labels(op, "breaker_open").inc()
-                raise BreakerOpen(self.breaker.retry_after())
+                # Half-open with another process probing: ask again shortly, not at once.
+                raise BreakerOpen(self.breaker.retry_after() or PROBE_WAIT_S)
             retry_after = 0.0
             url = self.base_url + path
             headers = {**self._headers, "Idempotency-Key": key}
@@ -189,7 +367,7 @@ class PaymentsClient:
                 self.breaker.release()
                 raise
             except (aiohttp.ClientError, TimeoutError) as exc:
-                self.breaker.failure()
+                await self.breaker.failure()
                 metrics.PAYMENTS_CALLS.labels(op, "unreachable").inc()
                 last = Unavailable(f"{op}: {type(exc).__name__}")
                 continue
@@ -197,16 +375,16 @@ class PaymentsClient:
             error = payload.get("error") if isinstance(payload.get("error"), dict) else {}
             code = str(error.get("code", "")) if error else ""
             if 200 <= status < 300:
-                self.breaker.success()
+                await self.breaker.success()
                 metrics.PAYMENTS_CALLS.labels(op, "ok").inc()
                 return payload
             if status >= 500:
-                self.breaker.failure()
+                await self.breaker.failure()
                 metrics.PAYMENTS_CALLS.labels(op, "5xx").inc()
                 last = Unavailable(f"{op}: provider answered {status}", status=status)
                 continue
             # The provider answered: it is healthy, whatever it said.
-            self.breaker.success()
+            await self.breaker.success()
             if status == 429 or (status == 409 and code == "idempotency_in_progress"):
                 metrics.PAYMENTS_CALLS.labels(op, "retry_later").inc()
                 last = Unavailable(f"{op}: provider answered {status}", status=status)
