@@ -29,6 +29,7 @@ from server import metrics
 from server.runner import free_port
 
 from .conftest import ROOT, Services, server_env
+from .json_logs import assert_json_log
 from .test_deploy import DASHBOARD, DEPLOY, RULE_TESTS, RULES, dashboard_panels, load_yaml, missing
 
 PROMETHEUS_DIR = DEPLOY / "prometheus"
@@ -163,6 +164,7 @@ def serving(clean: Services, tmp_path: Path, **overrides: str) -> Iterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         _stop(proc)
+    assert_json_log(log.read_text(errors="replace"), str(log))
 
 
 @pytest.fixture
