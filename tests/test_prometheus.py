@@ -189,6 +189,7 @@ ZERO_SERIES = [
     'surge_payments_calls_total{op="authorize",outcome="unreachable"}',
     'surge_revocation_errors_total{source="sweep"}',
     'surge_event_partitions_total{action="dropped"}',
+    "surge_partition_upkeep_errors_total",
     'surge_stream_consumed_total{consumer="analytics",result="applied"}',
     *(f'surge_db_connections_closed_total{{pool="{p}",reason="lost"}}' for p in POOLS),
 ]
