@@ -24,6 +24,8 @@ class AccessLine(msgspec.Struct, omit_defaults=True, gc=False):
     # UTC as in the application's log lines (server/logs.py)
     ts: float | str
     level: str  # "info", or "error" for a 5xx
+    # always "surge.access": every line on stdout and stderr has ts, level, logger and msg
+    logger: str
     msg: str  # always "request": tells these lines from the application's log lines
     method: str
     route: str  # the route's template ("unmatched" for no route)

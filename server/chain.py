@@ -287,7 +287,7 @@ class Chain:
                     pending.append(
                         AccessLine(
                             end + access_log.wall, "error" if status >= 500 else "info",
-                            "request", req_meter.method, route,
+                            "surge.access", "request", req_meter.method, route,
                             route if fixed_path else request.path, status,
                             int(elapsed * 1_000_000) / 1000,  # ms to 3 places, cheaper than round()
                             rid, None if principal is None else principal.tenant_id, trace_id,

@@ -504,6 +504,19 @@ EVENT_PARTITIONS_STRAY = Gauge(
     multiprocess_mode="livemax",
     registry=REGISTRY,
 )
+PARTITION_UPKEEP_ERRORS = Counter(
+    "surge_partition_upkeep_errors_total",
+    "Partition maintenance rounds (create ahead, drop past retention) that failed or timed out",
+    registry=REGISTRY,
+)
+# 0 until this process's first good round; every replica (and worker) runs the rounds, so the
+# instance shows its most recent one.
+PARTITION_UPKEEP_LAST_SUCCESS = Gauge(
+    "surge_partition_upkeep_last_success_timestamp_seconds",
+    "When the last partition maintenance round succeeded (Unix time; 0: none yet)",
+    multiprocess_mode="livemax",
+    registry=REGISTRY,
+)
 LIVE_CLIENTS = Gauge(
     "surge_analytics_live_clients",
     "Open /v1/analytics/live streams",

@@ -39,6 +39,8 @@ from server.devservices import EmbeddedServices, tcp_reachable
 from server.encoding import BODY_AS_SENT
 from server.runner import free_port
 
+from .json_logs import assert_json_log
+
 ROOT = Path(__file__).resolve().parent.parent
 TEST_JWT_KEYS = "k2:" + "t" * 40 + ",k1:" + "o" * 40
 
@@ -226,9 +228,10 @@ def provider_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def server_url(clean: Services, provider_url: str) -> Iterator[str]:
+def server_url(clean: Services, provider_url: str, tmp_path: Path) -> Iterator[str]:
     """A real `python -m server serve` on this session's services and the fake provider, with
-    limits no test client reaches (every client is 127.0.0.1)."""
+    limits no test client reaches (every client is 127.0.0.1). At teardown every line it wrote
+    to stderr must be a JSON log line (tests/json_logs.py)."""
     port = free_port()
     env = server_env(
         clean,
@@ -241,13 +244,15 @@ def server_url(clean: Services, provider_url: str) -> Iterator[str]:
         RATE_LIMIT_RATE="100000",
         RATE_LIMIT_BURST="100000",
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    log = tmp_path / "server.stderr"
+    with log.open("wb") as stderr:  # a file, not a pipe nobody drains while the test runs
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "serve"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -256,15 +261,14 @@ def server_url(clean: Services, provider_url: str) -> Iterator[str]:
                 with urllib.request.urlopen(url + "/readyz", timeout=2):
                     break
             except OSError:
-                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert proc.poll() is None, log.read_text()[-3000:]
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
         yield url
     finally:
         proc.terminate()
         proc.wait(30)
-        if proc.stderr:
-            proc.stderr.close()
+    assert_json_log(log.read_text(errors="replace"), str(log))
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """A real `python -m server serve` subprocess for tests that need the whole network path (raw
 sockets, the process's own log lines): started on a free port, ready when /readyz answers 200,
-stopped with SIGTERM (SIGKILL if it does not stop)."""
+stopped with SIGTERM (SIGKILL if it does not stop), and then every line it wrote must be a JSON log
+line (tests/json_logs.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Any
 from server.runner import free_port
 
 from .conftest import ROOT, Services, server_env
+from .json_logs import assert_json_log
 
 
 @dataclass
@@ -32,6 +34,11 @@ class Served:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def check_log(self) -> None:
+        """Every line the process wrote, on stdout and stderr, is a JSON log line."""
+        for path in (self.stdout, self.stderr):
+            assert_json_log(path.read_text(errors="replace"), str(path))
 
     def log_lines(self) -> list[str]:
         return self.stderr.read_text().splitlines()
@@ -93,6 +100,8 @@ def served(services: Services, out: Path, **env: str) -> Iterator[Served]:
         yield inst
     finally:
         stop_process(proc)
+    # only after a test that passed: its own failure says more than its log's
+    inst.check_log()
 
 
 def recv_all(sock: socket.socket) -> bytes:

@@ -21,6 +21,7 @@ from .helpers import signup
 KEYS = [
     "ts",
     "level",
+    "logger",
     "msg",
     "method",
     "route",
@@ -173,7 +174,9 @@ async def test_a_broken_stdout_loses_lines_not_requests(
 
 def test_epoch_seconds_become_iso_8601_utc_at_flush() -> None:
     pending = [
-        AccessLine(t, "info", "request", "GET", "/healthz", "/healthz", 200, 0.1, "r", None)
+        AccessLine(
+            t, "info", "surge.access", "request", "GET", "/healthz", "/healthz", 200, 0.1, "r", None
+        )
         for t in (0.0, 0.9995, 1796587633.0037, 1796587633.5)
     ]
     stamp_iso(pending)

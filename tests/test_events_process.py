@@ -16,6 +16,7 @@ import asyncpg
 from server.runner import free_port
 
 from .conftest import ROOT, Services, server_env
+from .json_logs import assert_json_log
 
 
 def start(services: Services, port: int) -> subprocess.Popen[bytes]:
@@ -52,12 +53,16 @@ async def ready(proc: subprocess.Popen[bytes], session: aiohttp.ClientSession, b
         await asyncio.sleep(0.05)
 
 
-def kill(proc: subprocess.Popen[bytes]) -> None:
+def kill(proc: subprocess.Popen[bytes]) -> str:
+    """SIGKILL; what the process wrote to stderr (the first call reads it)."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
     proc.wait(10)
-    if proc.stderr is not None:
+    logged = b""
+    if proc.stderr is not None and not proc.stderr.closed:
+        logged = proc.stderr.read()
         proc.stderr.close()
+    return logged.decode(errors="replace")
 
 
 async def test_every_202_survives_a_kill_right_after_it(clean: Services) -> None:
@@ -91,10 +96,11 @@ async def test_every_202_survives_a_kill_right_after_it(clean: Services) -> None
                     return accepted
 
             accepted = await asyncio.gather(*[post(i) for i in range(200)])
-        kill(proc)  # the moment the last 202 is in: no graceful anything
+        logged = kill(proc)  # the moment the last 202 is in: no graceful anything
     finally:
         kill(proc)
     assert sum(accepted) == 1000
+    assert_json_log(logged, "stderr")
 
     proc = start(clean, port)
     try:
@@ -110,7 +116,9 @@ async def test_every_202_survives_a_kill_right_after_it(clean: Services) -> None
             )
         finally:
             await con.close()
+        logged = kill(proc)
     finally:
         kill(proc)
+    assert_json_log(logged, "stderr after the restart")
     assert tuple(row) == (1000, 1000)
     assert rollup == 1000

@@ -52,6 +52,7 @@ from .faults import (
     wait_listening,
     wait_until,
 )
+from .json_logs import not_json_log
 
 RECOVERY_S = 10.0  # a fault's end to the next success
 RESTART_S = 20.0  # a SIGKILLed server's replacement started and answering (imports, pools)
@@ -158,10 +159,15 @@ def finish(
     """Print what the server counted and logged during the scenario; fail on any problem."""
     gained = changed(before, scrape(rig), "surge_http_requests_total", *families)
     print("[faults] metrics gained:", gained)
-    print("[faults] log:", log_digest(rig.server.log_lines(log_from)))
+    logged = rig.server.log_lines(log_from)
+    print("[faults] log:", log_digest(logged))
     bad = server_side_5xx(gained)
     if bad:
         problems.append(f"the server counted 5xx other than 503: {bad}")
+    # JSON throughout, faults or not (the "--- start" markers are the rig's own)
+    text = "\n".join(line for line in logged if not line.startswith("--- start "))
+    if not_json := not_json_log(text):
+        problems.append(f"{len(not_json)} log lines are not JSON: {not_json[:10]}")
     assert not problems, "\n".join(problems)
 
 

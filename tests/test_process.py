@@ -11,6 +11,7 @@ import urllib.request
 from server.runner import free_port
 
 from .conftest import ROOT, Services, server_env
+from .json_logs import assert_json_log
 
 
 def test_serve_then_sigterm_exits_cleanly(clean: Services) -> None:
@@ -40,5 +41,7 @@ def test_serve_then_sigterm_exits_cleanly(clean: Services) -> None:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err.decode()
+    assert_json_log(out.decode(), "stdout")
+    assert_json_log(err.decode(), "stderr")
     assert b'"route":"/readyz","path":"/readyz","status":200' in out  # the access log line
     assert b"stopped" in err

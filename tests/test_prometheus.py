@@ -29,6 +29,7 @@ from server import metrics
 from server.runner import free_port
 
 from .conftest import ROOT, Services, server_env
+from .json_logs import assert_json_log
 from .test_deploy import DASHBOARD, DEPLOY, RULE_TESTS, RULES, dashboard_panels, load_yaml, missing
 
 PROMETHEUS_DIR = DEPLOY / "prometheus"
@@ -163,6 +164,7 @@ def serving(clean: Services, tmp_path: Path, **overrides: str) -> Iterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         _stop(proc)
+    assert_json_log(log.read_text(errors="replace"), str(log))
 
 
 @pytest.fixture
@@ -187,6 +189,7 @@ ZERO_SERIES = [
     'surge_payments_calls_total{op="authorize",outcome="unreachable"}',
     'surge_revocation_errors_total{source="sweep"}',
     'surge_event_partitions_total{action="dropped"}',
+    "surge_partition_upkeep_errors_total",
     'surge_stream_consumed_total{consumer="analytics",result="applied"}',
     *(f'surge_db_connections_closed_total{{pool="{p}",reason="lost"}}' for p in POOLS),
 ]

@@ -15,6 +15,7 @@ import pytest
 from server.runner import free_port
 
 from .conftest import ROOT, Services, server_env
+from .json_logs import assert_json_log
 from .served import start_process, stop_process, wait_ready
 
 
@@ -49,6 +50,8 @@ def test_a_second_server_on_a_served_port_refuses_to_start(
         assert first.poll() is None
     finally:
         stop_process(first)
+    for name in ("stdout", "stderr"):  # the first server's, which went on serving
+        assert_json_log((tmp_path / name).read_text(errors="replace"), name)
 
 
 def test_a_port_another_program_shares_by_reuseport_is_refused(services: Services) -> None:

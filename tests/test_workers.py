@@ -32,6 +32,7 @@ from server.config import Config, ConfigError
 from server.runner import free_port
 
 from .conftest import ROOT, Services, _create_database, _drop_database, server_env, with_database
+from .json_logs import assert_json_log
 
 GRACE_S = 3
 
@@ -117,6 +118,8 @@ def instance(services: Services, tmp_path_factory: pytest.TempPathFactory) -> It
         assert len(children(proc.pid)) == 2
         inst.metrics_dir = Path(environ(min(children(proc.pid)))["PROMETHEUS_MULTIPROC_DIR"])
         yield inst
+        # the supervisor's and the workers' lines, a killed worker's included
+        assert_json_log(log.read_text(errors="replace"), str(log))
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from datetime import UTC, date, datetime, timedelta
 
 from db import events, outbox
@@ -80,6 +81,9 @@ async def start_maintenance(pg: Database, retention_days: int) -> asyncio.Task[N
     try:
         ok = await asyncio.wait_for(_maintain_logged(pg, retention_days), MAINTENANCE_START_S)
     except TimeoutError:
+        # cancelled mid-round (a lock held, a slow database): the loop retries sooner
+        metrics.PARTITION_UPKEEP_ERRORS.inc()
+        log.warning("partition maintenance did not finish within %.1fs", MAINTENANCE_START_S)
         ok = False
     return asyncio.create_task(_maintenance_loop(pg, retention_days, ok))
 
@@ -94,6 +98,8 @@ async def _maintain_logged(pg: Database, retention_days: int) -> bool:
     try:
         await maintain_partitions(pg, retention_days)
     except Exception:  # the database is down, a lock timed out: the next round tries again
+        metrics.PARTITION_UPKEEP_ERRORS.inc()
         log.warning("partition maintenance failed", exc_info=True)
         return False
+    metrics.PARTITION_UPKEEP_LAST_SUCCESS.set(time.time())
     return True
