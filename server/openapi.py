@@ -235,6 +235,8 @@ def retry_problem(status: int, desc: str, detail: str, *, slug: str | None = Non
     return with_headers(problem(status, desc, detail, slug=slug), "Retry-After")
 
 
+# server/validation.py's CARD_MESSAGE (that module imports this one); tests/test_openapi.py
+# checks the answers below against the server's own.
 CARD_MESSAGE_EXAMPLE = "looks like a card number; send the payment provider's token instead"
 
 # The answers the chain gives any operation of a kind (server/chain.py), by name. A rate-limited

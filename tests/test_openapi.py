@@ -15,11 +15,11 @@ from handlers import SPEC, routes, validators
 from server.app import create_app
 from server.config import Config
 from server.errors import ValidationFailed
-from server.openapi import resolved_schema
-from server.validation import Validators
+from server.openapi import CARD_MESSAGE_EXAMPLE, resolved_schema
+from server.validation import CARD_MESSAGE, Validators
 
 from .conftest import ROOT, configured
-from .helpers import signup
+from .helpers import PASSWORD, login, signup
 
 
 def served() -> set[tuple[str, str]]:
@@ -437,3 +437,53 @@ async def test_graphql_429s_have_the_documented_content_types(
         jsonschema_rs.validate(schema, await resp.json())
         seen[query] = media
     assert list(seen.values()) == ["application/json", "application/problem+json"]
+
+
+# (who asks, method, url, the documented answer it gets): the examples are what the server says
+OTHER = "01a24e1a-0000-7000-8000-000000000000"  # no such user or order
+SERVER_ANSWERS = [
+    ("card", "get", "/healthz", ("/healthz", "get", "422")),
+    ("stranger", "get", "/v1/me", ("/v1/me", "get", "401")),
+    ("owner", "get", f"/v1/users/{OTHER}", ("/v1/users/{user_id}", "get", "404")),
+    ("owner", "get", "/v1/users?limit=500", ("/v1/users", "get", "422")),
+    ("member", "post", "/v1/users", ("/v1/users", "post", "403")),
+    ("owner", "get", f"/v1/orders/{OTHER}", ("/v1/orders/{order_id}", "get", "404")),
+]
+CALLERS = {
+    "card": {"X-Request-ID": "4111111111111111"},  # a request id that looks like a card number
+    "stranger": {"Authorization": "Bearer not-a-token"},
+}
+
+
+@pytest.mark.parametrize(("who", "method", "url", "answer"), SERVER_ANSWERS)
+async def test_problem_examples_are_what_the_server_answers(
+    aiohttp_client: Any, config: Config, who: str, method: str, url: str, answer: tuple[str, ...]
+) -> None:
+    client = await aiohttp_client(create_app(config))
+    owner = await signup(client)
+    headers = {**CALLERS, "owner": owner.headers}.get(who)
+    if headers is None:  # a member: the owner creates one, who logs in
+        made = await client.post(
+            "/v1/users",
+            json={"email": "mia@example.com", "username": "mia", "password": PASSWORD},
+            headers=owner.headers,
+        )
+        assert made.status == 201
+        tokens = await login(client, owner.tenant_id, "mia@example.com")
+        headers = {"Authorization": f"Bearer {tokens['access_token']}"}
+    body = {"email": "bob@example.com", "username": "bob", "password": "hunter2hunter2"}
+    resp = await client.request(
+        method, url, headers=headers, json=body if method == "post" else None
+    )
+    path, op_method, code = answer
+    assert str(resp.status) == code
+    documented = _resolve_ref(SPEC["paths"][path][op_method]["responses"][code])
+    example = documented["content"]["application/problem+json"]["example"]
+    assert await resp.json() == example | {"request_id": resp.headers["X-Request-ID"]}
+    for name, header in _headers(documented).items():
+        if header.get("required"):
+            assert name in resp.headers, name
+
+
+def test_the_card_message_is_the_servers() -> None:
+    assert CARD_MESSAGE_EXAMPLE == CARD_MESSAGE

@@ -191,10 +191,14 @@ PATHS: Json = {
                     ),
                     headers=("Accept-Encoding",),
                 ),
-                "422": _graphql(
-                    "The body is not {query, variables?, operationName?}, or a "
-                    "variable or argument value is refused (BAD_USER_INPUT)",
+                "422": _refused(
+                    "The body is not {query, variables?, operationName?}, or a variable or"
+                    " argument value is refused (BAD_USER_INPUT): a GraphQL response; an"
+                    " X-Request-ID that looks like a card number, as on any operation:"
+                    " problem+json",
                     _errors("`query` must be a non-empty string", "BAD_REQUEST"),
+                    COMMON["RequestIdRefused"],
+                    headers=(),
                 ),
                 "429": _refused(
                     "Rate limited; see Retry-After. problem+json when the caller's bucket is "
