@@ -119,9 +119,10 @@ OPS_PATHS: Json = {
                         "required": ["openapi", "info", "paths"],
                         "properties": {
                             "openapi": {"type": "string"},
-                            "info": {"type": "object"},
-                            "paths": {"type": "object"},
+                            "info": {"type": "object", "additionalProperties": True},
+                            "paths": {"type": "object", "additionalProperties": True},
                         },
+                        "additionalProperties": True,
                     },
                     {
                         "openapi": "3.1.0",

@@ -55,6 +55,7 @@ SCHEMAS: Json = {
             "user_id": {"type": ["string", "null"], "format": "uuid", "pattern": f"^{UUID_RE}$"},
             "props": {
                 "type": "object",
+                "additionalProperties": True,
                 "maxProperties": MAX_PROPS_KEYS,
                 "description": f"Free-form JSON object, at most {MAX_PROPS_BYTES} bytes serialised",
             },
@@ -136,7 +137,13 @@ COUNT_PARAMS = [
     ),
     query_param(
         "bucket",
-        {"type": "string", "enum": ["1m", "1h", "1d"], "default": "1m"},
+        # Generators name enum members after the values; these start with a digit (VALUE_0...).
+        {
+            "type": "string",
+            "enum": ["1m", "1h", "1d"],
+            "x-enum-varnames": ["minute", "hour", "day"],
+            "default": "1m",
+        },
         "Bucket size, aligned to UTC; at most 1440 buckets per request",
         required=False,
     ),

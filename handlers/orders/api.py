@@ -157,7 +157,7 @@ SCHEMAS: Json = {
             "target_type": {"type": "string"},
             "target_id": {"type": ["string", "null"], "format": "uuid"},
             "request_id": {"type": ["string", "null"]},
-            "details": {"type": "object"},
+            "details": {"type": "object", "additionalProperties": True},
             "created_at": DATE,
         },
     },
