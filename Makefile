@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum requirements.lock | cut -d' ' -f1)
 
-.PHONY: run test demo lint fmt migrate bench profile lock clean
+.PHONY: run test demo node lint fmt migrate bench profile lock clean
 
 # Python 3.11 or newer, checked before anything is made: an older one leaves no .venv behind.
 NEED_311 = import sys; sys.exit(sys.version_info < (3, 11))
@@ -30,11 +30,26 @@ run: $(STAMP)  ## serve on HOST:PORT (embedded PostgreSQL/Redis unless DATABASE_
 		"are set, migrations, then the server (a few seconds; ~20 s the very first time)"
 	$(BIN)/python -m server serve
 
-test: $(STAMP)  ## the whole suite (what CI runs)
+test: $(STAMP) node  ## the whole suite (what CI runs)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)  ## with `make run` serving: a demo tenant (users, products, orders, events) and its login
 	$(BIN)/python -m server demo
+
+# The Node tools the suite runs (Redocly CLI lints /openapi.json; the TypeScript client's
+# tools), exactly as tests/node/package-lock.json pins them; again whenever the lock changes.
+# Without npm, a notice: the tests that need them skip, or fail under CI.
+NODE_STAMP := tests/node/node_modules/.installed
+node: $(NODE_STAMP)
+$(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		echo "==> npm ci --prefix tests/node (the lock's Node tools; half a minute the first time)"; \
+		npm ci --prefix tests/node --ignore-scripts --no-audit --no-fund --loglevel=error \
+			&& touch $@; \
+	else \
+		echo "npm is missing (Debian: apt-get install nodejs npm): tests/node's tools are not" \
+			"installed, and the tests that need them will say so" >&2; \
+	fi
 
 migrate: $(STAMP)
 	$(BIN)/python -m server migrate

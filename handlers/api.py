@@ -10,8 +10,18 @@ from handlers.events import api as events_api
 from handlers.graphql import api as graphql_api
 from handlers.identity import api as identity_api
 from handlers.orders import api as orders_api
-from server.openapi import Json, document, json_content, op, ref
+from server.openapi import (
+    Json,
+    Section,
+    document,
+    example_ref,
+    json_content,
+    op,
+    ref,
+    text_content,
+)
 from server.validation import Validators
+from server.version import version
 
 OPS_SCHEMAS: Json = {
     "Health": {
@@ -37,72 +47,120 @@ OPS_SCHEMAS: Json = {
     },
 }
 
+READY = {"status": "ready", "checks": {"postgres": "ok", "redis": "ok"}}
+OPS_EXAMPLES: Json = {
+    "Ready": {"summary": "Both dependencies answer", "value": READY},
+    "Degraded": {
+        "summary": "Redis does not answer: still ready",
+        "value": {"status": "ready", "checks": {"postgres": "ok", "redis": "degraded"}},
+    },
+}
+METRICS_EXAMPLE = (
+    "# HELP surge_http_requests_total HTTP requests answered, by route template and status\n"
+    "# TYPE surge_http_requests_total counter\n"
+    "surge_http_requests_total"
+    '{method="GET",route="/v1/users/{user_id}",status="200"} 1024.0\n'
+)
+
+
+def _ops(summary: str, responses: Json) -> Json:
+    """An ops operation: never authenticated, rate limited or shed."""
+    return op(summary, "ops", responses, auth=False, ratelimited=False, shed=False)
+
+
 OPS_PATHS: Json = {
     "/healthz": {
-        "get": op(
+        "get": _ops(
             "Liveness: 200 while the process runs",
-            "ops",
-            {"200": json_content("Alive", ref("Health"))},
-            auth=False,
-            ratelimited=False,
+            {"200": json_content("Alive", ref("Health"), {"status": "ok"})},
         )
     },
     "/readyz": {
-        "get": op(
+        "get": _ops(
             "Readiness: PostgreSQL answers and the process is not draining",
-            "ops",
             {
-                "200": json_content(
-                    "Ready; `checks.redis` is `degraded` while Redis does not answer",
-                    ref("Readiness"),
-                ),
+                "200": {
+                    "description": (
+                        "Ready; `checks.redis` is `degraded` while Redis does not answer"
+                    ),
+                    "content": {
+                        "application/json": {
+                            "schema": ref("Readiness"),
+                            "examples": {
+                                "Ready": example_ref("Ready"),
+                                "Degraded": example_ref("Degraded"),
+                            },
+                        }
+                    },
+                },
                 "503": json_content(
                     "Not ready: PostgreSQL does not answer (`checks.postgres` is `error`), or"
                     " the process is draining on shutdown",
                     ref("Readiness"),
+                    {"status": "draining", "checks": {"postgres": "ok", "redis": "ok"}},
                 ),
             },
-            auth=False,
-            ratelimited=False,
         )
     },
     "/metrics": {
-        "get": op(
+        "get": _ops(
             "Prometheus text exposition",
-            "ops",
-            {
-                "200": {
-                    "description": "Metrics",
-                    "content": {"text/plain": {"schema": {"type": "string"}}},
-                }
-            },
-            auth=False,
-            ratelimited=False,
+            {"200": text_content("Metrics", "text/plain", METRICS_EXAMPLE)},
         )
     },
     "/openapi.json": {
-        "get": op(
+        "get": _ops(
             "This document",
-            "ops",
-            {"200": json_content("OpenAPI 3.1", {"type": "object"})},
-            auth=False,
-            ratelimited=False,
+            {
+                "200": json_content(
+                    "OpenAPI 3.1",
+                    {
+                        "type": "object",
+                        "required": ["openapi", "info", "paths"],
+                        "properties": {
+                            "openapi": {"type": "string"},
+                            "info": {"type": "object", "additionalProperties": True},
+                            "paths": {"type": "object", "additionalProperties": True},
+                        },
+                        "additionalProperties": True,
+                    },
+                    {
+                        "openapi": "3.1.0",
+                        "info": {"title": "Surge API", "version": version()},
+                        "paths": {},
+                    },
+                )
+            },
         )
     },
     "/docs": {
-        "get": op(
+        "get": _ops(
             "A browsable API reference rendered from this document",
-            "ops",
             {
-                "200": {
-                    "description": "HTML",
-                    "content": {"text/html": {"schema": {"type": "string"}}},
-                }
+                "200": text_content(
+                    "HTML",
+                    "text/html",
+                    '<!doctype html>\n<html lang="en">\n<title>Surge API reference</title>\n...',
+                )
             },
-            auth=False,
-            ratelimited=False,
         )
     },
+}
+
+# Each tag, described: the sections of the reference, in this order.
+TAGS = {
+    "ops": "Probes, metrics and this document: never authenticated, rate limited or shed",
+    "auth": (
+        "Sign-up, login, refresh and logout; signup, login and refresh are also limited per"
+        " client IP (AUTH_RATE_LIMIT_PER_MINUTE)"
+    ),
+    "users": "The caller and the tenant's users; roles owner > admin > member",
+    "events": "Analytics events in; counts and a live stream of them out",
+    "catalog": "The tenant's products; stock is what is available after reservations",
+    "orders": "Orders, the pay saga (authorize, capture) and cancellation",
+    "payments": "The payment provider's signed webhook",
+    "audit": "The tenant's audit log",
+    "graphql": "A read-only GraphQL view of users and orders, with depth and cost limits",
 }
 
 # Each operation's operationId: what generated clients name their functions, so once
@@ -147,13 +205,16 @@ OPERATION_IDS = {
 
 SPEC: Json = document(
     [
-        (OPS_PATHS, OPS_SCHEMAS),
-        (events_api.PATHS, events_api.SCHEMAS),
-        (graphql_api.PATHS, graphql_api.SCHEMAS),
-        (identity_api.PATHS, identity_api.SCHEMAS),
-        (orders_api.PATHS, orders_api.SCHEMAS),
+        Section(OPS_PATHS, OPS_SCHEMAS, OPS_EXAMPLES),
+        Section(events_api.PATHS, events_api.SCHEMAS, events_api.EXAMPLES),
+        Section(graphql_api.PATHS, graphql_api.SCHEMAS, graphql_api.EXAMPLES),
+        Section(
+            identity_api.PATHS, identity_api.SCHEMAS, identity_api.EXAMPLES, identity_api.RESPONSES
+        ),
+        Section(orders_api.PATHS, orders_api.SCHEMAS, orders_api.EXAMPLES, orders_api.RESPONSES),
     ],
     OPERATION_IDS,
+    TAGS,
 )
 
 # Compiled once per process, shared by every app create_app builds.

@@ -2,15 +2,37 @@
 
 Request schemas live in components.schemas and are compiled into validators (validation.py);
 keep them within the JSON Schema subset fastjsonschema understands (draft-07 keywords).
+An object open to any keys says `additionalProperties: true`: JSON Schema's default, but
+openapi-typescript types an object with neither properties nor that as one with no keys at all.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
+import orjson
+
 from db.ids import UUID_RE
+from server.errors import (
+    ApiError,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    PreconditionFailed,
+    PreconditionRequired,
+    ServiceUnavailable,
+    TooManyRequests,
+    Unauthorized,
+    UnsupportedMediaType,
+    ValidationFailed,
+    problem_body,
+)
 from server.version import version
 
 Json = dict[str, Any]
@@ -22,20 +44,110 @@ def ref(name: str) -> Json:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def problem(desc: str) -> Json:
+def example_ref(name: str) -> Json:
+    return {"$ref": f"#/components/examples/{name}"}
+
+
+def response_ref(name: str) -> Json:
+    return {"$ref": f"#/components/responses/{name}"}
+
+
+def header_ref(name: str) -> Json:
+    return {"$ref": f"#/components/headers/{name}"}
+
+
+# The ids the examples share, so that every section's examples tell one story: Acme's owner
+# (ann) creates an admin (bob), a product, and an order.
+EXAMPLE_TENANT_ID = "01a24e1a-5cff-7929-a333-e7bf0acebc6d"
+EXAMPLE_OWNER_ID = "01a24e1a-5cff-7f07-9e61-aadc30a481c7"
+EXAMPLE_USER_ID = "01a24e1a-5d82-785e-8e44-37d4692d9184"
+
+# Every problem example names this request id: what X-Request-ID carried (a generated one is a
+# process prefix and a counter, 24 hex digits).
+EXAMPLE_REQUEST_ID = "80c5fadd0fd4000000000042"
+
+# The problem types (`/problems/<slug>`) and titles an answer of each status has, as the server
+# renders them (server/errors.py); a 503 says `overloaded` when the server sheds load.
+_PROBLEMS: dict[int, type[ApiError]] = {
+    e.status: e
+    for e in (
+        BadRequest,
+        Unauthorized,
+        Forbidden,
+        NotFound,
+        Conflict,
+        PayloadTooLarge,
+        PreconditionFailed,
+        UnsupportedMediaType,
+        ValidationFailed,
+        PreconditionRequired,
+        TooManyRequests,
+        ServiceUnavailable,
+    )
+}
+
+
+def problem_example(
+    status: int,
+    detail: str,
+    *,
+    slug: str | None = None,
+    title: str | None = None,
+    errors: list[dict[str, str]] | None = None,
+) -> Json:
+    """A problem+json body exactly as the server renders it (server/errors.py)."""
+    kind = _PROBLEMS.get(status)
+    body: Json = orjson.loads(
+        problem_body(
+            status,
+            detail,
+            EXAMPLE_REQUEST_ID,
+            slug=slug or (kind.slug if kind else None),
+            title=title or (kind.title if kind else None),
+            errors=errors,
+        )
+    )
+    return body
+
+
+def problem(
+    status: int,
+    desc: str,
+    detail: str,
+    *,
+    slug: str | None = None,
+    title: str | None = None,
+    errors: list[dict[str, str]] | None = None,
+) -> Json:
+    """A problem+json answer, its example one of the details the server gives for it."""
+    example = problem_example(status, detail, slug=slug, title=title, errors=errors)
     return {
         "description": desc,
-        "content": {"application/problem+json": {"schema": ref("Problem")}},
+        "content": {"application/problem+json": {"schema": ref("Problem"), "example": example}},
     }
 
 
-def json_content(desc: str, schema: Json, **headers: str) -> Json:
-    out: Json = {"description": desc, "content": {"application/json": {"schema": schema}}}
+def json_content(
+    desc: str, schema: Json, example: str | Json, *, headers: tuple[str, ...] = ()
+) -> Json:
+    """An application/json answer; `example` names a components.examples entry, or is the
+    example value itself; `headers` names components.headers entries it carries."""
+    media: Json = {"schema": schema}
+    if isinstance(example, str):
+        media["examples"] = {example: example_ref(example)}
+    else:
+        media["example"] = example
+    out: Json = {"description": desc, "content": {"application/json": media}}
     if headers:
-        out["headers"] = {
-            k: {"schema": {"type": "string"}, "description": v} for k, v in headers.items()
-        }
+        out["headers"] = {name: header_ref(name) for name in headers}
     return out
+
+
+def text_content(desc: str, media_type: str, example: str) -> Json:
+    return {
+        "description": desc,
+        "content": {media_type: {"schema": {"type": "string"}, "example": example}},
+    }
 
 
 def query_param(name: str, schema: Json, description: str, *, required: bool | None = None) -> Json:
@@ -60,44 +172,159 @@ INVISIBLE = (
     "\U000e0001\U000e0020-\U000e007f"
 )
 
-_RL_HEADERS = {
-    "RateLimit-Limit": {"schema": {"type": "integer"}, "description": "Bucket size"},
-    "RateLimit-Remaining": {"schema": {"type": "integer"}, "description": "Requests left now"},
-    "RateLimit-Reset": {"schema": {"type": "integer"}, "description": "Seconds to a full bucket"},
+# components.headers: every header an answer documents, described once.
+HEADERS: Json = {
+    "RateLimit-Limit": {
+        "description": "The size of the caller's token bucket",
+        "schema": {"type": "integer"},
+    },
+    "RateLimit-Remaining": {
+        "description": "Requests left in the bucket now",
+        "schema": {"type": "integer"},
+    },
+    "RateLimit-Reset": {
+        "description": "Seconds until the bucket is full again",
+        "schema": {"type": "integer"},
+    },
+    "Retry-After": {
+        "required": True,
+        "description": "Seconds to wait before retrying",
+        "schema": {"type": "integer"},
+    },
+    "ETag": {
+        "required": True,
+        "description": (
+            'The resource\'s version, quoted (e.g. "3"): If-Match for a write, If-None-Match for'
+            " a read"
+        ),
+        "schema": {"type": "string", "pattern": '^"[0-9]+"$'},
+    },
+    "Location": {
+        "required": True,
+        "description": "The path of the resource created",
+        "schema": {"type": "string", "format": "uri-reference"},
+    },
+    "Idempotent-Replayed": {
+        "description": "`true`: the answer stored for an earlier request with this Idempotency-Key",
+        "schema": {"type": "string", "enum": ["true"]},
+    },
+    "WWW-Authenticate": {
+        "required": True,
+        "description": (
+            'The Bearer challenge: `Bearer realm="surge", error="invalid_token"` for a token that'
+            ' is invalid, expired or revoked, `Bearer realm="surge"` when none was sent or the'
+            " credentials are wrong"
+        ),
+        "schema": {"type": "string"},
+    },
+    "Accept-Encoding": {
+        "description": "With a Content-Encoding refused: the codings the operation takes",
+        "schema": {"type": "string"},
+    },
 }
+RATELIMIT_HEADERS = ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset")
 
 
-def retry_problem(desc: str, *, required: bool) -> Json:
-    """A problem+json answer with a Retry-After header (`required`: always sent)."""
-    out = problem(desc)
-    header: Json = {"schema": {"type": "integer"}, "description": "Seconds to wait before retrying"}
-    if required:
-        header["required"] = True
-    out["headers"] = {"Retry-After": header}
+def with_headers(response: Json, *names: str) -> Json:
+    """`response` carrying the components.headers `names` (a copy)."""
+    out = copy.deepcopy(response)
+    out.setdefault("headers", {}).update({name: header_ref(name) for name in names})
     return out
 
 
-# The error answers op() adds to an operation, by what the operation has; an operation's own
-# entry for a status wins. Add a status here once rather than to each operation.
-BODY_ERRORS = {  # an operation that reads a JSON body
-    "400": problem("Malformed JSON"),
-    "408": problem("The body did not arrive within BODY_READ_TIMEOUT_S; the connection is closed"),
-    "413": problem("Body larger than MAX_BODY_BYTES"),
-    "415": problem(
-        "The body is not application/json, or has a Content-Encoding (only POST"
-        " /v1/events takes one)"
+def retry_problem(status: int, desc: str, detail: str, *, slug: str | None = None) -> Json:
+    """A problem+json answer that always carries Retry-After."""
+    return with_headers(problem(status, desc, detail, slug=slug), "Retry-After")
+
+
+# server/validation.py's CARD_MESSAGE (that module imports this one); tests/test_openapi.py
+# checks the answers below against the server's own.
+CARD_MESSAGE_EXAMPLE = "looks like a card number; send the payment provider's token instead"
+
+# The answers the chain gives any operation of a kind (server/chain.py), by name. A rate-limited
+# operation refers to them in components.responses (where each carries the RateLimit-*
+# headers); another gets a copy without those headers. An operation's own entry for a status
+# wins. Add a status here once rather than to each operation.
+COMMON: dict[str, Json] = {
+    "MalformedJson": problem(
+        400, "Malformed JSON", "malformed JSON: unexpected end of data: line 1 column 11 (char 10)"
     ),
-    "422": problem("Validation failed; `errors` names each offending field"),
+    "BodyTimeout": problem(
+        408,
+        "The body did not arrive within BODY_READ_TIMEOUT_S; the connection is closed",
+        "the request body did not arrive within 10 s",
+        slug="request-timeout",
+        title="Request Timeout",
+    ),
+    "BodyTooLarge": problem(
+        413,
+        "Body larger than MAX_BODY_BYTES",
+        "the request body is larger than 1048576 bytes",
+        # aiohttp's own refusal: titled by Python's name for the status
+        title=HTTPStatus(413).phrase,
+    ),
+    "NotJson": with_headers(
+        problem(
+            415,
+            "The body is not application/json, or has a Content-Encoding (only POST /v1/events"
+            " takes one: Accept-Encoding then says which)",
+            "the request body must be application/json",
+        ),
+        "Accept-Encoding",
+    ),
+    "InvalidBody": problem(
+        422,
+        "Validation failed; `errors` names each offending field",
+        "the request body is not valid",
+        errors=[{"field": "email", "message": "must match pattern"}],
+    ),
+    "InvalidParameter": problem(
+        422,
+        "A parameter is refused; `errors` names it",
+        "invalid query parameter",
+        errors=[{"field": "limit", "message": "must be an integer from 1 to 200"}],
+    ),
+    "RequestIdRefused": problem(
+        422,
+        "X-Request-ID looks like a card number: refused, and neither echoed nor logged",
+        "invalid X-Request-ID header",
+        errors=[{"field": "X-Request-ID", "message": CARD_MESSAGE_EXAMPLE}],
+    ),
+    "Unauthorized": with_headers(
+        problem(
+            401,
+            "Missing, invalid, expired or revoked access token",
+            "the access token is invalid or expired",
+        ),
+        "WWW-Authenticate",
+    ),
+    "RateLimited": retry_problem(
+        429,
+        "Rate limited; see Retry-After",
+        "rate limit exceeded; retry after the Retry-After delay",
+    ),
+    "Unavailable": retry_problem(
+        503,
+        "Overloaded, or a dependency (PostgreSQL, the payment provider) is down; see Retry-After",
+        "the server is at capacity; retry shortly",
+        slug="overloaded",
+    ),
+    "Forbidden": problem(
+        403, "Your role does not allow this", "this needs the admin or owner role"
+    ),
+    "Overloaded": retry_problem(
+        503,
+        "The server is at capacity; see Retry-After",
+        "the server is at capacity; retry shortly",
+        slug="overloaded",
+    ),
 }
-PARAM_ERRORS = {  # an operation with query or header parameters
-    "422": problem("A parameter is refused; `errors` names it"),
-}
-LIMITED_ERRORS = {  # every rate-limited operation (each /v1 one and POST /graphql)
-    "429": retry_problem("Rate limited; see Retry-After", required=True),
-    "503": retry_problem("Overloaded or a dependency is down; see Retry-After", required=False),
-}
-AUTH_ERRORS = {  # every operation that needs an access token
-    "401": problem("Missing, invalid, expired or revoked access token"),
+BODY_ERRORS = {  # an operation that reads a JSON body
+    "400": "MalformedJson",
+    "408": "BodyTimeout",
+    "413": "BodyTooLarge",
+    "415": "NotJson",
+    "422": "InvalidBody",
 }
 
 
@@ -110,34 +337,42 @@ def op(
     auth: bool = True,
     params: list[Json] | None = None,
     ratelimited: bool = True,
+    shed: bool = True,
 ) -> Json:
+    """An operation. `body` names its request schema, and the components.examples entry (of the
+    same name) that is its example; `ratelimited`: its answers carry the RateLimit-* headers,
+    and it can answer 429; `shed`: it can answer 503 when the server is at capacity."""
     out: Json = {"summary": summary, "tags": [tag]}
     if params:
         out["parameters"] = params
     if body:
         out["requestBody"] = {
             "required": True,
-            "content": {"application/json": {"schema": ref(body)}},
+            "content": {
+                "application/json": {"schema": ref(body), "examples": {body: example_ref(body)}}
+            },
         }
-    # copies: sections share response objects (FORBIDDEN, NOT_FOUND) between operations
+    # copies: sections share response objects between operations
     all_responses = {code: copy.deepcopy(r) for code, r in responses.items()}
-    common: list[dict[str, Json]] = []
-    if body:
-        common.append(BODY_ERRORS)
+    common: dict[str, str] = dict(BODY_ERRORS) if body else {}
     if any(p["in"] in ("query", "header") for p in params or []):
-        common.append(PARAM_ERRORS)
+        common.setdefault("422", "InvalidParameter")
     if ratelimited:
-        common.append(LIMITED_ERRORS)
+        common |= {"429": "RateLimited", "503": "Unavailable"}
+    elif shed:
+        common["503"] = "Overloaded"
     if auth:
-        common.append(AUTH_ERRORS)
-    for errors in common:
-        for code, r in errors.items():
-            all_responses.setdefault(code, copy.deepcopy(r))
-    if ratelimited:  # every answer, errors included
+        common["401"] = "Unauthorized"
+    common.setdefault("422", "RequestIdRefused")  # any operation (server/chain.py)
+    for code, name in common.items():
+        if code not in all_responses:
+            all_responses[code] = response_ref(name) if ratelimited else copy.deepcopy(COMMON[name])
+    if ratelimited:  # every answer, errors included (components.responses carry them already)
         for r in all_responses.values():
-            r.setdefault("headers", {}).update(_RL_HEADERS)
+            if "$ref" not in r:
+                r.setdefault("headers", {}).update({h: header_ref(h) for h in RATELIMIT_HEADERS})
     out["security"] = [{"bearer": []}] if auth else []
-    out["responses"] = all_responses
+    out["responses"] = dict(sorted(all_responses.items()))
     return out
 
 
@@ -148,11 +383,14 @@ PROBLEM_SCHEMAS: Json = {
         "description": "RFC 9457 problem details",
         "required": ["type", "title", "status", "detail", "request_id"],
         "properties": {
-            "type": {"type": "string"},
+            "type": {
+                "type": "string",
+                "description": "`/problems/<kind>`, e.g. /problems/validation",
+            },
             "title": {"type": "string"},
             "status": {"type": "integer"},
             "detail": {"type": "string"},
-            "request_id": {"type": "string"},
+            "request_id": {"type": "string", "description": "The answer's X-Request-ID"},
             "errors": {
                 "type": "array",
                 "items": {
@@ -189,6 +427,7 @@ def _conditional(method: str, operation: Json) -> None:
         "description": "Not Modified: the ETag in If-None-Match is current; no body",
         "headers": copy.deepcopy(ok["headers"]),
     }
+    operation["responses"] = dict(sorted(operation["responses"].items()))
 
 
 def _name(paths: Json, operation_ids: Mapping[tuple[str, str], str]) -> None:
@@ -205,24 +444,74 @@ def _name(paths: Json, operation_ids: Mapping[tuple[str, str], str]) -> None:
         paths[path][method]["operationId"] = operation_id
 
 
+@dataclass(frozen=True)
+class Section:
+    """A domain's part of the document: its paths, and the components they refer to
+    (`responses` are answers of rate-limited operations: document() adds the RateLimit-*
+    headers to each)."""
+
+    paths: Json
+    schemas: Json
+    examples: Json = field(default_factory=dict)
+    responses: Json = field(default_factory=dict)
+
+
+def _refs(node: Any, kind: str) -> set[str]:
+    """The names of the components of `kind` ("responses", ...) that `node` refers to."""
+    if isinstance(node, dict):
+        target = node.get("$ref")
+        prefix = f"#/components/{kind}/"
+        found = (
+            {target[len(prefix) :]}
+            if isinstance(target, str) and target.startswith(prefix)
+            else set()
+        )
+        return found.union(*(_refs(v, kind) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_refs(v, kind) for v in node))
+    return set()
+
+
+def _merge(into: Json, part: Json, kind: str) -> None:
+    for name in part:
+        if name in into:
+            raise ValueError(f"{kind} {name} defined twice")
+    into.update(part)
+
+
 def document(
-    sections: Iterable[tuple[Json, Json]], operation_ids: Mapping[tuple[str, str], str]
+    sections: Iterable[Section],
+    operation_ids: Mapping[tuple[str, str], str],
+    tags: Mapping[str, str],
 ) -> Json:
-    """The OpenAPI document from each part's (paths, schemas), in order, each operation named
-    by `operation_ids`; a schema defined twice is a mistake and refused."""
+    """The OpenAPI document from each part, in order, each operation named by
+    `operation_ids`, each tag described by `tags`; a component defined twice is a mistake and
+    refused."""
     paths: Json = {}
     schemas: Json = dict(PROBLEM_SCHEMAS)
-    for section_paths, section_schemas in sections:
-        for name in section_schemas:
-            if name in schemas:
-                raise ValueError(f"schema {name} defined twice")
-        schemas.update(section_schemas)
-        for path, ops in section_paths.items():
+    examples: Json = {}
+    responses: Json = {}
+    for section in sections:
+        _merge(schemas, section.schemas, "schema")
+        _merge(examples, section.examples, "example")
+        _merge(responses, section.responses, "response")
+        for path, ops in section.paths.items():
             paths.setdefault(path, {}).update(ops)
     _name(paths, operation_ids)
     for ops in paths.values():
         for method, operation in ops.items():
             _conditional(method, operation)
+    used = {
+        tag for ops in paths.values() for operation in ops.values() for tag in operation["tags"]
+    }
+    if used != set(tags):
+        raise ValueError(f"tags used {sorted(used)}, described {sorted(tags)}")
+    _merge(
+        responses,
+        {name: COMMON[name] for name in _refs(paths, "responses") & set(COMMON)},
+        "response",
+    )
+    limited = {name: with_headers(r, *RATELIMIT_HEADERS) for name, r in sorted(responses.items())}
     return {
         "openapi": "3.1.0",
         "info": {
@@ -232,15 +521,20 @@ def document(
             "description": (
                 "Multi-tenant JSON API. Errors are application/problem+json (RFC 9457); lists "
                 "use keyset pagination (`limit`, `cursor` -> `next_cursor`); every /v1 response "
-                "carries RateLimit-* headers. No string may hold U+0000 (NUL): 422."
+                "carries RateLimit-* headers. No string may hold U+0000 (NUL): 422. Any "
+                "request whose X-Request-ID looks like a card number is refused: 422."
             ),
         },
         # Relative: the origin the document was fetched from (OpenAPI's own default, said
         # explicitly); PUBLIC_URL replaces it when the server is served (handlers/ops.py).
         "servers": [{"url": "/", "description": "The origin serving this document"}],
+        "tags": [{"name": name, "description": text} for name, text in tags.items()],
         "paths": paths,
         "components": {
             "schemas": schemas,
+            "responses": limited,
+            "headers": {name: HEADERS[name] for name in sorted(_refs([paths, limited], "headers"))},
+            "examples": dict(sorted(examples.items())),
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
             },

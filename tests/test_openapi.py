@@ -7,17 +7,19 @@ import tomllib
 from collections.abc import Iterator
 from typing import Any
 
+import jsonschema
 import jsonschema_rs
 import pytest
 
-from handlers import SPEC, routes
+from handlers import SPEC, routes, validators
 from server.app import create_app
 from server.config import Config
 from server.errors import ValidationFailed
-from server.openapi import resolved_schema
-from server.validation import Validators
+from server.openapi import CARD_MESSAGE_EXAMPLE, resolved_schema
+from server.validation import CARD_MESSAGE, Validators
 
 from .conftest import ROOT, configured
+from .helpers import PASSWORD, login, signup
 
 
 def served() -> set[tuple[str, str]]:
@@ -251,3 +253,237 @@ def test_public_url_setting() -> None:
     assert Config.from_env({"PUBLIC_URL": "https://api.example.com/"}).public_url == (
         "https://api.example.com"
     )
+
+
+# -- examples, components, tags -----------------------------------------------------------------
+
+
+def _resolve_ref(node: Any) -> Any:
+    """`node`, or what its $ref (#/components/...) names."""
+    while isinstance(node, dict) and "$ref" in node:
+        _, _, kind, name = node["$ref"].split("/")
+        node = SPEC["components"][kind][name]
+    return node
+
+
+def _media_types() -> Iterator[tuple[str, Any]]:
+    """(where, media type object) of every request body and answer."""
+    for method, path, operation in _operations():
+        where = f"{method.upper()} {path}"
+        for media, content in operation.get("requestBody", {}).get("content", {}).items():
+            yield f"{where} request {media}", content
+        for code, response in operation["responses"].items():
+            for media, content in _resolve_ref(response).get("content", {}).items():
+                yield f"{where} {code} {media}", content
+
+
+def _examples() -> Iterator[tuple[str, Any, Any]]:
+    """(where, schema, example value) of every example of a request body or an answer."""
+    for where, content in _media_types():
+        if "example" in content:
+            yield where, content["schema"], content["example"]
+        for name, example in content.get("examples", {}).items():
+            yield f"{where} example {name}", content["schema"], _resolve_ref(example)["value"]
+
+
+def test_every_request_body_and_answer_has_an_example() -> None:
+    media_types = list(_media_types())
+    assert len(media_types) > 150
+    assert [w for w, c in media_types if "example" not in c and not c.get("examples")] == []
+
+
+def test_every_example_holds_against_its_schema() -> None:
+    """Each example validates against its schema, formats included, both as ECMA 262 reads
+    patterns (jsonschema_rs: clients, schemathesis) and as Python does (jsonschema)."""
+    examples = list(_examples())
+    assert len(examples) > 150
+    wrong = []
+    for where, schema, value in examples:
+        # the document's components beside the schema: its "#/components/..." refs resolve
+        rooted = {**schema, "components": SPEC["components"]}
+        ecma = jsonschema_rs.validator_for(rooted, validate_formats=True)
+        python = jsonschema.Draft202012Validator(
+            rooted, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+        )
+        found = [e.message for e in ecma.iter_errors(value)]
+        found += [e.message for e in python.iter_errors(value)]
+        if found:
+            wrong.append((where, found))
+    assert wrong == []
+
+
+def test_a_broken_example_is_caught() -> None:
+    schema = {**ref_of("User"), "components": SPEC["components"]}
+    user = SPEC["components"]["examples"]["Admin"]["value"]
+    validator = jsonschema_rs.validator_for(schema, validate_formats=True)
+    assert validator.is_valid(user)
+    assert not validator.is_valid(user | {"id": "not-a-uuid"})
+    assert not validator.is_valid(user | {"created_at": "yesterday"})
+
+
+def ref_of(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def test_request_examples_are_the_bodies_the_server_validates() -> None:
+    """Each request body's example passes the server's own validator (fastjsonschema)."""
+    for _m, _p, operation in _operations():
+        if body := operation.get("requestBody"):
+            media = body["content"]["application/json"]
+            name = media["schema"]["$ref"].rsplit("/", 1)[1]
+            for example in media["examples"].values():
+                validators.validate(name, _resolve_ref(example)["value"])
+
+
+def test_every_tag_is_declared_with_a_description() -> None:
+    declared = {t["name"]: t.get("description", "") for t in SPEC["tags"]}
+    used = {tag for _m, _p, operation in _operations() for tag in operation["tags"]}
+    assert set(declared) == used
+    assert all(declared.values()), declared
+
+
+def _refs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        if isinstance(node.get("$ref"), str):
+            yield node["$ref"]
+        for value in node.values():
+            yield from _refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _refs(value)
+
+
+def test_every_ref_resolves_and_every_component_is_used() -> None:
+    refs = set(_refs(SPEC))
+    for target in refs:
+        assert _resolve_ref({"$ref": target}) is not None, target
+    components = {
+        f"#/components/{kind}/{name}"
+        for kind, entries in SPEC["components"].items()
+        if kind != "securitySchemes"
+        for name in entries
+    }
+    assert components - refs == set()
+
+
+def _answers(operation: Any) -> Iterator[tuple[str, Any]]:
+    for code, response in operation["responses"].items():
+        yield code, _resolve_ref(response)
+
+
+def _headers(response: Any) -> dict[str, Any]:
+    return {name: _resolve_ref(h) for name, h in response.get("headers", {}).items()}
+
+
+@pytest.mark.parametrize(("method", "path"), sorted(documented()))
+def test_answers_document_their_headers(method: str, path: str) -> None:
+    op = SPEC["paths"][path][method]
+    # what server/routes.py rate limits: /v1 (the webhook has its own bucket) and POST /graphql
+    limited = (path.startswith("/v1/") and path != "/v1/webhooks/payments") or (
+        (method, path) == ("post", "/graphql")
+    )
+    for code, response in _answers(op):
+        headers = _headers(response)
+        rate_limit = {"RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"}
+        if limited:
+            assert rate_limit <= set(headers), code
+        elif code != "429":  # the webhook's own bucket answers its 429 with them
+            assert not rate_limit & set(headers), code
+        if code in ("429", "503") and path != "/readyz":
+            assert headers["Retry-After"]["required"] is True, code
+        if code == "401":
+            assert headers["WWW-Authenticate"]["required"] is True
+        # a signup answers a tenant, its owner and tokens: no one resource for Location
+        if code == "201" and path != "/v1/auth/signup":
+            assert {"ETag", "Location"} <= set(headers)
+            assert headers["Location"]["required"] and headers["ETag"]["required"]
+    codes = set(op["responses"])
+    assert any(c.startswith("4") for c in codes)  # at least the X-Request-ID refusal
+    assert "422" in codes
+
+
+def test_idempotent_operations_document_replays() -> None:
+    for path in ("/v1/orders", "/v1/orders/{order_id}/pay"):
+        op = SPEC["paths"][path]["post"]
+        assert "Idempotency-Key" in [p["name"] for p in op["parameters"]]
+        for code, response in _answers(op):
+            if code.startswith("2"):
+                assert "Idempotent-Replayed" in _headers(response), (path, code)
+
+
+async def test_graphql_429s_have_the_documented_content_types(
+    aiohttp_client: Any, config: Config
+) -> None:
+    """Both 429s of POST /graphql, as the server gives them: a query costing more than the
+    bucket holds (GraphQL-shaped, application/json), then an empty bucket (the chain's
+    problem+json). Each comes with a documented content type and a body its schema holds."""
+    client = await aiohttp_client(
+        create_app(configured(config, rate_limit_rate=0.01, rate_limit_burst=100))
+    )
+    owner = await signup(client)
+    documented_429 = SPEC["paths"]["/graphql"]["post"]["responses"]["429"]
+    seen = {}
+    # 80 nodes twice: the second finds about 19 tokens left; then 1 token each, until none is
+    for query in ("{ users(first: 80) { edges { node { id } } } }", "{ me { id } }"):
+        for _ in range(30):
+            resp = await client.post("/graphql", json={"query": query}, headers=owner.headers)
+            if resp.status == 429:
+                break
+        assert resp.status == 429
+        assert "Retry-After" in resp.headers
+        media = resp.content_type
+        assert media in documented_429["content"]
+        schema = {**documented_429["content"][media]["schema"], "components": SPEC["components"]}
+        jsonschema_rs.validate(schema, await resp.json())
+        seen[query] = media
+    assert list(seen.values()) == ["application/json", "application/problem+json"]
+
+
+# (who asks, method, url, the documented answer it gets): the examples are what the server says
+OTHER = "01a24e1a-0000-7000-8000-000000000000"  # no such user or order
+SERVER_ANSWERS = [
+    ("card", "get", "/healthz", ("/healthz", "get", "422")),
+    ("stranger", "get", "/v1/me", ("/v1/me", "get", "401")),
+    ("owner", "get", f"/v1/users/{OTHER}", ("/v1/users/{user_id}", "get", "404")),
+    ("owner", "get", "/v1/users?limit=500", ("/v1/users", "get", "422")),
+    ("member", "post", "/v1/users", ("/v1/users", "post", "403")),
+    ("owner", "get", f"/v1/orders/{OTHER}", ("/v1/orders/{order_id}", "get", "404")),
+]
+CALLERS = {
+    "card": {"X-Request-ID": "4111111111111111"},  # a request id that looks like a card number
+    "stranger": {"Authorization": "Bearer not-a-token"},
+}
+
+
+@pytest.mark.parametrize(("who", "method", "url", "answer"), SERVER_ANSWERS)
+async def test_problem_examples_are_what_the_server_answers(
+    aiohttp_client: Any, config: Config, who: str, method: str, url: str, answer: tuple[str, ...]
+) -> None:
+    client = await aiohttp_client(create_app(config))
+    owner = await signup(client)
+    headers = {**CALLERS, "owner": owner.headers}.get(who)
+    if headers is None:  # a member: the owner creates one, who logs in
+        made = await client.post(
+            "/v1/users",
+            json={"email": "mia@example.com", "username": "mia", "password": PASSWORD},
+            headers=owner.headers,
+        )
+        assert made.status == 201
+        tokens = await login(client, owner.tenant_id, "mia@example.com")
+        headers = {"Authorization": f"Bearer {tokens['access_token']}"}
+    body = {"email": "bob@example.com", "username": "bob", "password": "hunter2hunter2"}
+    resp = await client.request(
+        method, url, headers=headers, json=body if method == "post" else None
+    )
+    path, op_method, code = answer
+    assert str(resp.status) == code
+    documented = _resolve_ref(SPEC["paths"][path][op_method]["responses"][code])
+    example = documented["content"]["application/problem+json"]["example"]
+    assert await resp.json() == example | {"request_id": resp.headers["X-Request-ID"]}
+    for name, header in _headers(documented).items():
+        if header.get("required"):
+            assert name in resp.headers, name
+
+
+def test_the_card_message_is_the_servers() -> None:
+    assert CARD_MESSAGE_EXAMPLE == CARD_MESSAGE

@@ -5,7 +5,18 @@ from __future__ import annotations
 
 from db.ids import UUID_RE
 from server.encoding import CODINGS
-from server.openapi import Json, json_content, op, problem, query_param, ref, retry_problem
+from server.openapi import (
+    EXAMPLE_USER_ID,
+    Json,
+    example_ref,
+    json_content,
+    op,
+    problem,
+    query_param,
+    ref,
+    retry_problem,
+    with_headers,
+)
 
 MAX_EVENTS = 1000
 MAX_PROPS_BYTES = 2048
@@ -44,6 +55,7 @@ SCHEMAS: Json = {
             "user_id": {"type": ["string", "null"], "format": "uuid", "pattern": f"^{UUID_RE}$"},
             "props": {
                 "type": "object",
+                "additionalProperties": True,
                 "maxProperties": MAX_PROPS_KEYS,
                 "description": f"Free-form JSON object, at most {MAX_PROPS_BYTES} bytes serialised",
             },
@@ -125,7 +137,13 @@ COUNT_PARAMS = [
     ),
     query_param(
         "bucket",
-        {"type": "string", "enum": ["1m", "1h", "1d"], "default": "1m"},
+        # Generators name enum members after the values; these start with a digit (VALUE_0...).
+        {
+            "type": "string",
+            "enum": ["1m", "1h", "1d"],
+            "x-enum-varnames": ["minute", "hour", "day"],
+            "default": "1m",
+        },
         "Bucket size, aligned to UTC; at most 1440 buckets per request",
         required=False,
     ),
@@ -152,22 +170,68 @@ CONTENT_ENCODING_PARAM: Json = {
     ),
 }
 
+EXAMPLES: Json = {
+    "EventBatch": {
+        "summary": "Two events; the first stamped now, the second with its user",
+        "value": {
+            "events": [
+                {"name": "page_view", "props": {"path": "/pricing"}},
+                {"name": "checkout.paid", "user_id": EXAMPLE_USER_ID, "props": {"plan": "team"}},
+            ]
+        },
+    },
+    "EventsAccepted": {"summary": "Both committed", "value": {"accepted": 2}},
+    "EventCounts": {
+        "summary": "Three hours of page_view, by hour",
+        "value": {
+            "buckets": [
+                {"ts": "2026-11-21T08:00:00.000Z", "count": 0},
+                {"ts": "2026-11-21T09:00:00.000Z", "count": 17},
+                {"ts": "2026-11-21T10:00:00.000Z", "count": 42},
+            ]
+        },
+    },
+    "LiveCounts": {
+        "summary": "One second's counts",
+        "value": {
+            "event": "counts",
+            "data": '{"ts":"2026-11-21T10:00:01Z","counts":{"page_view":12,"checkout.paid":1}}',
+        },
+    },
+}
+
 PATHS: Json = {
     "/v1/events": {
         "post": op(
             "Ingest 1..1000 analytics events; answered once they are committed",
             "events",
             {
-                "202": json_content("Committed", ref("EventsAccepted")),
-                "400": problem("Malformed JSON, or a body that is not in its Content-Encoding"),
-                "413": problem("Body larger than MAX_BODY_BYTES as sent, or once decoded"),
-                "415": problem(
-                    "The body is not application/json, or its Content-Encoding is"
-                    " not one of gzip, deflate, br"
+                "202": json_content("Committed", ref("EventsAccepted"), "EventsAccepted"),
+                "400": problem(
+                    400,
+                    "Malformed JSON, or a body that is not in its Content-Encoding",
+                    "the request body is not valid gzip data",
+                ),
+                "413": problem(
+                    413,
+                    "Body larger than MAX_BODY_BYTES as sent, or once decoded",
+                    "the request body decodes to more than 1048576 bytes",
+                ),
+                "415": with_headers(
+                    problem(
+                        415,
+                        "The body is not application/json, or its Content-Encoding is not one of"
+                        " gzip, deflate, br (Accept-Encoding then says which)",
+                        "the body's Content-Encoding must be one of gzip, deflate, br, or none",
+                    ),
+                    "Accept-Encoding",
                 ),
                 "422": problem(
+                    422,
                     "Validation failed; `errors` names each offending field (`events[i].name` "
-                    "for a new event name past the tenant's EVENTS_MAX_NAMES_PER_TENANT)"
+                    "for a new event name past the tenant's EVENTS_MAX_NAMES_PER_TENANT)",
+                    "the request body is not valid",
+                    errors=[{"field": "events[0].ts", "message": "must be within 24 hours of now"}],
                 ),
             },
             body="EventBatch",
@@ -179,8 +243,13 @@ PATHS: Json = {
             "Counts of one event name per minute, hour or day (every bucket, zeros included)",
             "events",
             {
-                "200": json_content("The buckets, oldest first", ref("EventCounts")),
-                "422": problem("A parameter is refused, or the range spans more than 1440 buckets"),
+                "200": json_content("The buckets, oldest first", ref("EventCounts"), "EventCounts"),
+                "422": problem(
+                    422,
+                    "A parameter is refused, or the range spans more than 1440 buckets",
+                    "invalid query parameter",
+                    errors=[{"field": "bucket", "message": "must be one of 1m, 1h, 1d"}],
+                ),
             },
             params=COUNT_PARAMS,
         )
@@ -200,19 +269,26 @@ PATHS: Json = {
                         "disconnected"
                     ),
                     # OpenAPI 3.1 without itemSchema: the schema describes each event.
-                    "content": {"text/event-stream": {"schema": ref("LiveCountsEvent")}},
+                    "content": {
+                        "text/event-stream": {
+                            "schema": ref("LiveCountsEvent"),
+                            "examples": {"LiveCounts": example_ref("LiveCounts")},
+                        }
+                    },
                 },
                 # 429, not 503: these limits are the caller's to free (close a stream), not the
                 # server's capacity; 503 is the process's own limit, or a drain.
                 "429": retry_problem(
+                    429,
                     "Rate limited, or the caller (EVENTS_LIVE_MAX_PER_USER) or its tenant "
                     "(EVENTS_LIVE_MAX_PER_TENANT) has the most streams open on this server",
-                    required=True,
+                    "you have 10 live streams open, the most allowed; close one or retry later",
                 ),
                 "503": retry_problem(
+                    503,
                     "The server holds EVENTS_LIVE_MAX_CLIENTS streams, or is draining; or a "
                     "dependency is down",
-                    required=False,
+                    "too many live streams are open; retry later",
                 ),
             },
         )

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from db.users import STATUSES
 from server.openapi import (
+    EXAMPLE_OWNER_ID,
+    EXAMPLE_TENANT_ID,
+    EXAMPLE_USER_ID,
     INVISIBLE,
     SPACE_OR_CONTROL,
     UUID_PATTERN,
@@ -13,6 +16,8 @@ from server.openapi import (
     problem,
     query_param,
     ref,
+    response_ref,
+    with_headers,
 )
 from server.rbac import ROLES
 
@@ -39,6 +44,7 @@ PASSWORD = {"type": "string", "minLength": 8, "maxLength": 128}
 ROLE = {"type": "string", "enum": list(ROLES)}
 PROFILE = {
     "type": "object",
+    "additionalProperties": True,
     "maxProperties": 50,
     "description": f"Free-form JSON object, at most {MAX_PROFILE_BYTES} bytes serialised",
 }
@@ -137,7 +143,7 @@ SCHEMAS: Json = {
             "username": {"type": "string"},
             "status": {"type": "string", "enum": list(STATUSES)},
             "roles": {"type": "array", "items": ROLE},
-            "profile": {"type": "object"},
+            "profile": {"type": "object", "additionalProperties": True},
             "version": {"type": "integer"},
             "created_at": {"type": "string", "format": "date-time"},
             "updated_at": {"type": "string", "format": "date-time"},
@@ -192,6 +198,7 @@ USER_ID = {
     "in": "path",
     "required": True,
     "schema": {"type": "string", "format": "uuid"},
+    "description": "The user's id",
 }
 ROLE_PARAM = {"name": "role", "in": "path", "required": True, "schema": ROLE}
 # member is the base role every user holds: it is granted, never revoked.
@@ -224,17 +231,138 @@ LIST_PARAMS = [
         "Default: all but deleted",
     ),
 ]
-FORBIDDEN = problem("Your role does not allow this")
-NOT_FOUND = problem("No such user in your tenant")
-LAST_OWNER = problem("The tenant's last owner cannot be removed")
-AUTH_401 = problem("Wrong credentials, or an invalid, expired or revoked refresh token")
+# The examples' tokens: made by a test server with a throwaway key, expired long ago.
+EXAMPLE_JWT = (
+    "eyJhbGciOiJIUzI1NiIsImtpZCI6ImsyIiwidHlwIjoiYXQrand0In0.eyJpc3MiOiJzdXJnZSIsImF1ZCI6InN1cm"
+    "dlLWFwaSIsInN1YiI6IjAxYTI0ZTFhLTVjZmYtN2YwNy05ZTYxLWFhZGMzMGE0ODFjNyIsInRpZCI6IjAxYTI0ZTFh"
+    "LTVjZmYtNzkyOS1hMzMzLWU3YmYwYWNlYmM2ZCIsInJvbGVzIjpbIm1lbWJlciIsIm93bmVyIl0sImlhdCI6MTc5Nj"
+    "YwNjY4MCwiZXhwIjoxNzk2NjA3NTgwLCJqdGkiOiI5MjI5ZWMzMmEwZjY1Y2E2IiwiZ2VuIjowfQ.ocgKxShkxv5FBH"
+    "Lur4cYuDIUp8ho0fSj2WtnRvVJx0I"
+)
+EXAMPLE_REFRESH = "ZcWv_1inOtHz_oZRwmECrk0INRmq92J3rOHVTxf2nHw"
+CREATED_AT = "2026-11-21T10:00:00.123Z"
+TENANT = {"id": EXAMPLE_TENANT_ID, "name": "Acme", "created_at": CREATED_AT}
+OWNER = {
+    "id": EXAMPLE_OWNER_ID,
+    "tenant_id": EXAMPLE_TENANT_ID,
+    "email": "ann@example.com",
+    "username": "ann",
+    "status": "active",
+    "roles": ["owner", "member"],
+    "profile": {},
+    "version": 1,
+    "created_at": CREATED_AT,
+    "updated_at": CREATED_AT,
+}
+ADMIN = OWNER | {
+    "id": EXAMPLE_USER_ID,
+    "email": "bob@example.com",
+    "username": "bob",
+    "roles": ["admin", "member"],
+    "profile": {"team": "ops"},
+    "created_at": "2026-11-21T10:05:42.250Z",
+    "updated_at": "2026-11-21T10:05:42.250Z",
+}
+
+
+def _example(summary: str, value: Json) -> Json:
+    return {"summary": summary, "value": value}
+
+
+EXAMPLES: Json = {
+    "SignupRequest": _example(
+        "A new tenant, Acme, and its owner",
+        {
+            "tenant_name": "Acme",
+            "email": "ann@example.com",
+            "username": "ann",
+            "password": "correct horse battery",
+        },
+    ),
+    "LoginRequest": _example(
+        "Acme's owner logs in",
+        {
+            "tenant_id": EXAMPLE_TENANT_ID,
+            "email": "ann@example.com",
+            "password": "correct horse battery",
+        },
+    ),
+    "RefreshRequest": _example(
+        "The refresh token last received", {"refresh_token": EXAMPLE_REFRESH}
+    ),
+    "LogoutRequest": _example(
+        "The refresh token of this session", {"refresh_token": EXAMPLE_REFRESH}
+    ),
+    "PasswordChangeRequest": _example(
+        "The current password, then the new one",
+        {"old_password": "correct horse battery", "new_password": "staple battery horse"},
+    ),
+    "CreateUserRequest": _example(
+        "An admin of the team ops",
+        {
+            "email": "bob@example.com",
+            "username": "bob",
+            "password": "hunter2hunter2",
+            "roles": ["admin"],
+            "profile": {"team": "ops"},
+        },
+    ),
+    "PatchUserRequest": _example("A new username", {"username": "bobby"}),
+    "SignupResponse": _example(
+        "The tenant, its owner and the owner's tokens",
+        {
+            "tenant": TENANT,
+            "user": OWNER,
+            "access_token": EXAMPLE_JWT,
+            "refresh_token": EXAMPLE_REFRESH,
+            "expires_in": 900,
+        },
+    ),
+    "TokenPair": _example(
+        "An access token for 15 minutes and its refresh token",
+        {"access_token": EXAMPLE_JWT, "refresh_token": EXAMPLE_REFRESH, "expires_in": 900},
+    ),
+    "Owner": _example("The tenant's owner", OWNER),
+    "Admin": _example("An admin", ADMIN),
+    "RenamedAdmin": _example(
+        "The admin, renamed: version 2",
+        ADMIN | {"username": "bobby", "version": 2, "updated_at": "2026-11-21T11:30:00.000Z"},
+    ),
+    "UserPage": _example(
+        "A page of two users, more to follow",
+        {"items": [OWNER, ADMIN], "next_cursor": "AaJOGl2CeF6ORDfUaS2RhA"},
+    ),
+}
+
+# Answers several operations give, in components.responses.
+RESPONSES: Json = {
+    "UserNotFound": problem(404, "No such user in your tenant", "user not found"),
+    "LastOwner": problem(
+        409,
+        "The tenant's last owner cannot be removed",
+        "the tenant's last owner cannot be removed, suspended or demoted",
+    ),
+    "CredentialsRefused": with_headers(
+        problem(
+            401,
+            "Wrong credentials, or an invalid, expired or revoked refresh token",
+            "wrong tenant, email or password",
+        ),
+        "WWW-Authenticate",
+    ),
+}
+FORBIDDEN = response_ref("Forbidden")
+NOT_FOUND = response_ref("UserNotFound")
+LAST_OWNER = response_ref("LastOwner")
+AUTH_401 = response_ref("CredentialsRefused")
+UNKNOWN_ROLE = {"field": "role", "message": f"must be one of {', '.join(ROLES)}"}
 
 PATHS: Json = {
     "/v1/auth/signup": {
         "post": op(
             "Create a tenant and its owner; returns a token pair",
             "auth",
-            {"201": json_content("Created", ref("SignupResponse"))},
+            {"201": json_content("Created", ref("SignupResponse"), "SignupResponse")},
             body="SignupRequest",
             auth=False,
         )
@@ -243,7 +371,7 @@ PATHS: Json = {
         "post": op(
             "Exchange credentials for a token pair",
             "auth",
-            {"200": json_content("Logged in", ref("TokenPair")), "401": AUTH_401},
+            {"200": json_content("Logged in", ref("TokenPair"), "TokenPair"), "401": AUTH_401},
             body="LoginRequest",
             auth=False,
         )
@@ -252,7 +380,7 @@ PATHS: Json = {
         "post": op(
             "Rotate a refresh token; reusing a spent one revokes its family",
             "auth",
-            {"200": json_content("A new pair", ref("TokenPair")), "401": AUTH_401},
+            {"200": json_content("A new pair", ref("TokenPair"), "TokenPair"), "401": AUTH_401},
             body="RefreshRequest",
             auth=False,
         )
@@ -277,14 +405,23 @@ PATHS: Json = {
         "get": op(
             "The caller",
             "users",
-            {"200": json_content("The caller", ref("User"), ETag='"<version>"')},
+            {"200": json_content("The caller", ref("User"), "Owner", headers=("ETag",))},
         )
     },
     "/v1/me/password": {
         "put": op(
             "Change the caller's password; revokes the caller's refresh tokens",
             "users",
-            {"204": _empty("Changed")},
+            {
+                "204": _empty("Changed"),
+                "422": problem(
+                    422,
+                    "Validation failed (`errors` names each offending field), or old_password is"
+                    " not the current password",
+                    "the request body is not valid",
+                    errors=[{"field": "old_password", "message": "is not the current password"}],
+                ),
+            },
             body="PasswordChangeRequest",
         )
     },
@@ -292,18 +429,20 @@ PATHS: Json = {
         "get": op(
             "List the tenant's users (keyset pagination)",
             "users",
-            {"200": json_content("A page", ref("UserPage"))},
+            {"200": json_content("A page", ref("UserPage"), "UserPage")},
             params=LIST_PARAMS,
         ),
         "post": op(
             "Create a user (admin); roles up to your own",
             "users",
             {
-                "201": json_content(
-                    "Created", ref("User"), ETag='"<version>"', Location="/v1/users/{id}"
-                ),
+                "201": json_content("Created", ref("User"), "Admin", headers=("ETag", "Location")),
                 "403": FORBIDDEN,
-                "409": problem("The email is taken in this tenant"),
+                "409": problem(
+                    409,
+                    "The email is taken in this tenant",
+                    "a user with this email already exists in this tenant",
+                ),
             },
             body="CreateUserRequest",
         ),
@@ -312,21 +451,30 @@ PATHS: Json = {
         "get": op(
             "A user by id",
             "users",
-            {"200": json_content("The user", ref("User"), ETag='"<version>"'), "404": NOT_FOUND},
+            {
+                "200": json_content("The user", ref("User"), "Admin", headers=("ETag",)),
+                "404": NOT_FOUND,
+            },
             params=[USER_ID],
         ),
         "patch": op(
             "Update a user (admin) with optimistic locking",
             "users",
             {
-                "200": json_content("Updated", ref("User"), ETag='"<version>"'),
+                "200": json_content("Updated", ref("User"), "RenamedAdmin", headers=("ETag",)),
                 "403": FORBIDDEN,
                 "404": NOT_FOUND,
                 "409": LAST_OWNER,
                 "412": problem(
-                    "If-Match names another version: the user changed since you read it"
+                    412,
+                    "If-Match names another version: the user changed since you read it",
+                    "the user has changed (now version 2)",
                 ),
-                "428": problem("If-Match is missing or empty"),
+                "428": problem(
+                    428,
+                    "If-Match is missing or empty",
+                    "this request needs an If-Match header with the ETag you read",
+                ),
             },
             body="PatchUserRequest",
             params=[USER_ID, IF_MATCH],
@@ -346,7 +494,7 @@ PATHS: Json = {
                 "204": _empty("Granted (or already held)"),
                 "403": FORBIDDEN,
                 "404": NOT_FOUND,
-                "422": problem("Unknown role"),
+                "422": problem(422, "Unknown role", "unknown role", errors=[UNKNOWN_ROLE]),
             },
             params=[USER_ID, ROLE_PARAM],
         ),
@@ -358,7 +506,9 @@ PATHS: Json = {
                 "403": FORBIDDEN,
                 "404": NOT_FOUND,
                 "409": LAST_OWNER,
-                "422": problem("Unknown role, or member"),
+                "422": problem(
+                    422, "Unknown role, or member", "unknown role", errors=[UNKNOWN_ROLE]
+                ),
             },
             params=[USER_ID, REVOCABLE_ROLE_PARAM],
         ),

@@ -3,9 +3,15 @@ validators)."""
 
 from __future__ import annotations
 
+import copy
+
 from db.orders import ORDER_STATUSES
 from db.payments import PAYMENT_STEPS
 from server.openapi import (
+    COMMON,
+    EXAMPLE_TENANT_ID,
+    EXAMPLE_USER_ID,
+    RATELIMIT_HEADERS,
     SPACE_OR_CONTROL,
     UUID_PATTERN,
     Json,
@@ -14,6 +20,9 @@ from server.openapi import (
     problem,
     query_param,
     ref,
+    response_ref,
+    retry_problem,
+    with_headers,
 )
 
 STR_UUID = {"type": "string", "format": "uuid"}
@@ -148,11 +157,27 @@ SCHEMAS: Json = {
             "target_type": {"type": "string"},
             "target_id": {"type": ["string", "null"], "format": "uuid"},
             "request_id": {"type": ["string", "null"]},
-            "details": {"type": "object"},
+            "details": {"type": "object", "additionalProperties": True},
             "created_at": DATE,
         },
     },
     "AuditPage": _page("AuditEntry"),
+    "WebhookReceived": {
+        "type": "object",
+        "required": ["received", "result"],
+        "properties": {
+            "received": {"type": "boolean", "enum": [True]},
+            "result": {
+                "type": "string",
+                "enum": ["applied", "duplicate", "ignored"],
+                "description": (
+                    "applied: the payment moved on; duplicate: this event id was seen before;"
+                    " ignored: nothing to change (an unknown authorization, a late or"
+                    " out-of-order event)"
+                ),
+            },
+        },
+    },
     "PaymentWebhookEvent": {
         "type": "object",
         "required": ["id", "type", "data"],
@@ -186,8 +211,14 @@ SCHEMAS: Json = {
 }
 
 
-def _path(name: str) -> Json:
-    return {"name": name, "in": "path", "required": True, "schema": STR_UUID}
+def _path(name: str, description: str) -> Json:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "schema": STR_UUID,
+        "description": description,
+    }
 
 
 IDEMPOTENCY_KEY = {
@@ -204,16 +235,153 @@ PAGE_PARAMS = [
     ),
     query_param("cursor", {"type": "string"}, "next_cursor of the previous page"),
 ]
-FORBIDDEN = problem("This needs the admin or owner role")
-NOT_FOUND = problem("No such order in your tenant")
-UNAVAILABLE = problem("The payment provider is unavailable (circuit open): see Retry-After")
+
+PRODUCT_ID = "01a24e1a-5db8-7d8e-bc71-0d9f4a76052e"
+ORDER_ID = "01a24e1a-5dcd-796e-9067-1b1975ff7621"
+PRODUCT = {
+    "id": PRODUCT_ID,
+    "tenant_id": EXAMPLE_TENANT_ID,
+    "sku": "mug-1",
+    "name": "Mug",
+    "price_cents": 1250,
+    "currency": "EUR",
+    "stock": 10,
+    "version": 1,
+    "created_at": "2026-11-21T10:12:03.503Z",
+    "updated_at": "2026-11-21T10:12:03.503Z",
+}
+ORDER = {
+    "id": ORDER_ID,
+    "tenant_id": EXAMPLE_TENANT_ID,
+    "user_id": EXAMPLE_USER_ID,
+    "status": "pending",
+    "items": [{"product_id": PRODUCT_ID, "quantity": 2, "unit_price_cents": 1250}],
+    "total_cents": 2500,
+    "currency": "EUR",
+    "payment": None,
+    "version": 1,
+    "created_at": "2026-11-21T10:20:40.526Z",
+    "updated_at": "2026-11-21T10:20:40.526Z",
+}
+PAYING = ORDER | {
+    "status": "paying",
+    "payment": {"status": "authorizing", "failure_code": None},
+    "version": 2,
+    "updated_at": "2026-11-21T10:21:02.118Z",
+}
+PAID = PAYING | {
+    "status": "paid",
+    "payment": {"status": "captured", "failure_code": None},
+    "version": 3,
+    "updated_at": "2026-11-21T10:21:02.871Z",
+}
+CANCELLED = ORDER | {"status": "cancelled", "version": 2, "updated_at": "2026-11-21T10:25:00.575Z"}
+REFUNDING = PAID | {
+    "status": "cancelled",
+    "payment": {"status": "refunding", "failure_code": None},
+    "version": 4,
+    "updated_at": "2026-11-21T10:30:00.000Z",
+}
+
+
+def _example(summary: str, value: Json) -> Json:
+    return {"summary": summary, "value": value}
+
+
+EXAMPLES: Json = {
+    "CreateProductRequest": _example(
+        "A mug, ten in stock",
+        {"sku": "mug-1", "name": "Mug", "price_cents": 1250, "currency": "EUR", "stock": 10},
+    ),
+    "Product": _example("A mug, ten available", PRODUCT),
+    "ProductPage": _example("The last page", {"items": [PRODUCT], "next_cursor": None}),
+    "CreateOrderRequest": _example(
+        "Two mugs", {"items": [{"product_id": PRODUCT_ID, "quantity": 2}]}
+    ),
+    "PendingOrder": _example("Created; its stock is reserved", ORDER),
+    "PayOrderRequest": _example("The provider's token", {"payment_method": "pm_card_visa"}),
+    "PayingOrder": _example("The payment is being authorized", PAYING),
+    "PaidOrder": _example("Paid: the payment is captured", PAID),
+    "CancelledOrder": _example("Cancelled before payment; its stock is released", CANCELLED),
+    "RefundingOrder": _example("Cancelled after payment; the refund is on its way", REFUNDING),
+    "OrderPage": _example(
+        "A page of one order, more to follow",
+        {"items": [ORDER], "next_cursor": "AaJOGl3NeW6QZxsZdf92IQ"},
+    ),
+    "AuditPage": _example(
+        "The newest entries",
+        {
+            "items": [
+                {
+                    "id": "01a24e1a-5e06-7487-820a-7c4c313373ec",
+                    "actor_id": EXAMPLE_USER_ID,
+                    "action": "order.cancelled",
+                    "target_type": "order",
+                    "target_id": ORDER_ID,
+                    "request_id": "80c5fadd0fd4000000000008",
+                    "details": {"from": "pending"},
+                    "created_at": "2026-11-21T10:25:00.575Z",
+                },
+                {
+                    "id": "01a24e1a-5de7-7d96-b073-b05729297387",
+                    "actor_id": EXAMPLE_USER_ID,
+                    "action": "order.created",
+                    "target_type": "order",
+                    "target_id": ORDER_ID,
+                    "request_id": "80c5fadd0fd4000000000005",
+                    "details": {},
+                    "created_at": "2026-11-21T10:20:40.526Z",
+                },
+            ],
+            "next_cursor": "AaJOGl3nfZawc7BXKSlzhw",
+        },
+    ),
+    "PaymentWebhookEvent": _example(
+        "The provider captured an authorization",
+        {
+            "id": "evt_3f9a1c2b7d",
+            "type": "authorization.captured",
+            "created": 1795082462,
+            "data": {
+                "authorization_id": "auth_8c41e0a9f2",
+                "reference": f"{EXAMPLE_TENANT_ID}:{ORDER_ID}",
+                "amount": 2500,
+                "currency": "EUR",
+                "status": "captured",
+            },
+        },
+    ),
+    "WebhookReceived": _example(
+        "Applied: the order moved on", {"received": True, "result": "applied"}
+    ),
+}
+
+RESPONSES: Json = {
+    "OrderNotFound": problem(404, "No such order in your tenant", "order not found"),
+}
+FORBIDDEN = response_ref("Forbidden")
+NOT_FOUND = response_ref("OrderNotFound")
+UNAVAILABLE = retry_problem(
+    503,
+    "The payment provider is unavailable (circuit open), payments are not configured, or the"
+    " server is overloaded; see Retry-After",
+    "the payment provider is unavailable; try again later",
+)
+IDEMPOTENT_REFUSED = problem(
+    422,
+    "Validation failed (`errors` names each offending field), or the Idempotency-Key was used"
+    " with another request",
+    "this Idempotency-Key belongs to another request",
+    errors=[{"field": "Idempotency-Key", "message": "was already used with a different request"}],
+)
+REPLAYABLE = ("Idempotent-Replayed",)
 
 PATHS: Json = {
     "/v1/products": {
         "get": op(
             "List the tenant's products",
             "catalog",
-            {"200": json_content("A page", ref("ProductPage"))},
+            {"200": json_content("A page", ref("ProductPage"), "ProductPage")},
             params=PAGE_PARAMS,
         ),
         "post": op(
@@ -221,10 +389,14 @@ PATHS: Json = {
             "catalog",
             {
                 "201": json_content(
-                    "Created", ref("Product"), ETag='"<version>"', Location="/v1/products/{id}"
+                    "Created", ref("Product"), "Product", headers=("ETag", "Location")
                 ),
                 "403": FORBIDDEN,
-                "409": problem("The sku is taken in this tenant"),
+                "409": problem(
+                    409,
+                    "The sku is taken in this tenant",
+                    "a product with this sku already exists in this tenant",
+                ),
             },
             body="CreateProductRequest",
         ),
@@ -234,17 +406,17 @@ PATHS: Json = {
             "A product; stock is what is still available after reservations",
             "catalog",
             {
-                "200": json_content("The product", ref("Product"), ETag='"<version>"'),
-                "404": problem("No such product"),
+                "200": json_content("The product", ref("Product"), "Product", headers=("ETag",)),
+                "404": problem(404, "No such product in your tenant", "product not found"),
             },
-            params=[_path("product_id")],
+            params=[_path("product_id", "The product's id")],
         )
     },
     "/v1/orders": {
         "get": op(
             "List the tenant's orders",
             "orders",
-            {"200": json_content("A page", ref("OrderPage"))},
+            {"200": json_content("A page", ref("OrderPage"), "OrderPage")},
             params=[*PAGE_PARAMS, query_param("status", ORDER_STATUS, "Only orders in this state")],
         ),
         "post": op(
@@ -252,9 +424,17 @@ PATHS: Json = {
             "orders",
             {
                 "201": json_content(
-                    "Created, pending", ref("Order"), ETag='"<version>"', Location="/v1/orders/{id}"
+                    "Created, pending",
+                    ref("Order"),
+                    "PendingOrder",
+                    headers=("ETag", "Location", *REPLAYABLE),
                 ),
-                "409": problem("Not enough stock, or the Idempotency-Key is in use"),
+                "409": problem(
+                    409,
+                    "Not enough stock, or the Idempotency-Key is in use",
+                    f"not enough stock for product {PRODUCT_ID}",
+                ),
+                "422": IDEMPOTENT_REFUSED,
             },
             body="CreateOrderRequest",
             params=[IDEMPOTENCY_KEY],
@@ -264,8 +444,11 @@ PATHS: Json = {
         "get": op(
             "An order",
             "orders",
-            {"200": json_content("The order", ref("Order"), ETag='"<version>"'), "404": NOT_FOUND},
-            params=[_path("order_id")],
+            {
+                "200": json_content("The order", ref("Order"), "PaidOrder", headers=("ETag",)),
+                "404": NOT_FOUND,
+            },
+            params=[_path("order_id", "The order's id")],
         )
     },
     "/v1/orders/{order_id}/pay": {
@@ -273,14 +456,27 @@ PATHS: Json = {
             "Pay an order: starts the pay saga (authorize, capture)",
             "orders",
             {
-                "202": json_content("The saga runs; poll the order", ref("Order")),
-                "200": json_content("Already settled (paid or payment_failed)", ref("Order")),
+                "202": json_content(
+                    "The saga runs; poll the order",
+                    ref("Order"),
+                    "PayingOrder",
+                    headers=REPLAYABLE,
+                ),
+                "200": json_content(
+                    "Already settled (paid or payment_failed)",
+                    ref("Order"),
+                    "PaidOrder",
+                    headers=REPLAYABLE,
+                ),
                 "404": NOT_FOUND,
-                "409": problem("Cancelled, or the Idempotency-Key is in use"),
+                "409": problem(
+                    409, "Cancelled, or the Idempotency-Key is in use", "the order is cancelled"
+                ),
+                "422": IDEMPOTENT_REFUSED,
                 "503": UNAVAILABLE,
             },
             body="PayOrderRequest",
-            params=[_path("order_id"), IDEMPOTENCY_KEY],
+            params=[_path("order_id", "The order's id"), IDEMPOTENCY_KEY],
         )
     },
     "/v1/orders/{order_id}/cancel": {
@@ -288,12 +484,19 @@ PATHS: Json = {
             "Cancel an order: releases its stock, refunds a captured payment",
             "orders",
             {
-                "200": json_content("Cancelled", ref("Order")),
-                "202": json_content("Cancelled once the refund completes", ref("Order")),
+                "200": json_content("Cancelled", ref("Order"), "CancelledOrder"),
+                "202": json_content(
+                    "Cancelled once the refund completes", ref("Order"), "RefundingOrder"
+                ),
                 "404": NOT_FOUND,
-                "409": problem("The payment is in progress"),
+                "409": problem(
+                    409,
+                    "The payment is in progress",
+                    "the payment is being authorized; try again in a moment",
+                ),
+                "503": UNAVAILABLE,
             },
-            params=[_path("order_id")],
+            params=[_path("order_id", "The order's id")],
         )
     },
     "/v1/webhooks/payments": {
@@ -302,17 +505,33 @@ PATHS: Json = {
             "payments",
             {
                 "200": json_content(
-                    "Received (also for an event id seen before)", {"type": "object"}
+                    "Received (also for an event id seen before)",
+                    ref("WebhookReceived"),
+                    "WebhookReceived",
                 ),
-                "400": problem("Bad or stale signature, or not an event"),
-                "413": problem("Body larger than MAX_BODY_BYTES"),
-                "422": problem("Validation failed; `errors` names each offending field"),
+                "400": problem(
+                    400,
+                    "Bad or stale signature, malformed JSON, or not an event",
+                    "the signature does not match",
+                ),
+                # The body is the provider's, checked for its signature, not validated: 422
+                # only for an X-Request-ID as any operation.
+                "422": copy.deepcopy(COMMON["RequestIdRefused"]),
                 # Not the general per-address bucket: the webhooks' own, taken only by
                 # deliveries whose signature checked out (an unsigned one is a 400).
-                "429": problem(
-                    "Signed deliveries past WEBHOOK_RATE_LIMIT_RATE a second; see Retry-After"
+                "429": with_headers(
+                    retry_problem(
+                        429,
+                        "Signed deliveries past WEBHOOK_RATE_LIMIT_RATE a second; see Retry-After",
+                        "webhook rate limit exceeded; retry after the Retry-After delay",
+                    ),
+                    *RATELIMIT_HEADERS,
                 ),
-                "503": problem("Overloaded, or payments not configured; see Retry-After"),
+                "503": retry_problem(
+                    503,
+                    "Overloaded, or payments not configured; see Retry-After",
+                    "payments are not configured on this server",
+                ),
             },
             body="PaymentWebhookEvent",
             auth=False,
@@ -332,7 +551,7 @@ PATHS: Json = {
         "get": op(
             "The tenant's audit log, newest first (admin)",
             "audit",
-            {"200": json_content("A page", ref("AuditPage")), "403": FORBIDDEN},
+            {"200": json_content("A page", ref("AuditPage"), "AuditPage"), "403": FORBIDDEN},
             params=PAGE_PARAMS,
         )
     },
