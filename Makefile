@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum requirements.lock | cut -d' ' -f1)
 
-.PHONY: run test lint fmt migrate bench profile lock clean
+.PHONY: run test lint fmt migrate bench profile lock clean clients
 
 # Python 3.11 or newer, checked before anything is made: an older one leaves no .venv behind.
 NEED_311 = import sys; sys.exit(sys.version_info < (3, 11))
@@ -31,7 +31,20 @@ run: $(STAMP)  ## serve on HOST:PORT (embedded PostgreSQL/Redis unless DATABASE_
 	$(BIN)/python -m server serve
 
 test: $(STAMP)  ## the whole suite (what CI runs)
+	@command -v npm >/dev/null 2>&1 && $(MAKE) --no-print-directory $(NODE_TOOLS) \
+		|| echo "no npm: the tests that need Node's tools (tests/node) will say so" >&2
 	$(BIN)/python -m pytest -q
+
+# tests/node's exact pins (package-lock.json), installed by npm ci; again when the lock changes.
+NODE_TOOLS := tests/node/node_modules/.package-lock.json
+$(NODE_TOOLS): tests/node/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "npm is missing: apt-get install nodejs npm" >&2; exit 1; }
+	npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
+	@touch $@
+
+# URL=http://host:port reads a running server's /openapi.json; without, create_app's (the same).
+clients: $(STAMP) $(NODE_TOOLS)  ## typed Python and TypeScript clients under clients/ from /openapi.json
+	$(BIN)/python -m tests.clients.generate --out clients $(if $(URL),--url $(URL))
 
 migrate: $(STAMP)
 	$(BIN)/python -m server migrate
