@@ -84,7 +84,7 @@ OPS_PATHS: Json = {
         "get": op(
             "This document",
             "ops",
-            {"200": json_content("OpenAPI 3.1", {"type": "object"})},
+            {"200": json_content("OpenAPI 3.1", {"type": "object", "additionalProperties": True})},
             auth=False,
             ratelimited=False,
         )

@@ -2,6 +2,8 @@
 
 Request schemas live in components.schemas and are compiled into validators (validation.py);
 keep them within the JSON Schema subset fastjsonschema understands (draft-07 keywords).
+An object open to any keys says `additionalProperties: true`: JSON Schema's default, but
+openapi-typescript types an object with neither properties nor that as one with no keys at all.
 """
 
 from __future__ import annotations

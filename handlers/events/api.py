@@ -44,6 +44,7 @@ SCHEMAS: Json = {
             "user_id": {"type": ["string", "null"], "format": "uuid", "pattern": f"^{UUID_RE}$"},
             "props": {
                 "type": "object",
+                "additionalProperties": True,
                 "maxProperties": MAX_PROPS_KEYS,
                 "description": f"Free-form JSON object, at most {MAX_PROPS_BYTES} bytes serialised",
             },

@@ -31,9 +31,13 @@ SCHEMAS: Json = {
         "required": ["query"],
         "properties": {
             "query": {"type": "string", "minLength": 1, "description": "At most GRAPHQL_MAX_BYTES"},
-            "variables": {"type": ["object", "null"]},
+            "variables": {"type": ["object", "null"], "additionalProperties": True},
             "operationName": {"type": ["string", "null"]},
-            "extensions": {"type": ["object", "null"], "description": "Accepted and ignored"},
+            "extensions": {
+                "type": ["object", "null"],
+                "additionalProperties": True,
+                "description": "Accepted and ignored",
+            },
         },
         "additionalProperties": False,
     },
@@ -41,7 +45,7 @@ SCHEMAS: Json = {
         "type": "object",
         "description": "`data` when the query ran; `errors` for what failed or was refused",
         "properties": {
-            "data": {"type": ["object", "null"]},
+            "data": {"type": ["object", "null"], "additionalProperties": True},
             "errors": {
                 "type": "array",
                 "items": {

@@ -39,6 +39,7 @@ PASSWORD = {"type": "string", "minLength": 8, "maxLength": 128}
 ROLE = {"type": "string", "enum": list(ROLES)}
 PROFILE = {
     "type": "object",
+    "additionalProperties": True,
     "maxProperties": 50,
     "description": f"Free-form JSON object, at most {MAX_PROFILE_BYTES} bytes serialised",
 }
@@ -137,7 +138,7 @@ SCHEMAS: Json = {
             "username": {"type": "string"},
             "status": {"type": "string", "enum": list(STATUSES)},
             "roles": {"type": "array", "items": ROLE},
-            "profile": {"type": "object"},
+            "profile": {"type": "object", "additionalProperties": True},
             "version": {"type": "integer"},
             "created_at": {"type": "string", "format": "date-time"},
             "updated_at": {"type": "string", "format": "date-time"},

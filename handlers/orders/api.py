@@ -148,7 +148,7 @@ SCHEMAS: Json = {
             "target_type": {"type": "string"},
             "target_id": {"type": ["string", "null"], "format": "uuid"},
             "request_id": {"type": ["string", "null"]},
-            "details": {"type": "object"},
+            "details": {"type": "object", "additionalProperties": True},
             "created_at": DATE,
         },
     },
@@ -302,7 +302,8 @@ PATHS: Json = {
             "payments",
             {
                 "200": json_content(
-                    "Received (also for an event id seen before)", {"type": "object"}
+                    "Received (also for an event id seen before)",
+                    {"type": "object", "additionalProperties": True},
                 ),
                 "400": problem("Bad or stale signature, or not an event"),
                 "413": problem("Body larger than MAX_BODY_BYTES"),
