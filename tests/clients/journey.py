@@ -191,7 +191,7 @@ def main(base_url: str) -> None:
                 name="checkout.paid",
                 from_=start - datetime.timedelta(minutes=1),
                 to=start + datetime.timedelta(minutes=2),
-                bucket=GetAnalyticsCountsBucket.VALUE_0,
+                bucket=GetAnalyticsCountsBucket.MINUTE,
             ),
             200,
             EventCounts,
