@@ -126,7 +126,13 @@ COUNT_PARAMS = [
     ),
     query_param(
         "bucket",
-        {"type": "string", "enum": ["1m", "1h", "1d"], "default": "1m"},
+        # Generators name enum members after the values; these start with a digit (VALUE_0...).
+        {
+            "type": "string",
+            "enum": ["1m", "1h", "1d"],
+            "x-enum-varnames": ["minute", "hour", "day"],
+            "default": "1m",
+        },
         "Bucket size, aligned to UTC; at most 1440 buckets per request",
         required=False,
     ),
