@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from server.runner import free_port
 
 from .clients import generate
 from .conftest import ROOT, Services
-from .served import start_process, stop_process, wait_ready
+from .served import Served, start_process, stop_process, wait_ready, wait_until
 
 JOURNEYS = ROOT / "tests" / "clients"
 RUN_TIMEOUT_S = 90
@@ -67,6 +66,17 @@ def run(*args: str | Path, cwd: Path, env: dict[str, str] | None = None) -> str:
     return proc.stdout
 
 
+def webhooks_accepted(live: Served) -> None:
+    """The payment's webhooks (authorized, captured) came back signed and were taken."""
+
+    def hooks() -> list[int]:
+        lines = live.access_lines()
+        return [line["status"] for line in lines if line["route"] == "/v1/webhooks/payments"]
+
+    wait_until("two webhooks taken", lambda: len(hooks()) >= 2)
+    assert set(hooks()) == {200}, hooks()
+
+
 @pytest.fixture(scope="module")
 def document() -> bytes:
     """/openapi.json as create_app serves it (what `make clients` reads without --url)."""
@@ -79,9 +89,9 @@ def spec(document: bytes, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def live(clean: Services, tmp_path: Path) -> Iterator[str]:
+def live(clean: Services, tmp_path: Path) -> Iterator[Served]:
     """A real server on this session's services, paying through the fake provider, which
-    sends its webhooks back to the server (as a deployment is wired)."""
+    sends its webhooks back to the server (as a deployment is wired); access log on stdout."""
     port = free_port()
     provider_port = free_port()
     while provider_port == port:
@@ -110,17 +120,16 @@ def live(clean: Services, tmp_path: Path) -> Iterator[str]:
             clean,
             port,
             tmp_path,
-            ACCESS_LOG="false",
             PAYMENTS_URL=f"http://127.0.0.1:{provider_port}",
             AUTH_RATE_LIMIT_PER_MINUTE="100000",
             RATE_LIMIT_RATE="100000",
             RATE_LIMIT_BURST="100000",
             **secrets,
         )
-        url = f"http://127.0.0.1:{port}"
+        served = Served(server, port, tmp_path / "stdout", tmp_path / "stderr")
         try:
-            wait_ready(server, url, tmp_path / "stderr")
-            yield url
+            wait_ready(server, served.url, served.stderr)
+            yield served
         finally:
             stop_process(server)
     finally:
@@ -128,9 +137,8 @@ def live(clean: Services, tmp_path: Path) -> Iterator[str]:
         provider.wait(10)
 
 
-def test_make_clients_reads_the_document_the_server_serves(live: str, document: bytes) -> None:
-    with urllib.request.urlopen(f"{live}/openapi.json", timeout=10) as r:
-        assert r.read() == document
+def test_make_clients_reads_the_document_the_server_serves(live: Served, document: bytes) -> None:
+    assert generate.fetch_document(live.url) == document  # make clients URL=...
     assert json.loads(document)["servers"] == [
         {"url": "/", "description": "The origin serving this document"}
     ]
@@ -164,7 +172,7 @@ def typescript(spec: Path) -> Path:
     return ts
 
 
-def test_python_client_journey(live: str, python_client: Path) -> None:
+def test_python_client_journey(live: Served, python_client: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(python_client), "MYPYPATH": str(python_client)}
     # the journey against the generated types (their own code is the generator's business)
     bin_dir = Path(sys.executable).parent
@@ -177,11 +185,12 @@ def test_python_client_journey(live: str, python_client: Path) -> None:
         cwd=ROOT,
         env=env,
     )
-    out = run(sys.executable, JOURNEYS / "journey.py", live, cwd=ROOT, env=env)
+    out = run(sys.executable, JOURNEYS / "journey.py", live.url, cwd=ROOT, env=env)
     last = out.strip().splitlines()[-1]
     assert re.fullmatch(
         r"python journey ok: users=3 pages=3 order=[0-9a-f-]{36} status=paid events=3", last
     ), out
+    webhooks_accepted(live)
 
 
 def test_typescript_types_leave_no_free_form_object_closed(typescript: Path) -> None:
@@ -193,7 +202,7 @@ def test_typescript_types_leave_no_free_form_object_closed(typescript: Path) -> 
     assert closed == []
 
 
-def test_typescript_client_journey(live: str, typescript: Path) -> None:
+def test_typescript_client_journey(live: Served, typescript: Path) -> None:
     shutil.copy(JOURNEYS / "journey.ts", typescript)
     shutil.copy(JOURNEYS / "tsconfig.json", typescript)
     (typescript / "package.json").write_text('{"private": true, "type": "module"}\n')
@@ -201,8 +210,9 @@ def test_typescript_client_journey(live: str, typescript: Path) -> None:
     if not modules.exists():
         modules.symlink_to(generate.NODE_TOOLS / "node_modules")
     run(modules / ".bin" / "tsc", "-p", typescript, cwd=typescript)
-    out = run(node(), typescript / "build" / "journey.js", live, cwd=typescript)
+    out = run(node(), typescript / "build" / "journey.js", live.url, cwd=typescript)
     last = out.strip().splitlines()[-1]
     assert re.fullmatch(
         r"ts journey ok: users=3 pages=3 order=[0-9a-f-]{36} status=paid events=3", last
     ), out
+    webhooks_accepted(live)
