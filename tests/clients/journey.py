@@ -6,8 +6,9 @@ call is a function openapi-python-client wrote from /openapi.json (tests/clients
 Sign up, log in, create users, page through them, PATCH with If-Match (then a stale one: 412),
 add a product, order it with an Idempotency-Key (the replay answers the same order), pay, read
 the order until it is paid, post events, read their counts. Each step checks its status and
-its parsed answer; an undocumented status raises (raise_on_unexpected_status). The last line
-printed says what was done; exit status 0 only if all of it held.
+its parsed answer; an undocumented status raises (raise_on_unexpected_status), and so does an
+undocumented field in an answer. The last line printed says what was done; exit status 0 only
+if all of it held.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from typing import Any, TypeVar
 from uuid import UUID
 
+import attrs
 from surge_client import AuthenticatedClient, Client
 from surge_client.api.auth import login, signup
 from surge_client.api.catalog import create_product
@@ -62,7 +64,24 @@ def expect(response: Response[Any], status: int, kind: type[T]) -> T:
     """The parsed answer of `kind`, after checking the status."""
     assert response.status_code == status, (response.status_code, response.content[:500])
     assert isinstance(response.parsed, kind), response.parsed
+    undocumented(response.parsed, kind.__name__)
     return response.parsed
+
+
+def undocumented(value: object, where: str) -> None:
+    """No field the document leaves out: the generated models keep such fields aside, in
+    additional_properties (a free-form object, with no declared field, is all of them)."""
+    if isinstance(value, list):
+        for item in value:
+            undocumented(item, where)
+        return
+    cls = type(value)
+    if attrs.has(cls):
+        declared = [f.name for f in attrs.fields(cls) if f.name != "additional_properties"]
+        extra = getattr(value, "additional_properties", {})
+        assert not (declared and extra), f"{where}: undocumented {sorted(extra)}"
+        for name in declared:
+            undocumented(getattr(value, name), f"{where}.{name}")
 
 
 def main(base_url: str) -> None:
