@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum requirements.lock | cut -d' ' -f1)
 
-.PHONY: run test demo node lint fmt migrate bench profile lock clean
+.PHONY: run test demo node clients lint fmt migrate bench profile lock clean
 
 # Python 3.11 or newer, checked before anything is made: an older one leaves no .venv behind.
 NEED_311 = import sys; sys.exit(sys.version_info < (3, 11))
@@ -50,6 +50,10 @@ $(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
 		echo "npm is missing (Debian: apt-get install nodejs npm): tests/node's tools are not" \
 			"installed, and the tests that need them will say so" >&2; \
 	fi
+
+# URL=http://host:port reads a running server's /openapi.json; without, create_app's (the same).
+clients: $(STAMP) node  ## typed Python and TypeScript clients under clients/ from /openapi.json
+	$(BIN)/python -m tests.clients.generate --out clients $(if $(URL),--url $(URL))
 
 migrate: $(STAMP)
 	$(BIN)/python -m server migrate
