@@ -6,11 +6,12 @@ says and what the server accepts cannot drift apart.
 
 from __future__ import annotations
 
+from handlers import swagger_ui
 from handlers.events import api as events_api
 from handlers.graphql import api as graphql_api
 from handlers.identity import api as identity_api
 from handlers.orders import api as orders_api
-from server.openapi import Json, document, json_content, op, ref
+from server.openapi import Json, document, json_content, op, problem, ref
 from server.validation import Validators
 
 OPS_SCHEMAS: Json = {
@@ -103,6 +104,33 @@ OPS_PATHS: Json = {
             ratelimited=False,
         )
     },
+    "/docs/{asset}": {
+        "get": op(
+            "A file of the /docs page (Swagger UI), cacheable for a year: its name carries its"
+            " version",
+            "ops",
+            {
+                "200": {
+                    "description": "The file, gzipped when the request's Accept-Encoding takes it",
+                    "content": {
+                        "text/css": {"schema": {"type": "string"}},
+                        "text/javascript": {"schema": {"type": "string"}},
+                    },
+                },
+                "404": problem("No such file"),
+            },
+            auth=False,
+            params=[
+                {
+                    "name": "asset",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "enum": sorted(swagger_ui.ASSETS)},
+                }
+            ],
+            ratelimited=False,
+        )
+    },
 }
 
 # Each operation's operationId: what generated clients name their functions, so once
@@ -113,6 +141,7 @@ OPERATION_IDS = {
     ("get", "/metrics"): "getMetrics",
     ("get", "/openapi.json"): "getOpenApiDocument",
     ("get", "/docs"): "getDocs",
+    ("get", "/docs/{asset}"): "getDocsAsset",
     ("post", "/v1/auth/signup"): "signup",
     ("post", "/v1/auth/login"): "login",
     ("post", "/v1/auth/refresh"): "refreshTokens",
