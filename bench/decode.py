@@ -409,6 +409,10 @@ def _control(pid: int, action: str, env: dict[str, str]) -> None:
         raise SystemExit(f"callgrind_control failed: {done.stderr.decode(errors='replace')}")
 
 
+def _n(x: float) -> str:
+    return f"{x:,.1f}" if x < 100 else f"{x:,.0f}"
+
+
 def table(figures: dict[tuple[str, str], float], unit: str) -> str:
     lines = [
         f"| body | bytes | today ({unit}) | msgspec ({unit}) | today / msgspec"
@@ -419,8 +423,8 @@ def table(figures: dict[tuple[str, str], float], unit: str) -> str:
         today, other = figures[(case, "today")], figures[(case, "msgspec")]
         shared = figures[(case, "screen")]
         lines.append(
-            f"| {case} | {len(body):,} | {today:,.0f} | {other:,.0f} | {today / other:.2f}x"
-            f" | {shared:,.0f} | {(today - shared) / (other - shared):.2f}x |"
+            f"| {case} | {len(body):,} | {_n(today)} | {_n(other)} | {today / other:.2f}x"
+            f" | {_n(shared)} | {(today - shared) / (other - shared):.2f}x |"
         )
     return "\n".join(lines)
 
