@@ -92,7 +92,14 @@ def _spec_bytes(public_url: str | None) -> bytes:
     return orjson.dumps(SPEC | {"servers": [{"url": public_url}]})
 
 
+def _docs_enabled(request: web.Request) -> None:
+    """ENABLE_DOCS=false: no document, no page, no page files (404, as for any unknown path)."""
+    if not request.app[CONFIG].enable_docs:
+        raise NotFound("resource")
+
+
 def openapi_json(request: web.Request) -> web.Response:
+    _docs_enabled(request)
     body = _spec_bytes(request.app[CONFIG].public_url)
     return web.Response(body=body, content_type="application/json")
 
@@ -175,6 +182,7 @@ def _docs_page(public_url: str | None) -> tuple[str, str]:
 
 
 def docs(request: web.Request) -> web.Response:
+    _docs_enabled(request)
     page, csp = _docs_page(request.app[CONFIG].public_url)
     resp = web.Response(text=page, content_type="text/html")
     resp.headers["Content-Security-Policy"] = csp
@@ -204,6 +212,7 @@ def _takes_gzip(request: web.Request) -> bool:
 async def docs_asset(request: web.Request) -> web.Response:
     """A Swagger UI file of /docs, gzipped when the client takes it (the bundle is 1.5 MB, 0.45
     MB gzipped), cacheable for a year."""
+    _docs_enabled(request)
     name = request.match_info["asset"]
     if name not in swagger_ui.ASSETS:
         raise NotFound("asset")

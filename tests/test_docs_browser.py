@@ -357,3 +357,14 @@ async def test_the_files_are_served_cacheable_and_compressed(
     missing = await client.get("/docs/swagger-ui-bundle.js")  # unversioned: no such file
     assert missing.status == 404
     assert missing.content_type == "application/problem+json"
+
+
+async def test_enable_docs_false_turns_the_document_and_the_page_off(
+    aiohttp_client: Any, config: Config
+) -> None:
+    client = await aiohttp_client(create_app(configured(config, enable_docs=False)))
+    for path in ("/openapi.json", "/docs", f"/docs/{swagger_ui.SCRIPT}"):
+        resp = await client.get(path)
+        assert resp.status == 404, path
+        assert resp.content_type == "application/problem+json"
+    assert (await client.get("/healthz")).status == 200
