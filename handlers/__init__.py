@@ -31,6 +31,7 @@ routes = [
     get("/metrics", ops.metrics_endpoint, ops=True, plain=True),
     get("/openapi.json", ops.openapi_json, ops=True, plain=True),
     get("/docs", ops.docs, ops=True, plain=True),
+    get("/docs/{asset}", ops.docs_asset, ops=True),
     post("/v1/auth/signup", identity_routes.signup, public=True),
     post("/v1/auth/login", identity_routes.login, public=True),
     post("/v1/auth/refresh", identity_routes.refresh, public=True),

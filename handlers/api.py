@@ -6,6 +6,7 @@ says and what the server accepts cannot drift apart.
 
 from __future__ import annotations
 
+from handlers import swagger_ui
 from handlers.events import api as events_api
 from handlers.graphql import api as graphql_api
 from handlers.identity import api as identity_api
@@ -17,6 +18,7 @@ from server.openapi import (
     example_ref,
     json_content,
     op,
+    problem,
     ref,
     text_content,
 )
@@ -145,6 +147,38 @@ OPS_PATHS: Json = {
             },
         )
     },
+    "/docs/{asset}": {
+        "get": op(
+            "A file of the /docs page (Swagger UI), cacheable for a year: its name carries its"
+            " version",
+            "ops",
+            {
+                "200": {
+                    "description": "The file, gzipped when the request's Accept-Encoding takes it",
+                    "content": {
+                        "text/css": {"schema": {"type": "string"}, "example": ".swagger-ui{}"},
+                        "text/javascript": {
+                            "schema": {"type": "string"},
+                            "example": "/*! Swagger UI */",
+                        },
+                    },
+                },
+                "404": problem(404, "No such file", "not found"),
+            },
+            auth=False,
+            params=[
+                {
+                    "name": "asset",
+                    "in": "path",
+                    "required": True,
+                    "description": "A file name of the /docs page, with its version",
+                    "schema": {"type": "string", "enum": sorted(swagger_ui.ASSETS)},
+                }
+            ],
+            ratelimited=False,
+            shed=False,
+        )
+    },
 }
 
 # Each tag, described: the sections of the reference, in this order.
@@ -171,6 +205,7 @@ OPERATION_IDS = {
     ("get", "/metrics"): "getMetrics",
     ("get", "/openapi.json"): "getOpenApiDocument",
     ("get", "/docs"): "getDocs",
+    ("get", "/docs/{asset}"): "getDocsAsset",
     ("post", "/v1/auth/signup"): "signup",
     ("post", "/v1/auth/login"): "login",
     ("post", "/v1/auth/refresh"): "refreshTokens",

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import hashlib
 import html
 import logging
 from collections.abc import Awaitable
 from functools import cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from handlers import swagger_ui
 from handlers.api import SPEC
 from server import metrics
+from server.errors import NotFound
 from server.keys import CONFIG, LIFECYCLE, PG, REDIS
 
 log = logging.getLogger("surge.ops")
@@ -88,7 +92,14 @@ def _spec_bytes(public_url: str | None) -> bytes:
     return orjson.dumps(SPEC | {"servers": [{"url": public_url}]})
 
 
+def _docs_enabled(request: web.Request) -> None:
+    """ENABLE_DOCS=false: no document, no page, no page files (404, as for any unknown path)."""
+    if not request.app[CONFIG].enable_docs:
+        raise NotFound("resource")
+
+
 def openapi_json(request: web.Request) -> web.Response:
+    _docs_enabled(request)
     body = _spec_bytes(request.app[CONFIG].public_url)
     return web.Response(body=body, content_type="application/json")
 
@@ -98,6 +109,11 @@ _STATIC = Path(__file__).resolve().parent / "static"
 
 def _csp_hash(source: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode()).digest()).decode() + "'"
+
+
+def _sri(data: bytes) -> str:
+    """Subresource integrity: the browser runs the file only if it is the one the page names."""
+    return "sha384-" + base64.b64encode(hashlib.sha384(data).digest()).decode()
 
 
 def _endpoint_table() -> str:
@@ -122,36 +138,92 @@ def _endpoint_table() -> str:
     )
 
 
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 @cache
-def _docs_page() -> tuple[str, str]:
-    """(HTML, Content-Security-Policy). The script and the style are inline, allowed by their
-    hashes: the page loads nothing but /openapi.json, from this origin, so it works offline and
-    a tampered or injected script does not run."""
+def _docs_page(public_url: str | None) -> tuple[str, str]:
+    """(HTML, Content-Security-Policy): Swagger UI (handlers/swagger_ui.py) over /openapi.json.
+
+    The policy lets the page run the bundle from this origin and its own initializer (inline,
+    allowed by its hash), take styles from this origin, and call this origin (and PUBLIC_URL's,
+    the server the document names) for "Try it out". `img-src data:`: Swagger UI's stylesheet
+    draws its icons as data: URLs. Nothing else: no other origin, no eval, no inline handler."""
     script = (_STATIC / "docs.js").read_text(encoding="utf-8")
     style = (_STATIC / "docs.css").read_text(encoding="utf-8")
+    bundle = (swagger_ui.DIRECTORY / swagger_ui.ASSETS[swagger_ui.SCRIPT][0]).read_bytes()
+    sheet = (swagger_ui.DIRECTORY / swagger_ui.ASSETS[swagger_ui.STYLESHEET][0]).read_bytes()
     info = SPEC["info"]
+    title = html.escape(info["title"])
     page = (
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-        f"<title>{html.escape(info['title'])} reference</title>"
+        f"<title>{title} reference</title>"
+        "<link rel='icon' href='data:,'>"  # no request for /favicon.ico
+        f"<link rel='stylesheet' href='/docs/{swagger_ui.STYLESHEET}' integrity='{_sri(sheet)}'>"
         f"<style>{style}</style></head><body>"
-        "<main id='app' data-state='loading'><p>Loading /openapi.json ...</p>"
-        f"<noscript><h1>{html.escape(info['title'])} {html.escape(info['version'])}</h1>"
-        + _endpoint_table()
-        + "</noscript></main>"
+        "<main id='swagger-ui'>"
+        f"<noscript><h1>{title} {html.escape(info['version'])}</h1>"
+        "<p>The interactive reference needs JavaScript; the document itself is "
+        "<a href='/openapi.json'>/openapi.json</a>.</p>" + _endpoint_table() + "</noscript></main>"
+        f"<script src='/docs/{swagger_ui.SCRIPT}' integrity='{_sri(bundle)}'></script>"
         f"<script>{script}</script></body></html>"
     )
+    connect = "'self'" if public_url is None else f"'self' {_origin(public_url)}"
     csp = (
         "default-src 'none'; "
-        f"script-src {_csp_hash(script)}; style-src {_csp_hash(style)}; "
-        "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+        f"script-src 'self' {_csp_hash(script)}; style-src 'self' {_csp_hash(style)}; "
+        f"connect-src {connect}; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
         "frame-ancestors 'none'"
     )
     return page, csp
 
 
 def docs(request: web.Request) -> web.Response:
-    page, csp = _docs_page()
+    _docs_enabled(request)
+    page, csp = _docs_page(request.app[CONFIG].public_url)
     resp = web.Response(text=page, content_type="text/html")
     resp.headers["Content-Security-Policy"] = csp
     return resp
+
+
+# A year: the names carry Swagger UI's version, so a file under one name never changes.
+_IMMUTABLE = "public, max-age=31536000, immutable"
+# served name -> (the file, the same gzipped); read on first use, kept for the process's life
+_loaded: dict[str, tuple[bytes, bytes]] = {}
+
+
+def _load(name: str) -> tuple[bytes, bytes]:
+    data = (swagger_ui.DIRECTORY / swagger_ui.ASSETS[name][0]).read_bytes()
+    return data, gzip.compress(data, compresslevel=9, mtime=0)
+
+
+def _takes_gzip(request: web.Request) -> bool:
+    for coding in request.headers.get("Accept-Encoding", "").split(","):
+        name, _, params = coding.partition(";")
+        if name.strip().lower() in ("gzip", "*"):
+            q = params.replace(" ", "").lower()
+            return not (q.startswith("q=") and q[2:].strip("0.") == "")
+    return False
+
+
+async def docs_asset(request: web.Request) -> web.Response:
+    """A Swagger UI file of /docs, gzipped when the client takes it (the bundle is 1.5 MB, 0.45
+    MB gzipped), cacheable for a year."""
+    _docs_enabled(request)
+    name = request.match_info["asset"]
+    if name not in swagger_ui.ASSETS:
+        raise NotFound("asset")
+    loaded = _loaded.get(name)
+    if loaded is None:  # once per process: reading and compressing 1.5 MB stays off the loop
+        loaded = _loaded[name] = await asyncio.to_thread(_load, name)
+    headers = {"Cache-Control": _IMMUTABLE, "Vary": "Accept-Encoding"}
+    if _takes_gzip(request):
+        body = loaded[1]
+        headers["Content-Encoding"] = "gzip"
+    else:
+        body = loaded[0]
+    ctype = swagger_ui.ASSETS[name][1]
+    return web.Response(body=body, content_type=ctype, charset="utf-8", headers=headers)
