@@ -585,11 +585,14 @@ REPLICA_READ_ROUTES = (
     ("primary", "down"),
     ("primary", "redis"),
 )
-REPLICA_READS = Counter(
-    "surge_replica_reads_total",
-    "Reads routed while a read replica is set, by the server chosen and why",
-    ["server", "reason"],
-    registry=REGISTRY,
+REPLICA_READS = zeroed(
+    Counter(
+        "surge_replica_reads_total",
+        "Reads routed while a read replica is set, by the server chosen and why",
+        ["server", "reason"],
+        registry=REGISTRY,
+    ),
+    *REPLICA_READ_ROUTES,
 )
 OUTBOX_RELAYED = Counter(
     "surge_outbox_relayed_total", "Outbox rows published to the Redis stream", registry=REGISTRY

@@ -46,11 +46,12 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import wraps
-from typing import Literal
+from typing import Literal, NamedTuple
 from uuid import UUID
 
 import asyncpg
 from aiohttp import web
+from prometheus_client import Gauge
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -59,6 +60,8 @@ from server import metrics
 from server.keys import PRINCIPAL
 
 log = logging.getLogger("surge.replica")
+
+POOL = "replica"  # the `pool` label of the replica's gauges, as of its connection pool's
 
 State = Literal["ok", "lagging", "down"]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -93,6 +96,20 @@ _REDIS_RETRY_S = 1.0
 # Local copies of this process's own writes (read before Redis: a tenant the replica has not
 # caught up with goes to the primary with no Redis round trip); beyond this many, the oldest go.
 _LOCAL_MAX = 10_000
+
+
+class _Gauges(NamedTuple):
+    up: Gauge
+    lag_s: Gauge
+    lag_bytes: Gauge
+
+    @classmethod
+    def of(cls, pool: str) -> _Gauges:
+        return cls(
+            metrics.REPLICA_UP.labels(pool),
+            metrics.REPLICA_LAG_SECONDS.labels(pool),
+            metrics.REPLICA_LAG_BYTES.labels(pool),
+        )
 
 
 class ReadRouting:
@@ -133,6 +150,9 @@ class ReadRouting:
         self._cons: dict[str, asyncpg.Connection] = {}
         self._primary_started: object = None
         self._samples: deque[tuple[float, int]] = deque()  # (when, primary's position)
+        # The gauges' series exist only with a replica: without one, no `down` to alert on.
+        # The gauges' series exist only with a replica: without one, no `down` to alert on.
+        self._gauges = _Gauges.of(POOL) if replica is not None else None
         self._counted = {
             reason: metrics.REPLICA_READS.labels(server, reason)
             for server, reason in metrics.REPLICA_READ_ROUTES
@@ -205,7 +225,6 @@ class ReadRouting:
     # --- the poller -------------------------------------------------------------------------
     async def start(self) -> None:
         if self.replica is not None:
-            metrics.REPLICA_UP.labels("replica").set(0)
             await self.poll()  # a first sample before the first request: reads use it at once
             self._task = asyncio.create_task(self._poll_forever(), name="replica-poller")
 
@@ -257,8 +276,9 @@ class ReadRouting:
         self.replay_lsn = _EVERYTHING if itself else replay
         self.lag_s = max(0.0, now - caught_up_at)
         self.lag_bytes = max(0, primary_lsn - replay)
-        metrics.REPLICA_LAG_SECONDS.labels("replica").set(self.lag_s)
-        metrics.REPLICA_LAG_BYTES.labels("replica").set(self.lag_bytes)
+        if self._gauges is not None:
+            self._gauges.lag_s.set(self.lag_s)
+            self._gauges.lag_bytes.set(self.lag_bytes)
         self._set_state("lagging" if self.lag_s > self.max_lag_s else "ok", f"{self.lag_s:.1f} s")
 
     async def _fetchrow(self, which: str, sql: str) -> asyncpg.Record:
@@ -289,7 +309,8 @@ class ReadRouting:
         return self._primary_started
 
     def _set_state(self, state: State, why: str) -> None:
-        metrics.REPLICA_UP.labels("replica").set(0 if state == "down" else 1)
+        if self._gauges is not None:
+            self._gauges.up.set(0 if state == "down" else 1)
         if state != self.state:
             level = logging.INFO if state == "ok" else logging.WARNING
             log.log(level, "replica: %s (%s)", state, why)
