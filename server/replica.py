@@ -141,6 +141,7 @@ class ReadRouting:
         self.key_ttl_s = int(max(60.0, 2 * max_lag_s + 10))
         self._raise = redis.register_script(_RAISE)
         self.state: State = "down"
+        self._told = False  # whether the first state has been logged (a start with it down)
         self.replay_lsn = -1  # the replica's replay position when last sampled; -1 unknown
         self.lag_s = 0.0
         self.lag_bytes = 0
@@ -150,7 +151,6 @@ class ReadRouting:
         self._cons: dict[str, asyncpg.Connection] = {}
         self._primary_started: object = None
         self._samples: deque[tuple[float, int]] = deque()  # (when, primary's position)
-        # The gauges' series exist only with a replica: without one, no `down` to alert on.
         # The gauges' series exist only with a replica: without one, no `down` to alert on.
         self._gauges = _Gauges.of(POOL) if replica is not None else None
         self._counted = {
@@ -287,6 +287,8 @@ class ReadRouting:
         con = self._cons.get(which)
         if con is None or con.is_closed():
             dsn = self.primary_dsn if which == "primary" else self.replica_dsn
+            if which == "primary":
+                self._primary_started = None  # a new connection: perhaps a restarted primary
             con = self._cons[which] = await asyncpg.connect(
                 dsn,
                 timeout=_PROBE_TIMEOUT_S,
@@ -311,7 +313,8 @@ class ReadRouting:
     def _set_state(self, state: State, why: str) -> None:
         if self._gauges is not None:
             self._gauges.up.set(0 if state == "down" else 1)
-        if state != self.state:
+        if state != self.state or not self._told:
+            self._told = True
             level = logging.INFO if state == "ok" else logging.WARNING
             log.log(level, "replica: %s (%s)", state, why)
             if state == "down":
