@@ -40,7 +40,6 @@ address): the sampled position is that server's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -148,6 +147,7 @@ class ReadRouting:
         self._local: dict[UUID, tuple[int, float]] = {}  # tenant -> (lsn, until)
         self._redis_down_until = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._cons: dict[str, asyncpg.Connection] = {}
         self._primary_started: object = None
         self._samples: deque[tuple[float, int]] = deque()  # (when, primary's position)
@@ -229,17 +229,18 @@ class ReadRouting:
             self._task = asyncio.create_task(self._poll_forever(), name="replica-poller")
 
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
+            # Bounded: shutdown never waits on a probe stuck in a dead server's socket.
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=2.0)
             self._task = None
         for con in self._cons.values():
             con.terminate()
         self._cons.clear()
 
     async def _poll_forever(self) -> None:
-        while True:
+        while not self._closing:  # as well as the cancel, should one be lost
             await asyncio.sleep(self.poll_s)
             await self.poll()
 
@@ -296,7 +297,9 @@ class ReadRouting:
                 server_settings={"application_name": "surge-replica-probe"},
             )
         try:
-            row = await asyncio.wait_for(con.fetchrow(sql), _PROBE_TIMEOUT_S)
+            # asyncpg's own timeout: Python 3.11's wait_for can swallow a cancellation that
+            # arrives as the query ends, and the poller would then never stop.
+            row = await con.fetchrow(sql, timeout=_PROBE_TIMEOUT_S)
         except BaseException:
             self._cons.pop(which, None)
             con.terminate()
