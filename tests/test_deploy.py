@@ -30,7 +30,8 @@ from .conftest import ROOT
 
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
-RULES = DEPLOY / "prometheus" / "rules" / "surge.rules.yml"
+RULES_DIR = DEPLOY / "prometheus" / "rules"  # prometheus.yml loads rules/*.yml
+RULES = RULES_DIR / "surge.rules.yml"
 RULE_TESTS = DEPLOY / "prometheus" / "tests" / "rules.test.yml"
 DASHBOARD = DEPLOY / "grafana" / "surge.json"
 RUNBOOK = ROOT / "docs" / "RUNBOOK.md"
@@ -88,7 +89,9 @@ def load_yaml(path: Path) -> Any:
 
 
 def alert_rules() -> list[dict[str, Any]]:
-    groups = load_yaml(RULES)["groups"]
+    files = sorted(RULES_DIR.glob("*.yml"))
+    assert len(files) >= 2, f"expected surge.rules.yml and replica.yml in {RULES_DIR}"
+    groups = [g for path in files for g in load_yaml(path)["groups"]]
     return [r for g in groups for r in g["rules"] if "alert" in r]
 
 
@@ -565,7 +568,8 @@ def test_every_alert_has_a_runbook_section_and_a_unit_test() -> None:
     runbook = RUNBOOK.read_text()
     tested = {
         case["alertname"]
-        for test in load_yaml(RULE_TESTS)["tests"]
+        for path in sorted(RULE_TESTS.parent.glob("*.yml"))
+        for test in load_yaml(path)["tests"]
         for case in test.get("alert_rule_test", [])
         if case["exp_alerts"]
     }
