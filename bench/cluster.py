@@ -575,6 +575,7 @@ class Observed:
     by_phase: Counter[str] = field(default_factory=Counter)
     failures: list[Failure] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
+    stale_by_phase: Counter[str] = field(default_factory=Counter)
     tenants: set[str] = field(default_factory=set)
     users: dict[str, int] = field(default_factory=dict)  # acknowledged id -> version
     products: set[str] = field(default_factory=set)
@@ -625,6 +626,7 @@ class Client:
         self.users: list[str] = []
         self.orders: list[str] = []
         self.unsure = False  # the last PATCH of its own profile got no answer
+        self.phase = "steady"  # of the last request
 
     async def call(
         self,
@@ -654,7 +656,7 @@ class Client:
                     data = orjson.loads(raw)
         except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
             error = f"{type(exc).__name__}: {exc}"
-        phase = self.faults.phase(start, self.faults.clock())
+        self.phase = phase = self.faults.phase(start, self.faults.clock())
         self.seen.requests += 1
         self.seen.by_phase[phase] += 1
         if status in expect:
@@ -683,7 +685,8 @@ class Client:
         known = self.known.get((kind, ident))
         if known is not None and (version is None or version < known):
             got = "404" if version is None else f"version {version}"
-            self.seen.stale.append(f"{what}: {kind} {ident} {got}, known {known}")
+            self.seen.stale.append(f"[{self.phase}] {what}: {kind} {ident} {got}, known {known}")
+            self.seen.stale_by_phase[self.phase] += 1
         if version is not None:
             self.told(kind, ident, version)
 
@@ -1200,7 +1203,11 @@ def report(
     print(f"  HAProxy retried {n(retried)} connections, redispatched {n(redispatched)}", file=out)
     failed_by = Counter(f.phase for f in seen.failures)
     for phase, count in sorted(seen.by_phase.items()):
-        print(f"  {phase:<20} {n(count):>8} requests, {failed_by[phase]} failed", file=out)
+        print(
+            f"  {phase:<20} {n(count):>8} requests, {failed_by[phase]} failed,"
+            f" {seen.stale_by_phase[phase]} stale reads",
+            file=out,
+        )
     kinds = Counter((f.phase, f.what, f.how[:80]) for f in seen.failures)
     for (phase, what, how), count in kinds.most_common(15):
         print(f"    {count:>5} x [{phase}] {what}: {how}", file=out)
