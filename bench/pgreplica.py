@@ -6,6 +6,7 @@
     with Replicated(base_dir) as rp:            # or: async with Replicated(base_dir) as rp:
         rp.primary_url, rp.replica_url          # postgresql://postgres@127.0.0.1:PORT/surge
         rp.pause_replay(); rp.resume_replay()   # WAL still arrives; the replica stops applying it
+        rp.delay_replay(200)                    # each commit applied 200 ms late (0: at once)
         rp.wait_caught_up()                     # until it has replayed all the primary wrote
         rp.stop_replica(); rp.start_replica()   # the replica down and up again, same port
         rp.stop()                               # both, replica first (as leaving the block does)
@@ -245,6 +246,18 @@ class Replicated:
 
     def resume_replay(self) -> None:
         self._psql(REPLICA, "SELECT pg_wal_replay_resume()")
+
+    def delay_replay(self, ms: int) -> None:
+        """Each commit applied on the replica MS milliseconds after the primary's (0: at once):
+        `recovery_min_apply_delay`, a steady lag such as a loaded replica shows."""
+        self._psql(REPLICA, f"ALTER SYSTEM SET recovery_min_apply_delay = '{int(ms)}ms'")
+        self._psql(REPLICA, "SELECT pg_reload_conf()")
+        deadline = time.monotonic() + 10
+        setting = "SELECT setting FROM pg_settings WHERE name = 'recovery_min_apply_delay'"
+        while self._psql(REPLICA, setting) != str(int(ms)):
+            if time.monotonic() > deadline:
+                raise ReplicaError("the replica did not take the new recovery_min_apply_delay")
+            time.sleep(0.02)
 
     def primary_lsn(self) -> str:
         return self._psql(PRIMARY, "SELECT pg_current_wal_lsn()")

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from handlers.api import SPEC
 from server import metrics
 from server.keys import CONFIG, LIFECYCLE, PG, REDIS
+from server.replica import READS
 
 log = logging.getLogger("surge.ops")
 
@@ -42,7 +43,8 @@ async def _answers(probe: Awaitable[object]) -> bool:
 async def readyz(request: web.Request) -> web.Response:
     """Ready while PostgreSQL answers. Redis down is `degraded`, not unready: the replica still
     serves (local rate limits, no cache), and taking every replica out of the load balancer
-    for a Redis blip would turn it into a full outage."""
+    for a Redis blip would turn it into a full outage. With DATABASE_READ_URL, `replica` says
+    `ok`, `lagging` or `down` and never makes the answer a 503: reads then use the primary."""
     app = request.app
     pg_ok, redis_ok = await asyncio.gather(
         _answers(app[PG].fetchval("SELECT 1")), _answers(app[REDIS].ping())
@@ -50,6 +52,11 @@ async def readyz(request: web.Request) -> web.Response:
     _record("postgres", pg_ok)
     _record("redis", redis_ok)
     checks = {"postgres": "ok" if pg_ok else "error", "redis": "ok" if redis_ok else "degraded"}
+    reads = app[READS]
+    if reads.replica is not None:
+        # The poller's last sample (at most REPLICA_POLL_MS old), never a failure: while the
+        # replica lags or is down, reads go to the primary.
+        checks["replica"] = reads.state
     if app[LIFECYCLE].draining:
         status, code = "draining", 503
     elif pg_ok:

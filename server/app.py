@@ -32,6 +32,7 @@ from server.keys import (
     TRACING,
 )
 from server.ratelimit import LocalLimiter, RedisLimiter
+from server.replica import READS, ReadRouting
 from server.revocation import Revocations
 from server.routes import Route
 from server.state import Lifecycle
@@ -111,6 +112,28 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     finally:
         closing = asyncio.ensure_future(app[REDIS].aclose())
         await asyncio.wait({closing}, timeout=2.0)
+
+
+async def _reads(app: web.Application) -> AsyncIterator[None]:
+    """Where each read goes (server/replica.py): after the pools and Redis, which it uses."""
+    config = app[CONFIG]
+    replica = app[PG_READ] if app[PG_READ] is not app[PG] else None
+    reads = ReadRouting(
+        app[PG],
+        replica,
+        app[REDIS],
+        config.redis_key_prefix,
+        primary_dsn=config.database_url or "",
+        replica_dsn=config.database_read_url or "",
+        max_lag_s=config.replica_max_lag_s,
+        poll_s=config.replica_poll_ms / 1000,
+    )
+    app[READS] = reads
+    await reads.start()
+    try:
+        yield
+    finally:
+        await reads.close()
 
 
 async def _limiter(app: web.Application) -> AsyncIterator[None]:
@@ -205,7 +228,7 @@ def create_app(config: Config, *, access_log: AccessLog | None = None) -> web.Ap
     if tracing is not None:  # before the pools: they trace with it; flushed after they close
         app[TRACING] = tracing
         app.cleanup_ctx.append(tracing.ctx)
-    app.cleanup_ctx.extend([_postgres, _redis, _limiter, _revocations])
+    app.cleanup_ctx.extend([_postgres, _redis, _reads, _limiter, _revocations])
     # After the pools, in the URL map's order: closed in reverse, so a domain's workers finish
     # (the event writer commits what is pending) before the pools close.
     for contexts in handlers.contexts:

@@ -164,8 +164,23 @@ class Config:
         "DATABASE_READ_URL",
         _url(*_PG),
         None,
-        "Optional read replica for gets and lists; unset: reads use DATABASE_URL",
+        "Optional streaming replica for gets and lists, once it has replayed the reader's"
+        " tenant's writes; unset: reads use DATABASE_URL",
         secret=True,
+    )
+    # A replica further behind than this serves nobody (stale reads of tenants that did not
+    # write lately stay within it); reads after a tenant's own write wait for it in any case.
+    replica_max_lag_s: float = _setting(
+        "REPLICA_MAX_LAG_S",
+        _float(0.1, 3600),
+        5.0,
+        "Reads skip the replica while its replay is further behind the primary than this",
+    )
+    replica_poll_ms: int = _setting(
+        "REPLICA_POLL_MS",
+        _int(10, 10_000),
+        100,
+        "How often each process samples the replica's replay position (and its lag)",
     )
     redis_url: str | None = _setting(
         "REDIS_URL",

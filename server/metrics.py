@@ -551,6 +551,46 @@ OUTBOX_LAG_SECONDS = Gauge(
     multiprocess_mode="livemax",
     registry=REGISTRY,
 )
+# Read replicas (server/replica.py): series only when DATABASE_READ_URL is set. Every worker
+# samples the same replica: the largest live lag, the lowest live `up`, is the instance's.
+REPLICA_LAG_SECONDS = Gauge(
+    "surge_replica_lag_seconds",
+    "How far the read replica's replay is behind the primary, in time (sampled every"
+    " REPLICA_POLL_MS)",
+    ["pool"],
+    multiprocess_mode="livemax",
+    registry=REGISTRY,
+)
+REPLICA_LAG_BYTES = Gauge(
+    "surge_replica_lag_bytes",
+    "WAL bytes the primary has written that the read replica has not replayed",
+    ["pool"],
+    multiprocess_mode="livemax",
+    registry=REGISTRY,
+)
+REPLICA_UP = Gauge(
+    "surge_replica_up",
+    "1 while the read replica answers its position (lagging or not), 0 while it does not",
+    ["pool"],
+    multiprocess_mode="livemin",
+    registry=REGISTRY,
+)
+# (server, reason) of every read routed while a replica is set: the replica because it had
+# replayed the tenant's writes (fresh), else the primary because it had not (behind), lagged
+# past REPLICA_MAX_LAG_S (lagging), did not answer (down), or Redis did not (redis).
+REPLICA_READ_ROUTES = (
+    ("replica", "fresh"),
+    ("primary", "behind"),
+    ("primary", "lagging"),
+    ("primary", "down"),
+    ("primary", "redis"),
+)
+REPLICA_READS = Counter(
+    "surge_replica_reads_total",
+    "Reads routed while a read replica is set, by the server chosen and why",
+    ["server", "reason"],
+    registry=REGISTRY,
+)
 OUTBOX_RELAYED = Counter(
     "surge_outbox_relayed_total", "Outbox rows published to the Redis stream", registry=REGISTRY
 )

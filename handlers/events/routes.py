@@ -12,7 +12,8 @@ from handlers.events.ingest import parse_batch
 from handlers.events.keys import EVENT_NAMES, EVENT_WRITER, LIVE_HUB
 from server import rbac
 from server.http import json_response, raw_json_response
-from server.keys import CONFIG, PG_READ, REDIS
+from server.keys import CONFIG, REDIS
+from server.replica import read_pool
 from server.validation import read_raw_json
 
 
@@ -38,8 +39,9 @@ async def get_counts(request: web.Request) -> web.Response:
     now = time.time()
     q = parse_counts_query(request.query, now)
     config = request.app[CONFIG]
+    pg = await read_pool(request, p.tenant_id)
     buckets = await bucket_counts(
-        request.app[PG_READ], request.app[REDIS], config.redis_key_prefix, p.tenant_id, q, now
+        pg, request.app[REDIS], config.redis_key_prefix, p.tenant_id, q, now
     )
     return json_response(counts_view(buckets))
 

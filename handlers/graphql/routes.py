@@ -19,7 +19,8 @@ from handlers.graphql.service import GraphQLRequest, Refused, refusal
 from server import rbac
 from server.errors import NotFound, ValidationFailed
 from server.http import JSON, json_response
-from server.keys import CONFIG, LIMITER, PG_READ, RATELIMIT_HEADERS, REQUEST_ID
+from server.keys import CONFIG, LIMITER, RATELIMIT_HEADERS, REQUEST_ID
+from server.replica import read_pool
 from server.validation import screen
 
 # A small explorer, hand-written and self-contained (no CDN, no other asset): paste an access
@@ -36,7 +37,7 @@ async def graphql_post(request: web.Request) -> web.Response:
         answer = await service.run_query(
             query,
             caller,
-            pg=request.app[PG_READ],
+            pg=await read_pool(request, caller.tenant_id),
             limiter=request.app[LIMITER],
             config=request.app[CONFIG],
             limits=request.get(RATELIMIT_HEADERS),

@@ -6,6 +6,7 @@ Each handler reads its input, calls one function of service.py and answers.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from uuid import UUID
 
 from aiohttp import web
 
@@ -28,12 +29,12 @@ from server.http import (
 from server.keys import (
     CONFIG,
     PG,
-    PG_READ,
     RATELIMIT_HEADERS,
     REQUEST_ID,
     REVOCATIONS,
     SHARED_LIMITER,
 )
+from server.replica import note_write, read_pool, writes
 from server.tokens import TOKENS
 from server.validation import CARD_MESSAGE, looks_like_card, read_json
 
@@ -64,6 +65,7 @@ async def signup(request: web.Request) -> web.Response:
     answer = await service.signup(
         app[PG], app[HASHER], app[USER_CACHE], app[TOKENS], app[CONFIG], body, request[REQUEST_ID]
     )
+    await note_write(request, UUID(answer["tenant"]["id"]))  # no token yet: the new tenant
     return json_response(answer, status=201)
 
 
@@ -90,6 +92,7 @@ async def logout(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+@writes  # the audit entry
 async def logout_all(request: web.Request) -> web.Response:
     """Authenticated, so the general per-user bucket limits it: no brute-force limit needed."""
     app = request.app
@@ -99,21 +102,20 @@ async def logout_all(request: web.Request) -> web.Response:
 
 async def get_me(request: web.Request) -> web.Response:
     p = rbac.caller(request)
-    version, body = await service.read_user(
-        request.app[PG_READ], request.app[USER_CACHE], p, p.user_id
-    )
+    pg = await read_pool(request, p.tenant_id)
+    version, body = await service.read_user(pg, request.app[USER_CACHE], p, p.user_id)
     return raw_json_response(body, headers={"ETag": etag(version)})
 
 
 async def get_user(request: web.Request) -> web.Response:
     p = rbac.caller(request)
     user_id = path_uuid(request, "user_id", "user")
-    version, body = await service.read_user(
-        request.app[PG_READ], request.app[USER_CACHE], p, user_id
-    )
+    pg = await read_pool(request, p.tenant_id)
+    version, body = await service.read_user(pg, request.app[USER_CACHE], p, user_id)
     return raw_json_response(body, headers={"ETag": etag(version)})
 
 
+@writes
 async def change_password(request: web.Request) -> web.Response:
     p = rbac.caller(request)
     body = await read_json(request, "PasswordChangeRequest")
@@ -148,12 +150,14 @@ async def list_users(request: web.Request) -> web.Response:
     limit = query_limit(request)
     after = decode_cursor(request)
     pattern, status = _search(request)
+    pg = await read_pool(request, p.tenant_id)
     body = await service.list_users(
-        request.app[PG_READ], request.app[USER_VIEWS], p.tenant_id, after, pattern, status, limit
+        pg, request.app[USER_VIEWS], p.tenant_id, after, pattern, status, limit
     )
     return raw_json_response(body)
 
 
+@writes
 async def create_user(request: web.Request) -> web.Response:
     p = rbac.caller(request)
     rbac.require_admin(p)
@@ -167,6 +171,7 @@ async def create_user(request: web.Request) -> web.Response:
     return raw_json_response(answer, status=201, headers=headers)
 
 
+@writes
 async def patch_user(request: web.Request) -> web.Response:
     p = rbac.caller(request)
     rbac.require_admin(p)
@@ -182,6 +187,7 @@ async def patch_user(request: web.Request) -> web.Response:
     return raw_json_response(answer, headers={"ETag": etag(row["version"])})
 
 
+@writes
 async def delete_user(request: web.Request) -> web.Response:
     p = rbac.caller(request)
     rbac.require_admin(p)
@@ -203,10 +209,12 @@ def _role(request: web.Request) -> str:
     return role
 
 
+@writes
 async def grant_role(request: web.Request) -> web.Response:
     return await _change_role(request, service.grant_role)
 
 
+@writes
 async def revoke_role(request: web.Request) -> web.Response:
     return await _change_role(request, service.revoke_role)
 

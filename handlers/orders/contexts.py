@@ -11,6 +11,7 @@ from handlers.orders.keys import PAYMENTS
 from handlers.orders.provider import CircuitBreaker, PaymentsClient
 from handlers.orders.saga import SagaRunner
 from server.keys import CONFIG, PG
+from server.replica import READS
 
 
 async def payments_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -29,7 +30,7 @@ async def payments_ctx(app: web.Application) -> AsyncIterator[None]:
             ),
         )
         await client.start()
-    runner = SagaRunner(app[PG], client, config)
+    runner = SagaRunner(app[PG], client, config, wrote=app[READS].wrote)
     app[PAYMENTS] = runner
     runner.start_sweeper()
     try:

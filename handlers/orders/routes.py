@@ -17,7 +17,8 @@ from handlers.orders.keys import PAYMENTS
 from server import rbac
 from server.errors import ValidationFailed
 from server.http import decode_cursor, etag, json_response, path_uuid, query_limit
-from server.keys import CONFIG, LIMITER, PG, PG_READ, REQUEST_ID
+from server.keys import CONFIG, LIMITER, PG, REQUEST_ID
+from server.replica import read_pool, writes
 from server.validation import read_json
 
 
@@ -25,6 +26,7 @@ def _answer(answer: Answer) -> web.Response:
     return json_response(answer.data, answer.status, answer.headers)
 
 
+@writes
 async def create_product(request: web.Request) -> web.Response:
     p = rbac.caller(request)
     rbac.require_admin(p)
@@ -40,7 +42,7 @@ async def create_product(request: web.Request) -> web.Response:
 async def get_product(request: web.Request) -> web.Response:
     p = rbac.caller(request)
     product_id = path_uuid(request, "product_id", "product")
-    view = await service.get_product(request.app[PG_READ], p.tenant_id, product_id)
+    view = await service.get_product(await read_pool(request, p.tenant_id), p.tenant_id, product_id)
     return json_response(view, headers={"ETag": etag(view["version"])})
 
 
@@ -49,7 +51,9 @@ async def list_products(request: web.Request) -> web.Response:
     limit = query_limit(request)
     after = decode_cursor(request)
     return json_response(
-        await service.list_products(request.app[PG_READ], p.tenant_id, after, limit)
+        await service.list_products(
+            await read_pool(request, p.tenant_id), p.tenant_id, after, limit
+        )
     )
 
 
@@ -72,6 +76,7 @@ def _order_lines(items: list[dict[str, Any]]) -> tuple[list[UUID], list[int]]:
     return ids, [item["quantity"] for item in items]
 
 
+@writes
 @idempotent
 async def create_order(request: web.Request) -> web.Response:
     p = rbac.caller(request)
@@ -86,7 +91,7 @@ async def create_order(request: web.Request) -> web.Response:
 async def get_order(request: web.Request) -> web.Response:
     p = rbac.caller(request)
     order_id = path_uuid(request, "order_id", "order")
-    view = await service.get_order(request.app[PG_READ], p.tenant_id, order_id)
+    view = await service.get_order(await read_pool(request, p.tenant_id), p.tenant_id, order_id)
     return json_response(view, headers={"ETag": etag(view["version"])})
 
 
@@ -106,10 +111,13 @@ async def list_orders(request: web.Request) -> web.Response:
     after = decode_cursor(request)
     status = _status_filter(request)
     return json_response(
-        await service.list_orders(request.app[PG_READ], p.tenant_id, after, status, limit)
+        await service.list_orders(
+            await read_pool(request, p.tenant_id), p.tenant_id, after, status, limit
+        )
     )
 
 
+@writes
 @idempotent
 async def pay_order(request: web.Request) -> web.Response:
     p = rbac.caller(request)
@@ -122,6 +130,7 @@ async def pay_order(request: web.Request) -> web.Response:
     return _answer(answer)
 
 
+@writes
 async def cancel_order(request: web.Request) -> web.Response:
     p = rbac.caller(request)
     order_id = path_uuid(request, "order_id", "order")
@@ -147,4 +156,5 @@ async def list_audit(request: web.Request) -> web.Response:
     rbac.require_admin(p)
     limit = query_limit(request)
     after = decode_cursor(request)
-    return json_response(await service.list_audit(request.app[PG_READ], p.tenant_id, after, limit))
+    pg = await read_pool(request, p.tenant_id)
+    return json_response(await service.list_audit(pg, p.tenant_id, after, limit))

@@ -208,11 +208,24 @@ def resume_delays(n: int, lease_s: float) -> list[float]:
     return [(i + random.random()) * slot for i in range(n)]
 
 
+async def _nothing(tenant_id: UUID) -> None:
+    return None
+
+
 class SagaRunner:
     """Runs the sagas this process holds the lease of, and sweeps up abandoned ones."""
 
-    def __init__(self, pg: Database, client: PaymentsClient | None, config: Config) -> None:
+    def __init__(
+        self,
+        pg: Database,
+        client: PaymentsClient | None,
+        config: Config,
+        wrote: Callable[[UUID], Awaitable[None]] | None = None,
+    ) -> None:
         self.pg = pg
+        # After each settled step: the tenant's reads then wait for a replica to replay it
+        # (server/replica.py), so a client polling its order never sees it go back.
+        self.wrote = wrote or _nothing
         self.client = client
         self.lease_s = config.payments_saga_lease_s
         # How long a cancel waits for its refund before answering 202: about one provider call.
@@ -275,11 +288,13 @@ class SagaRunner:
                 step = row["step"]
                 try:
                     await self._step(client, row)
+                    await self.wrote(tenant_id)
                     attempts = 0
                 except Unavailable as exc:
                     attempts += 1
                     if attempts >= self.max_attempts and step in ("authorizing", "capturing"):
                         await self._give_up(row, exc)
+                        await self.wrote(tenant_id)
                         attempts = 0
                         continue
                     pause = self._pause(attempts, exc)

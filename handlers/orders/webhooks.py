@@ -177,6 +177,8 @@ async def apply_event(
             )  # fmt: skip
         elif event_type == "authorization.refunded":
             moved = await saga.refunded(con, tenant_id, order_id, source)
+    if moved:
+        await runner.wrote(tenant_id)
     if kick:
         runner.start(tenant_id, order_id)
     return "applied" if moved else "ignored"
