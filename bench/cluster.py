@@ -86,6 +86,7 @@ PAYMENTS_WEBHOOK_SECRET = "cluster_webhook_secret"
 DRAIN_DELAY_S = 2.0
 SHUTDOWN_GRACE_S = 10.0
 PASSWORD = "cluster test password"
+REDIS_KEY_PREFIX = "surge:"
 EVENT_NAME = "cluster_check"
 
 # Where Debian puts the daemons (root's PATH has /usr/sbin, a user's may not).
@@ -395,6 +396,7 @@ class Cluster:
             "DATABASE_READ_URL": s.replica_url,
             "DATABASE_MIGRATION_URL": s.primary_url,
             "REDIS_URL": self.redis_url,
+            "REDIS_KEY_PREFIX": REDIS_KEY_PREFIX,
             "RATE_LIMIT_BACKEND": "redis",
             "JWT_KEYS": s.jwt_keys,
             "PAYMENTS_URL": self.provider_url,
@@ -947,7 +949,6 @@ async def kill_replica(cluster: Cluster, i: int) -> None:
 @dataclass
 class FaultLog:
     restarts: list[Restart] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
 
 
 async def run_faults(cluster: Cluster, faults: Faults, log: FaultLog, pause_s: float) -> None:
@@ -1078,7 +1079,7 @@ async def check_charges(con: asyncpg.Connection, journal: Path, seen: Observed, 
 
 
 async def check_outbox(con: asyncpg.Connection, redis_url: str, seen: Observed, v: Verdict) -> None:
-    stream = "surge:outbox"
+    stream = f"{REDIS_KEY_PREFIX}outbox"  # handlers/events/relay.py's stream_key
 
     async def relayed() -> bool:
         top = await con.fetchval("SELECT coalesce(max(id), 0) FROM outbox")
