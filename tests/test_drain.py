@@ -2,8 +2,8 @@
 
 A load balancer learns that a replica is going away only from its health checks (HAProxy:
 /readyz every `inter`, out after `fall` failures). If the listener closed at once, a request
-sent in between would meet a closed port or a connection reset (bench/cluster.py measured it:
-HAProxy still had the replica in rotation for up to a second after its listener closed). So
+sent in between would meet a closed port or a connection reset (bench/cluster.py saw it: every
+replica's listener closed while HAProxy still had it in rotation). So
 for DRAIN_DELAY_S after SIGTERM the process keeps serving everything, /readyz answers 503
 "draining", and only then does the listener close and the in-flight requests drain."""
 
