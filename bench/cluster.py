@@ -825,13 +825,14 @@ class Client:
             f"/v1/users/{self.me}",
             "/v1/users/{id}",
             # 412 would mean the primary lost a version this client wrote, unless the last
-            # PATCH's answer was lost: then it may have been written, and 412 says so.
+            # PATCH's outcome is unknown (its answer lost, or a 503 for a commit whose reply
+            # was cut): then it may have been written, and 412 says so.
             (200, 412) if self.unsure else (200,),
             {"profile": {"n": random.randint(0, 1_000_000)}},
             {"If-Match": f'"{version}"'},
         )
         if answer is None:
-            self.unsure = self.unsure or self.seen.failures[-1].status in (0, 502, 504)
+            self.unsure = self.unsure or self.seen.failures[-1].status in (0, 502, 503, 504)
             return
         self.unsure = False
         status, body, _ = answer
