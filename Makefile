@@ -4,7 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum requirements.lock | cut -d' ' -f1)
 
-.PHONY: run test demo node clients lint fmt migrate bench profile lock clean
+.PHONY: run test demo node clients lint fmt migrate bench profile lock clean cluster\
+	cluster-down cluster-test
 
 # Python 3.11 or newer, checked before anything is made: an older one leaves no .venv behind.
 NEED_311 = import sys; sys.exit(sys.version_info < (3, 11))
@@ -71,6 +72,26 @@ profile: $(STAMP)  ## py-spy flame graph of Surge under load: docs/profile-user.
 	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk; }
 	@test -f bench/data/ids.json || $(BIN)/python -m bench.seed
 	$(BIN)/python -m bench.profile --endpoint user
+
+# HAProxy and PgBouncer from Debian's packages, installed when missing (as `make bench` does for
+# wrk); root's PATH has /usr/sbin, another user's may not, so both places count.
+CLUSTER_PROGRAMS = for p in haproxy pgbouncer; do \
+	command -v $$p >/dev/null 2>&1 || test -x /usr/sbin/$$p || echo $$p; done
+define CLUSTER_INSTALL
+	@missing="$$($(CLUSTER_PROGRAMS))"; test -z "$$missing" \
+		|| { apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; }
+endef
+
+cluster: $(STAMP)  ## PostgreSQL primary + replica, PgBouncer, Redis, 3 Surge replicas behind HAProxy, here (bench/cluster.py)
+	$(CLUSTER_INSTALL)
+	$(BIN)/python -m bench.cluster up
+
+cluster-down: $(STAMP)  ## stop what `make cluster` started
+	$(BIN)/python -m bench.cluster down
+
+cluster-test: $(STAMP)  ## a cluster of its own under faults for 3 min: rolling restart, SIGKILL, replay pause, PgBouncer, Redis
+	$(CLUSTER_INSTALL)
+	$(BIN)/python -m bench.cluster test
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .

@@ -339,6 +339,15 @@ class Config:
     shutdown_grace_s: float = _setting(
         "SHUTDOWN_GRACE_S", _float(0, 3600), 10.0, "How long in-flight requests may finish on stop"
     )
+    # A load balancer learns of a stop only from its checks (HAProxy: inter x fall); closing the
+    # listener before it has would send it requests that meet a closed port (bench/cluster.py).
+    drain_delay_s: float = _setting(
+        "DRAIN_DELAY_S",
+        _float(0, 600),
+        0.0,
+        "On stop, keep serving this long with /readyz 503 before the listener closes, so load"
+        " balancers take the process out first (Kubernetes: preStop does it instead)",
+    )
     # Production: processes, TLS on the listener, the two database roles.
     workers: int = _setting(
         "WORKERS",

@@ -112,8 +112,9 @@ async def serve_app(
     worker_of: int | None = None,
     tune_gc: bool = False,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or `stop`), then drain: /readyz turns 503, the listener
-    closes, in-flight requests get SHUTDOWN_GRACE_S to finish, then the pools close.
+    """Serve until SIGTERM/SIGINT (or `stop`), then drain: /readyz turns 503, requests are still
+    served for DRAIN_DELAY_S (load balancers take the process out), the listener closes,
+    in-flight requests get SHUTDOWN_GRACE_S to finish, then the pools close.
 
     `worker_of`: the supervisor's pid. The listener then shares the port (reuse_port), access
     log lines are written so workers never split each other's lines, and the worker stops by
@@ -178,8 +179,11 @@ async def serve_app(
         if ready is not None:
             ready.set()
         await stop.wait()
-        log.info("shutting down: draining for up to %ss", config.shutdown_grace_s)
         app[LIFECYCLE].draining = True
+        if config.drain_delay_s:
+            log.info("stopping: /readyz answers 503, serving %ss more", config.drain_delay_s)
+            await asyncio.sleep(config.drain_delay_s)
+        log.info("shutting down: draining for up to %ss", config.shutdown_grace_s)
     finally:
         try:
             await runner.cleanup()  # the gauges go on being published while requests drain
@@ -360,7 +364,7 @@ class Supervisor:
       10 s of starting stop the instance (exit 1): a worker that cannot start will not start
       by retrying, and the process manager above should see it.
     - SIGTERM or SIGINT: forwarded as SIGTERM to every worker, which drains for up to
-      SHUTDOWN_GRACE_S; one still running 5 s after that is killed.
+      DRAIN_DELAY_S + SHUTDOWN_GRACE_S; one still running 5 s after that is killed.
     - Metrics: a fresh PROMETHEUS_MULTIPROC_DIR per instance, removed at exit; a dead worker's
       live gauges are dropped (mark_process_dead), its counters stay in the instance's sums.
     - Without JWT_KEYS, one random key for all workers: a token one worker signed must verify
@@ -497,7 +501,10 @@ class Supervisor:
         for running in alive:
             with contextlib.suppress(ProcessLookupError):
                 running.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.config.shutdown_grace_s + self.KILL_MARGIN_S
+        config = self.config
+        deadline = (
+            time.monotonic() + config.drain_delay_s + config.shutdown_grace_s + self.KILL_MARGIN_S
+        )
         bad = False
         for slot, proc in enumerate(self.procs):
             if proc is None:
