@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from server.config import Config
 from server.keys import PG_READ
 from server.runner import free_port
 
+from .faults import Proc, redis_server_binary
 from .helpers import add_user, signup
 
 
@@ -194,3 +197,62 @@ async def test_a_failed_mget_fails_every_waiter(config: Config) -> None:
     results = await asyncio.gather(batcher.get("x"), batcher.get("y"), return_exceptions=True)
     assert all(isinstance(x, RedisConnectionError) for x in results)
     await r.aclose()
+
+
+async def _answers(url: str) -> bool:
+    r = aioredis.Redis.from_url(url)
+    try:
+        return bool(await r.ping())
+    except (OSError, aioredis.RedisError):
+        return False
+    finally:
+        await r.aclose()
+
+
+async def test_a_write_while_redis_is_down_is_not_hidden_by_the_old_entry_when_it_returns(
+    aiohttp_client: Any, config: Config, tmp_path: Path
+) -> None:
+    """Redis that keeps its data (appendonly) is stopped; a PATCH commits while the cache's
+    write-through cannot reach it; Redis comes back with the user's old entry. Every read from
+    then on answers the new row, and the old entry goes."""
+    port = free_port()
+    argv = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    argv += ["--appendonly", "yes", "--dir", str(tmp_path)]
+    redis = Proc("redis", argv, dict(os.environ), tmp_path / "redis.log")
+    url = f"redis://127.0.0.1:{port}/0"
+    redis.start()
+    try:
+        for _ in range(100):
+            if await _answers(url):
+                break
+            await asyncio.sleep(0.05)
+        cfg = dataclasses.replace(config, redis_url=url)
+        client = await aiohttp_client(create_app(cfg))
+        owner = await signup(client)
+        member = await add_user(client, owner)
+        path = f"/v1/users/{member.id}"
+        assert (await client.get(path, headers=owner.headers)).status == 200
+        assert await cached(cfg, owner.tenant_id, member.id) is not None  # v1 in Redis
+
+        assert redis.stop().startswith("redis exited 0")  # SIGTERM: the AOF keeps the entry
+        patched = await client.patch(
+            path, json={"username": "renamed"}, headers={**owner.headers, "If-Match": '"1"'}
+        )
+        assert patched.status == 200, await patched.text()
+        assert patched.headers["ETag"] == '"2"'
+
+        redis.start()
+        for _ in range(100):
+            if await _answers(url):
+                break
+            await asyncio.sleep(0.05)
+        seen = []
+        for _ in range(12):  # past the cache's one-second back-off after a failure, twice
+            got = await client.get(path, headers=owner.headers)
+            seen.append((got.headers["ETag"], (await got.json())["username"]))
+            await asyncio.sleep(0.2)
+        assert set(seen) == {('"2"', "renamed")}, seen
+        entry = await cached(cfg, owner.tenant_id, member.id)
+        assert entry is None or entry.startswith(b"2:"), entry
+    finally:
+        redis.stop()

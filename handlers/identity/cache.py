@@ -6,13 +6,19 @@ miss answer byte-identical bodies and the same ETag.
   that fetched an old row before a write committed therefore cannot overwrite the newer entry.
 - Concurrent misses for one key in this process share one database query (single flight).
 - Redis failing is not an error: reads and writes go to PostgreSQL, and Redis is left alone for
-  a second before it is tried again. An entry whose write-through failed that way can stay stale
-  for at most USER_CACHE_TTL_S.
+  a second before it is tried again.
+- An entry that may be older than PostgreSQL is forgotten (`forget`): a write-through that
+  failed (Redis down: its old entry comes back with it), or a write whose outcome is unknown
+  (the answer to COMMIT lost: it may have committed). Its key is deleted as soon as Redis
+  answers, retried every second; until then this process reads that user from PostgreSQL.
+  Another process could serve the old entry only while Redis is back and this one has not yet
+  deleted it (under a second), or, if this process dies first, for USER_CACHE_TTL_S.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -98,6 +104,8 @@ class UserCache:
         self._gets = GetBatcher(redis)
         self._inflight: dict[tuple[UUID | str, UUID], asyncio.Future[Entry | None]] = {}
         self._down_until = 0.0
+        self._stale: set[str] = set()  # keys to delete once Redis answers (see `forget`)
+        self._evicting: asyncio.Task[None] | None = None
         # The counter's children, looked up once: .labels() takes a lock and builds a key.
         self._hits, self._misses, self._errors = (
             metrics.CACHE.labels(result) for result in ("hit", "miss", "error")
@@ -120,8 +128,38 @@ class UserCache:
         self._errors.inc()
         log.warning("user cache: Redis unavailable (%s); serving from PostgreSQL", exc)
 
+    def forget(self, tenant_id: UUID | str, user_id: UUID) -> None:
+        """The entry may be older than PostgreSQL: delete it as soon as Redis answers."""
+        if not self.enabled:
+            return
+        self._stale.add(self._key(tenant_id, user_id))
+        if self._evicting is None or self._evicting.done():
+            self._evicting = asyncio.get_running_loop().create_task(self._evict_stale())
+
+    async def _evict_stale(self) -> None:
+        while self._stale:
+            keys = list(self._stale)
+            try:
+                await self.redis.delete(*keys)
+            except (RedisError, OSError) as exc:
+                self._failed(exc)
+                await asyncio.sleep(self.retry_after_failure_s)
+                continue
+            self._stale.difference_update(keys)
+
+    async def close(self) -> None:
+        """At shutdown: one last try to delete what is stale, then stop trying."""
+        task = self._evicting
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._stale:
+            with contextlib.suppress(RedisError, OSError):
+                await self.redis.delete(*self._stale)
+
     async def get_or_load(self, tenant_id: UUID | str, user_id: UUID, load: Loader) -> Entry | None:
-        if self._usable():
+        if self._usable() and not (self._stale and self._key(tenant_id, user_id) in self._stale):
             try:
                 raw = await self._gets.get(self._key(tenant_id, user_id))
             except (RedisError, OSError) as exc:
@@ -154,14 +192,21 @@ class UserCache:
             del self._inflight[key]
         return entry
 
-    async def store(self, tenant_id: UUID | str, user_id: UUID, version: int, body: bytes) -> None:
-        """Write-through after a commit, and the fill after a miss."""
-        if not self._usable():
-            return
+    async def store(self, tenant_id: UUID | str, user_id: UUID, version: int, body: bytes) -> bool:
+        """The fill after a miss (and a new user's first entry). False: not written."""
+        key = self._key(tenant_id, user_id)
+        if not self._usable() or (self._stale and key in self._stale):
+            return False
         try:
-            await self._store(
-                keys=[self._key(tenant_id, user_id)],
-                args=[version, b"%d:" % version + body, self.ttl_s],
-            )
+            await self._store(keys=[key], args=[version, b"%d:" % version + body, self.ttl_s])
         except (RedisError, OSError) as exc:
             self._failed(exc)
+            return False
+        return True
+
+    async def write_through(
+        self, tenant_id: UUID | str, user_id: UUID, version: int, body: bytes
+    ) -> None:
+        """After a commit that changed the user: the new entry, or else the old one forgotten."""
+        if self.enabled and not await self.store(tenant_id, user_id, version, body):
+            self.forget(tenant_id, user_id)

@@ -25,7 +25,10 @@ async def user_cache_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     app[USER_CACHE] = UserCache(app[REDIS], config.redis_key_prefix, config.user_cache_ttl_s)
     app[USER_VIEWS] = ViewMemo(config.user_view_memo)
-    yield
+    try:
+        yield
+    finally:
+        await app[USER_CACHE].close()
 
 
 contexts = [hasher_ctx, user_cache_ctx]

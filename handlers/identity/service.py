@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, cast
 
@@ -275,8 +277,22 @@ async def _record(
 async def _written(cache: UserCache, row: Record, view: Body) -> bytes:
     """After a commit: the new row goes to the cache (write-through) and to the client."""
     body = user_body(view)
-    await cache.store(row["tenant_id"], row["id"], row["version"], body)
+    await cache.write_through(row["tenant_id"], row["id"], row["version"], body)
     return body
+
+
+@asynccontextmanager
+async def _changing(
+    pg: Database, cache: UserCache, tenant_id: uuid.UUID, user_id: uuid.UUID
+) -> AsyncIterator[Connection]:
+    """A transaction that changes a user's row. If it fails, it may still have committed (the
+    answer to COMMIT lost with the connection), so the user's cache entry is forgotten."""
+    try:
+        async with pg.transaction() as con:
+            yield con
+    except BaseException:
+        cache.forget(tenant_id, user_id)
+        raise
 
 
 async def _target(con: Connection, p: Principal, user_id: uuid.UUID) -> Record:
@@ -344,7 +360,7 @@ async def patch_user(
     _check_profile(changes.get("profile"))
     status = changes.get("status")
     generation = None
-    async with pg.transaction() as con:
+    async with _changing(pg, cache, p.tenant_id, user_id) as con:
         if status is not None and status != "active":
             await users.lock_tenant(con, p.tenant_id)
             await _diagnose(con, p, user_id, version, raise_if_ok=False)  # 404/403/412 before 409
@@ -375,7 +391,7 @@ async def delete_user(
     request_id: str,
 ) -> None:
     """Marks the user deleted (the row stays for the audit trail) and revokes their tokens."""
-    async with pg.transaction() as con:
+    async with _changing(pg, cache, p.tenant_id, user_id) as con:
         await users.lock_tenant(con, p.tenant_id)
         target = await _target(con, p, user_id)
         await _keep_an_owner(con, p, target)
@@ -398,7 +414,7 @@ async def grant_role(
 ) -> None:
     """A role change revokes the user's access tokens: the next one (refresh) carries it."""
     rbac.require_can_grant(p, [role])
-    async with pg.transaction() as con:
+    async with _changing(pg, cache, p.tenant_id, user_id) as con:
         target = await _target(con, p, user_id)
         if role in target["roles"]:
             return
@@ -425,7 +441,7 @@ async def revoke_role(
             [{"field": "role", "message": "member is the base role and cannot be revoked"}]
         )
     rbac.require_can_grant(p, [role])
-    async with pg.transaction() as con:
+    async with _changing(pg, cache, p.tenant_id, user_id) as con:
         await users.lock_tenant(con, p.tenant_id)
         target = await _target(con, p, user_id)
         if role not in target["roles"]:
@@ -459,7 +475,7 @@ async def change_password(
             [{"field": "old_password", "message": "is not the current password"}]
         )
     new_hash = await hasher.hash(new_password)
-    async with pg.transaction() as con:
+    async with _changing(pg, cache, p.tenant_id, p.user_id) as con:
         row = await users.change_password(con, p.tenant_id, p.user_id, new_hash)
         if row is None:
             raise NotFound("user")
