@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
@@ -32,8 +32,10 @@ import pytest
 import redis as sync_redis
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from redis.asyncio import Redis
 
 from db.migrate import migrate
+from db.pool import Database, open_database
 from server.config import Config
 from server.devservices import EmbeddedServices, tcp_reachable
 from server.encoding import BODY_AS_SENT
@@ -203,6 +205,29 @@ def server_env(services: Services, port: int, **overrides: str) -> dict[str, str
         "WORKERS": "1",  # today's single process; tests of the supervisor ask for more
         **overrides,
     }
+
+
+@pytest.fixture
+async def pg(config: Config) -> AsyncIterator[Database]:
+    """A small pool of the test database, for tests that call the db/ functions directly."""
+    assert config.database_url is not None
+    db = await open_database(
+        config.database_url, min_size=1, max_size=6, acquire_timeout=5, command_timeout=10
+    )
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+@pytest.fixture
+async def redis(config: Config) -> AsyncIterator[Redis]:
+    """A client of the test Redis (keys under config.redis_key_prefix)."""
+    client = Redis.from_url(config.redis_url or "")
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture

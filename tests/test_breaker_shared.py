@@ -31,15 +31,6 @@ RESET_S = 30.0
 
 
 @pytest.fixture
-async def redis(config: Config) -> AsyncIterator[Redis]:
-    client = Redis.from_url(config.redis_url or "")
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
 async def fake() -> AsyncIterator[FakeProvider]:
     provider = FakeProvider(api_key=API_KEY, webhook_secret=SECRET)
     provider.base_url = await provider.start()  # type: ignore[attr-defined]

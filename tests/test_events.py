@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -18,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from db import events as events_db
-from db.pool import Database, open_database
+from db.pool import Database
 from handlers.events.api import MAX_PROPS_BYTES, SCHEMAS
 from handlers.events.ingest import parse_batch
 from handlers.events.keys import EVENT_WRITER
@@ -49,18 +48,6 @@ async def query(dsn: str | None, sql: str, *args: Any) -> Any:
         return await con.fetchval(sql, *args)
     finally:
         await con.close()
-
-
-@pytest.fixture
-async def pg(config: Config) -> AsyncIterator[Database]:
-    assert config.database_url is not None
-    db = await open_database(
-        config.database_url, min_size=1, max_size=4, acquire_timeout=5, command_timeout=10
-    )
-    try:
-        yield db
-    finally:
-        await db.close()
 
 
 # --- validation ------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -17,7 +16,7 @@ import pytest
 from redis.asyncio import Redis
 
 from db import outbox
-from db.pool import Database, open_database
+from db.pool import Database
 from handlers.events.relay import OutboxRelay, UserEventsConsumer, stream_key
 from server import metrics
 from server.config import Config
@@ -28,27 +27,6 @@ from .conftest import ROOT
 
 TOPICS = ("user.created", "user.updated", "order.created")
 LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)
-
-
-@pytest.fixture
-async def pg(config: Config) -> AsyncIterator[Database]:
-    assert config.database_url is not None
-    db = await open_database(
-        config.database_url, min_size=1, max_size=6, acquire_timeout=5, command_timeout=10
-    )
-    try:
-        yield db
-    finally:
-        await db.close()
-
-
-@pytest.fixture
-async def redis(config: Config) -> AsyncIterator[Redis]:
-    client = Redis.from_url(config.redis_url or "")
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def add_outbox(

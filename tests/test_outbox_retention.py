@@ -7,10 +7,8 @@ import asyncio
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
 from redis.asyncio import Redis
 
 from db.pool import Database, open_database
@@ -21,27 +19,6 @@ from server.config import Config
 
 OLD_H = 200  # hours: past the default retention of 168
 YOUNG_H = 1
-
-
-@pytest.fixture
-async def pg(config: Config) -> AsyncIterator[Database]:
-    assert config.database_url is not None
-    db = await open_database(
-        config.database_url, min_size=1, max_size=6, acquire_timeout=5, command_timeout=10
-    )
-    try:
-        yield db
-    finally:
-        await db.close()
-
-
-@pytest.fixture
-async def redis(config: Config) -> AsyncIterator[Redis]:
-    client = Redis.from_url(config.redis_url or "")
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def add_rows(pg: Database, n: int, hours_old: float) -> list[int]:

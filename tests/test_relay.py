@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -38,27 +37,6 @@ from .conftest import ROOT
 from .helpers import add_user, signup
 
 TOPICS = ("user.created", "user.updated", "order.created")
-
-
-@pytest.fixture
-async def pg(config: Config) -> AsyncIterator[Database]:
-    assert config.database_url is not None
-    db = await open_database(
-        config.database_url, min_size=1, max_size=6, acquire_timeout=5, command_timeout=10
-    )
-    try:
-        yield db
-    finally:
-        await db.close()
-
-
-@pytest.fixture
-async def redis(config: Config) -> AsyncIterator[Redis]:
-    client = Redis.from_url(config.redis_url or "")
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def add_outbox(pg: Database | asyncpg.Connection, n: int, start: int = 0) -> None:
