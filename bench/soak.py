@@ -53,7 +53,9 @@ def soak(endpoint_name: str, seconds: int, warmup_s: int) -> dict[str, Any]:
     def sample() -> None:
         start = time.monotonic()
         while not stop.is_set():
-            samples.append((time.monotonic() - start, rss_mb(process_tree(proc.pid))))
+            mb = rss_mb(process_tree(proc.pid))
+            if mb > 0:  # 0: /proc read while no process of the tree was readable; not a size
+                samples.append((time.monotonic() - start, mb))
             stop.wait(SAMPLE_S)
 
     try:
@@ -65,6 +67,8 @@ def soak(endpoint_name: str, seconds: int, warmup_s: int) -> dict[str, Any]:
         thread.join()
     finally:
         stop_server(proc)
+    if not samples:
+        raise SystemExit(f"soak: no RSS sample of the server (pid {proc.pid}) was readable")
     first = [mb for t, mb in samples if t <= WINDOW_S]
     last = [mb for t, mb in samples if t >= samples[-1][0] - WINDOW_S]
     start_mb, end_mb = statistics.median(first), statistics.median(last)
