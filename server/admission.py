@@ -267,6 +267,23 @@ class Admission:
             return min(deadline, max(deadline / 2, latency))
         return deadline
 
+    def refuses_anyone(self, arrived: float | None) -> str | None:
+        """The reason a request arriving at `arrived` would be refused whatever its tenant, or
+        None: no slot is free and it is already past its wait (DEADLINE), or the queue is full
+        of tenants holding one waiter each, so none can give way (QUEUE_FULL). Asked before the
+        token is verified, which costs more than refusing. `arrived` None: not yet known (a body
+        still to read, after which the request arrives), only the queue is judged."""
+        if self.in_flight < self.limit and not self.queued:
+            return None
+        if arrived is not None:
+            now = self.clock()
+            if arrived + self.allowed_wait(now) <= now:
+                return DEADLINE
+        queued = self.queued
+        if queued and queued >= self.max_queue and len(self._queues) >= queued:
+            return QUEUE_FULL
+        return None
+
     def precheck(self, tenant: str) -> None:
         """Refuse now a request that would be refused once its body is in: the queue is full
         and its tenant already holds its share of it (or is the only one waiting)."""

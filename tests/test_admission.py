@@ -443,3 +443,56 @@ async def test_adaptive_concurrency_off_is_the_fixed_gate(
     assert re.search(r"^surge_concurrency_in_flight 1\.0$", text, re.M)
     gate.set()
     assert (await held).status == 200
+
+
+async def test_a_request_too_late_for_any_wait_is_refused_before_its_token(
+    aiohttp_client: Any, config: Config
+) -> None:
+    # One slot, held; no wait allowed: every request now is refused whoever sends it, so it is
+    # refused before its token is verified and its rate-limit bucket charged (the refusal's
+    # largest costs): a bad token gets 503, not 401, and no RateLimit-* headers. Ops answer.
+    gate = asyncio.Event()
+    app = create_app(
+        dataclasses.replace(
+            config,
+            adaptive_concurrency=True,
+            max_in_flight=1,
+            concurrency_min=1,
+            concurrency_initial=1,
+            queue_deadline_ms=0,
+        )
+    )
+
+    async def slow(request: web.Request) -> web.Response:
+        await gate.wait()
+        return web.json_response({"slow": True})
+
+    async def private(request: web.Request) -> web.Response:
+        return web.json_response({"private": True})
+
+    add_routes(app, [get("/v1/test/slow", slow, public=True), get("/v1/test/private", private)])
+    client = await aiohttp_client(app)
+    before = await (await client.get("/metrics")).text()
+    held = asyncio.create_task(client.get("/v1/test/slow"))
+    await wait_for(lambda: app[CHAIN].shed_gate.in_flight == 1)  # type: ignore[union-attr]
+    for headers in ({"Authorization": "Bearer not-a-token"}, {}):
+        resp = await client.get("/v1/test/private", headers=headers)
+        assert (resp.status, resp.headers["Retry-After"]) == (503, "1")
+        assert resp.headers["Content-Type"] == "application/problem+json"
+        assert "RateLimit-Limit" not in resp.headers and "WWW-Authenticate" not in resp.headers
+        assert await resp.json(content_type=None) == {
+            "type": "/problems/overloaded",
+            "title": "Service Unavailable",
+            "status": 503,
+            "detail": "the server is at capacity; retry shortly",
+            "request_id": resp.headers["X-Request-ID"],
+        }
+    assert (await client.get("/healthz")).status == 200
+    after = await (await client.get("/metrics")).text()
+    assert shed_count(after, DEADLINE) - shed_count(before, DEADLINE) == 2
+    failures = r'^surge_auth_failures_total\{reason="(\w+)"\} (\S+)$'
+    assert re.findall(failures, after, re.M) == re.findall(failures, before, re.M)
+    gate.set()
+    assert (await held).status == 200
+    resp = await client.get("/v1/test/private", headers={"Authorization": "Bearer not-a-token"})
+    assert resp.status == 401  # a free slot again: the token is checked as ever
