@@ -27,8 +27,8 @@ Three parts, each small enough to read on its own:
   for the event loop to come back to it: behind every other request's parsing, token check and
   refusal, none of which holds a slot. When the process is flooded that wait dominates, and it
   does not shrink when the limit does; cutting for it only idles the database, the samples stay
-  as long, and the cut repeats down to the minimum (docs/PERFORMANCE.md, the 2026-12-07 notes:
-  goodput 0.11x at 2x load, 0.00x at 10x). So `LoopLag`, a timer every LAG_PERIOD_S, reports
+  as long, and the cut repeats down to the minimum, goodput (limit / latency) with it
+  (docs/PERFORMANCE.md, the notes of 2026-12-07). So `LoopLag`, a timer every LAG_PERIOD_S, reports
   how late it fired; a window's loop lag is the latest it fired in the window, above the lowest
   such figure of the horizon (timers are never exactly on time, even idle), and is taken off the
   window's latency once: a read that waits on one query meets the loop's backlog once after
@@ -40,8 +40,7 @@ Three parts, each small enough to read on its own:
   (Little's law: queued = in flight - throughput x no-load latency), which reads a loop backlog
   exactly as it reads a queue of admitted requests, since both stretch latency at the same
   throughput. The backlog the admitted requests themselves make (their own CPU) is taken off
-  as well; MAX_IN_FLIGHT bounds it (4 x PG_POOL_MAX by default: 64 reads of ~0.2 ms of CPU
-  each, ~13 ms).
+  as well: MAX_IN_FLIGHT bounds it (4 x PG_POOL_MAX by default, server/config.py).
 
   The minimum (CONCURRENCY_MIN) defaults to PG_POOL_MAX: below it the pool has idle connections
   while requests wait, so a smaller limit can only lower throughput, never a queue.
@@ -77,8 +76,7 @@ MIN_WINDOW_SAMPLES = 10
 REFERENCE_HORIZON_S = 30.0
 SMOOTHING = 0.2
 PERCENTILE = 0.9
-# The loop-lag probe's period: ten readings per window, ~100 timer callbacks a second (~1 us
-# each: nothing next to requests).
+# The loop-lag probe's period: ten readings per window, from one timer callback each.
 LAG_PERIOD_S = 0.01
 
 

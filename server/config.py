@@ -214,10 +214,11 @@ class Config:
     max_body_bytes: int = _setting(
         "MAX_BODY_BYTES", _int(1024, 1 << 30), 1 << 20, "Largest request body; bigger is 413"
     )
-    # Unset: 4 x PG_POOL_MAX (64). One core serves ~5k reads/s at ~0.2 ms of CPU each, so 64
-    # at once already queue ~13 ms inside the event loop, where no deadline sees them; the
-    # budgets' 64 connections still never wait. Past it, requests wait in the gate's queue,
-    # where QUEUE_DEADLINE_MS refuses them. 512 let 512 wait in the loop (1-2.5 s under a flood).
+    # Unset: 4 x PG_POOL_MAX (64). What one process admits at once queues inside its event loop,
+    # where no deadline sees it; a few dozen reads already keep one core busy, and the budgets'
+    # 64 connections still never wait. Past it, requests wait in the gate's queue, where
+    # QUEUE_DEADLINE_MS refuses them (docs/PERFORMANCE.md, notes of 2026-12-07: 512 let a flood
+    # wait in the loop for seconds).
     max_in_flight: int | None = _setting(
         "MAX_IN_FLIGHT",
         _int(1, 1_000_000),
