@@ -10,14 +10,26 @@ everything the process did meanwhile (its background tasks too), divided by the 
 
     .venv/bin/python -m bench.instructions                       # surge and baseline, /healthz
     .venv/bin/python -m bench.instructions --servers surge --env ACCESS_LOG=false
+    .venv/bin/python -m bench.instructions --servers surge --path user          # GET /v1/users/{id}
+    .venv/bin/python -m bench.instructions --servers surge --path user --refuse # ... answered 503
 
-Needs valgrind and ab (Debian: valgrind, apache2-utils). Unauthenticated paths only. Instructions
+`--path user`: a sampled user (bench/data/ids.json, from `python -m bench.seed`) with a bearer
+token, cache off (USER_CACHE_TTL_S=0), as bench.run's "user" endpoint. `--refuse`: the same
+request answered 503 by the shed layer, every one of the measured requests: the `users` table is
+locked (a transaction of this tool's, in the bench database), HOLD requests take every slot
+(MAX_IN_FLIGHT, CONCURRENCY_MIN and _INITIAL = HOLD) and wait on the lock, and with
+QUEUE_DEADLINE_MS=0 every further request is refused as it reaches the shed layer (adaptive:
+too late for any wait, at once; the fixed gate: after its zero timeout fires). The lock is let go
+after the count. Needs valgrind and ab (Debian: valgrind, apache2-utils). Instructions
 understate a wall-clock gap: see docs/PERFORMANCE.md (sixth-session notes).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import json
 import os
 import re
 import secrets
@@ -28,10 +40,19 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from threading import Event, Thread
 
-from bench.common import ROOT
+import asyncpg
+
+from bench.common import IDS_FILE, ROOT
 from bench.run import Server, make_servers, stop_server
+
+# Slots held (and the limit) while refusals are counted: few, so few requests hang meanwhile.
+HOLD = 2
 
 _EVENTS = re.compile(rb"Events +: ([\w ]+)")
 
@@ -51,10 +72,96 @@ def _wait_up(proc: subprocess.Popen[bytes], url: str, log: Path, limit_s: float 
     raise SystemExit(f"no answer from {url} within {limit_s:.0f} s")
 
 
-def _ab(url: str, n: int) -> None:
-    subprocess.run(
-        ["ab", "-q", "-k", "-n", str(n), "-c", "16", url], check=True, capture_output=True
+def _ab(url: str, n: int, headers: dict[str, str], refused: bool | None = False) -> None:
+    """`n` requests, 16 at a time, kept alive; `refused`: every answer is a non-2xx (True),
+    none is (False), not checked (None)."""
+    head = [arg for k, v in headers.items() for arg in ("-H", f"{k}: {v}")]
+    out = subprocess.run(
+        ["ab", "-q", "-k", "-n", str(n), "-c", "16", *head, url], check=True, capture_output=True
     )
+    # the answers as expected, or the count is of something else: all 2xx, or all non-2xx (a
+    # few odd ones are let by, said: on a loaded machine a request under valgrind can outlast
+    # a timeout)
+    non2xx = re.search(rb"Non-2xx responses: +(\d+)", out.stdout)
+    got = int(non2xx[1]) if non2xx else 0
+    odd = 0 if refused is None else n - got if refused else got
+    if odd > n // 100:
+        raise SystemExit(f"ab: {got} of {n} answers not 2xx, expected {n if refused else 0}")
+    if odd:
+        print(f"bench.instructions: {odd} of {n} answers were not as expected", flush=True)
+
+
+def user_request(secret: str) -> tuple[str, dict[str, str]]:
+    """GET /v1/users/{id} of the first sampled user, and its bearer token (JWT_KEYS
+    bench:secret)."""
+    from server.tokens import TokenService
+
+    if not IDS_FILE.exists():
+        raise SystemExit(f"{IDS_FILE} is missing: run `python -m bench.seed` first")
+    tenant, user = json.loads(IDS_FILE.read_text())["pairs"][0]
+    tokens = TokenService([("bench", secret.encode())], "surge", "surge-api", 3600)
+    token = tokens.issue(uuid.UUID(user), uuid.UUID(tenant), ["member"])
+    return f"/v1/users/{user}", {"Authorization": f"Bearer {token}"}
+
+
+@contextmanager
+def users_locked(dsn: str) -> Iterator[None]:
+    """The users table locked by a transaction of its own (its own thread and event loop)
+    until the block ends: a read of a user waits, holding its slot."""
+    locked, release = Event(), Event()
+    failed: list[BaseException] = []
+
+    async def hold() -> None:
+        con = await asyncpg.connect(dsn)
+        try:
+            async with con.transaction():
+                await con.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+                locked.set()
+                await asyncio.to_thread(release.wait)
+        finally:
+            await con.close()
+
+    def run() -> None:
+        try:
+            asyncio.run(hold())
+        except BaseException as exc:
+            failed.append(exc)
+            locked.set()
+
+    thread = Thread(target=run, daemon=True)
+    thread.start()
+    locked.wait()
+    if failed:
+        raise SystemExit(f"cannot lock users: {failed[0]}")
+    try:
+        yield
+    finally:
+        release.set()
+        thread.join()
+
+
+def _held(url: str, headers: dict[str, str], count: int) -> list[Thread]:
+    """`count` requests sent, each in a thread of its own, that wait on the lock (answered
+    once it goes)."""
+
+    def one() -> None:
+        req = urllib.request.Request(url, headers=headers)  # noqa: S310 (an http:// we built)
+        try:
+            with urllib.request.urlopen(req, timeout=900) as resp:  # noqa: S310
+                resp.read()
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass  # the server stopped first: nothing to wait for
+
+    threads = [Thread(target=one, daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def _in_flight(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
+        m = re.search(rb"^surge_concurrency_in_flight (\S+)$", resp.read(), re.M)
+    return float(m[1]) if m else -1.0
 
 
 def _control(pid: int, action: str, env: dict[str, str]) -> None:
@@ -78,6 +185,8 @@ def count(
     cache_sim: bool = False,
     keep: Path | None = None,
     idle_s: float = 5.0,
+    headers: dict[str, str] | None = None,
+    refuse: bool = False,
 ) -> dict[str, float]:
     """Events per request of `path` on `server`: Ir (instructions), and with cache_sim the
     simulated cache misses too (I1mr, D1mr, D1mw: first level; ILmr, DLmr, DLmw: last level).
@@ -99,18 +208,31 @@ def count(
             proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
         try:
             url = f"http://127.0.0.1:{server.port}{path}"
+            headers = headers or {}
+            held: list[Thread] = []
             _wait_up(proc, f"http://127.0.0.1:{server.port}/healthz", log)
-            _ab(url, warmup)
-            # valgrind runs the program in its own process: the pid is the server's
-            _control(proc.pid, "on", env)
-            idle_from = time.monotonic()
-            time.sleep(idle_s)
-            _control(proc.pid, "dump", env)  # the idle part, in its own file; counters zeroed
-            started = time.monotonic()
-            idle_s = started - idle_from  # the windows as the control commands bounded them
-            _ab(url, n)
-            _control(proc.pid, "off", env)
-            elapsed = time.monotonic() - started
+            _ab(url, warmup, headers, refused=None if refuse else False)
+            with users_locked(env["DATABASE_URL"]) if refuse else contextlib.nullcontext():
+                if refuse:
+                    held = _held(url, headers, HOLD)
+                    deadline = time.monotonic() + 120
+                    while _in_flight(server.port) < HOLD:
+                        if time.monotonic() > deadline:
+                            raise SystemExit(f"the {HOLD} held requests never took their slots")
+                        time.sleep(0.5)
+                # valgrind runs the program in its own process: the pid is the server's
+                _control(proc.pid, "on", env)
+                idle_from = time.monotonic()
+                time.sleep(idle_s)
+                _control(proc.pid, "dump", env)  # the idle part, in its own file; zeroed
+                started = time.monotonic()
+                idle_s = started - idle_from  # the windows as the control commands bounded them
+                _ab(url, n, headers, refused=refuse)
+                _control(proc.pid, "off", env)
+                elapsed = time.monotonic() - started
+            if refuse:
+                for thread in held:  # answered now that the lock is gone
+                    thread.join(timeout=60)
         finally:
             stop_server(proc)  # valgrind writes its count as the server exits
         if keep is not None:  # for callgrind_annotate: the counts by C function
@@ -161,27 +283,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep", type=Path, help="copy each server's callgrind.out into this directory"
     )
+    parser.add_argument(
+        "--refuse",
+        action="store_true",
+        help="count requests the shed layer refuses (503), with --path user (see above)",
+    )
     args = parser.parse_args(argv)
+    if args.refuse and args.path != "user":
+        parser.error("--refuse needs --path user (a request that waits on the database)")
+    if args.path == "user" and args.servers != "surge":
+        parser.error("--path user: --servers surge (the token is Surge's)")
     for tool in ("valgrind", "callgrind_control", "ab"):
         if shutil.which(tool) is None:
             print(f"bench.instructions: {tool} is missing (apt-get install valgrind apache2-utils)")
             return 2
-    servers = make_servers(secrets.token_hex(20))
-    extra = dict(kv.split("=", 1) for kv in args.env)
+    secret = secrets.token_hex(20)
+    servers = make_servers(secret)
+    path, headers = (args.path, {}) if args.path != "user" else user_request(secret)
+    preset = {"USER_CACHE_TTL_S": "0"} if args.path == "user" else {}
+    if args.refuse:
+        held = str(HOLD)
+        preset |= {
+            "MAX_IN_FLIGHT": held, "CONCURRENCY_MIN": held, "CONCURRENCY_INITIAL": held,
+            "QUEUE_DEADLINE_MS": "0", "PG_COMMAND_TIMEOUT_S": "900",
+        }  # fmt: skip
+    extra = preset | dict(kv.split("=", 1) for kv in args.env)
     figures: dict[str, dict[str, float]] = {}
     for name in args.servers.split(","):
         server = servers[name]
         figures[name] = events = count(
             server,
-            args.path,
+            path,
             args.n,
             args.warmup,
             extra if name == "surge" else {},
             cache_sim=args.cache_sim,
             keep=args.keep,
             idle_s=args.idle,
+            headers=headers,
+            refuse=args.refuse,
         )
-        print(f"{name:10s} {events['Ir']:10,.0f} instructions per GET {args.path}", flush=True)
+        what = f"{'refused ' if args.refuse else ''}GET {args.path}"
+        print(f"{name:10s} {events['Ir']:10,.0f} instructions per {what}", flush=True)
         print(
             f"{'':10s} ({events['raw']:,.0f} counted, {events['bg']:,.0f} of them background work"
             " at the idle rate: that estimate varies by a few hundred between runs, the count by"

@@ -6,14 +6,16 @@ Outermost first, as each request meets it:
              exception rendered as problem+json (server/problems.py), the headers every
              answer carries (nosniff; no-store on API answers)
     api      access token verified in memory (and not revoked), token-bucket rate limit,
-             RateLimit-* headers
+             RateLimit-* headers; first, under overload, a request the shed layer would refuse
+             whatever its tenant (already too late for any wait) is answered 503 at once
     body     a request's body read into memory within BODY_READ_TIMEOUT_S (408 past it, 413
              past MAX_BODY_BYTES), so a body that trickles in holds a connection, never a slot;
              a request the shed layer would refuse anyway is refused before its body is read;
              a body in a Content-Encoding its route does not take is refused 415 unread
     shed     admission (server/admission.py): an adaptive limit of requests served at once, a
              queue per tenant served round-robin, a deadline on the wait counted from the
-             request's arrival; a request refused is answered 503 + Retry-After
+             request's arrival; a request refused is answered 503 + Retry-After, a body
+             serialised once (`overloaded`): under a flood most answers are refusals
     conditional  (GET, HEAD) a 200 whose ETag If-None-Match names becomes 304, no body
     handler
 
@@ -33,8 +35,9 @@ import time
 from collections.abc import Callable
 from typing import NoReturn
 
-from aiohttp import web
-from multidict import istr
+import orjson
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, istr
 
 from db.gate import FairGate
 from server import metrics
@@ -42,7 +45,14 @@ from server.access_log import AccessLine, AccessLog
 from server.admission import DEADLINE, QUEUE_FULL, TENANT_SHARE, Admission, Refused
 from server.cors import Cors
 from server.encoding import check_coding
-from server.errors import ApiError, TooManyRequests, Unauthorized, ValidationFailed
+from server.errors import (
+    PROBLEM_JSON,
+    ApiError,
+    TooManyRequests,
+    Unauthorized,
+    ValidationFailed,
+    problem_body,
+)
 from server.http import client_ip, not_modified
 from server.keys import (
     ARRIVED,
@@ -96,6 +106,29 @@ class Overloaded(ApiError):
         super().__init__("the server is at capacity; retry shortly", headers={"Retry-After": "1"})
 
 
+# The refusal's answer, the same as problem_for renders for Overloaded, in parts serialised
+# once: under a flood most answers are refusals, and a refusal rendered through an exception and
+# the problem table cost about as much as serving the request (docs/PERFORMANCE.md, notes of
+# 2026-12-07). Request ids are [A-Za-z0-9._:-] (_RID): nothing in one needs escaping in JSON.
+_RID_MARK = "\x01rid\x01"
+_OVERLOADED_HEAD, _OVERLOADED_TAIL = problem_body(
+    503, Overloaded().detail, _RID_MARK, slug=Overloaded.slug, title=Overloaded.title
+).split(orjson.dumps(_RID_MARK)[1:-1])
+_OVERLOADED_HEADERS = CIMultiDict({hdrs.CONTENT_TYPE: PROBLEM_JSON, hdrs.RETRY_AFTER: "1"})
+
+
+def overloaded(request: web.Request) -> web.StreamResponse:
+    """The 503 + Retry-After of a request the shed layer refused (counted by the caller)."""
+    rid = request.get(REQUEST_ID)
+    if rid is None:  # the catch-all keeps no id on the request: its observe renders it
+        raise Overloaded()
+    return web.Response(
+        body=b"".join((_OVERLOADED_HEAD, rid.encode(), _OVERLOADED_TAIL)),
+        status=503,
+        headers=_OVERLOADED_HEADERS,
+    )
+
+
 class RequestTimeout(ApiError):
     status, slug, title = 408, "request-timeout", "Request Timeout"
 
@@ -136,6 +169,8 @@ class Chain:
         self.cors = cors
         self.trust_forwarded_for = trust_forwarded_for
         self.ops_paths: frozenset[str] = frozenset()
+        # the adaptive gate, asked before the token whether a request is refused anyway
+        self._admission = shed_gate if isinstance(shed_gate, Admission) else None
 
     def _gated(self, handler: Handler, encoded: bool | None) -> Handler:
         """`handler` behind the body and shed layers (`encoded`: see _body)."""
@@ -160,7 +195,8 @@ class Chain:
             if route.shed:
                 inner = self._gated(inner, route.encoded)
             if route.api:
-                inner = _api(inner, public=route.public, limited=not route.own_limit)
+                early = self._admission if route.shed else None
+                inner = _api(inner, public=route.public, limited=not route.own_limit, early=early)
         return self._observe(
             inner,
             None if inner is not None else plain_handler_of(route),
@@ -174,7 +210,7 @@ class Chain:
         """The catch-all's handler: whether it is shed and rate limited follows the path asked
         for (an ops path is never shed; an API path answers with RateLimit-* headers)."""
         # No route, no content coding to check: the body is read as sent, never decoded.
-        api = _api(self._gated(_unmatched, None), public=True)
+        api = _api(self._gated(_unmatched, None), public=True, early=self._admission)
         page = self._gated(_unmatched, None)
         cors = self.cors
 
@@ -340,7 +376,7 @@ def _body(
                     admission.precheck(tenant_of(request, trust_forwarded_for))
                 except Refused as exc:
                     _SHED[exc.reason].inc()
-                    raise Overloaded() from None
+                    return overloaded(request)
             try:
                 async with asyncio.timeout(timeout_s):
                     await request.read()  # 413 past client_max_size (MAX_BODY_BYTES)
@@ -385,7 +421,7 @@ def _admit(handler: Handler, admission: Admission, trust_forwarded_for: bool) ->
                 await admission.wait(tenant_of(request, trust_forwarded_for), arrived)
             except Refused as exc:
                 _SHED[exc.reason].inc()
-                raise Overloaded() from None
+                return overloaded(request)
             start = clock()
         observe_wait(start - arrived)
         try:
@@ -406,7 +442,7 @@ def _shed(handler: Handler, gate: FairGate) -> Handler:
             await gate.acquire()
         except TimeoutError:
             _SHED[DEADLINE].inc()
-            raise Overloaded() from None
+            return overloaded(request)
         observe_wait(time.perf_counter() - request[ARRIVED])
         try:
             return await handler(request)
@@ -416,8 +452,20 @@ def _shed(handler: Handler, gate: FairGate) -> Handler:
     return shed
 
 
-def _api(handler: Handler, *, public: bool, limited: bool = True) -> Handler:
+def _api(
+    handler: Handler, *, public: bool, limited: bool = True, early: Admission | None = None
+) -> Handler:
+    """The token, revocation and rate-limit layer. `early`: the adaptive gate of a shed route;
+    while it has no free slot, a request it would refuse whatever its tenant is refused here,
+    before the token is verified and the rate-limit bucket charged (the refusal's two largest
+    costs), with no RateLimit-* headers: the limit was not consulted."""
+
     async def api(request: web.Request) -> web.StreamResponse:
+        if early is not None and (early.queued or early.in_flight >= early.limit):
+            reason = early.refuses_anyone(None if request.body_exists else request[ARRIVED])
+            if reason is not None:
+                _SHED[reason].inc()
+                return overloaded(request)
         principal = bearer_principal(request)
         if principal is not None:
             # A revoked token counts as none (server/revocation.py): a dict lookup, unless the
@@ -515,6 +563,7 @@ __all__ = [
     "RequestTimeout",
     "bearer_principal",
     "new_request_id",
+    "overloaded",
     "rate_key",
     "tenant_of",
 ]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+import statistics
+import time
 from typing import Any
 
 import pytest
@@ -19,15 +21,17 @@ from aiohttp import web
 from db.gate import FairGate
 from server.admission import (
     DEADLINE,
+    LAG_PERIOD_S,
     MIN_WINDOW_SAMPLES,
     QUEUE_FULL,
     TENANT_SHARE,
     WINDOW_S,
     Admission,
     GradientLimit,
+    LoopLag,
     Refused,
 )
-from server.app import CHAIN, add_routes, create_app
+from server.app import CHAIN, add_routes, admission_of, create_app
 from server.config import Config
 from server.routes import get, post
 
@@ -78,6 +82,95 @@ def test_the_limit_falls_when_requests_queue_and_never_below_the_minimum() -> No
         now = feed(limit, now, 0.010)
         assert limit.limit >= 4
     assert limit.limit == 4
+
+
+# The limit under a loop backlog. A simulation, one step per window: the latency each admitted
+# request takes is what it is served in (a share of what the limit lets in at once, when the
+# limit causes a queue), plus its wait for the event loop to come back to it after its query,
+# anywhere from none to the whole backlog; the loop-lag probe fires LAG_PERIOD_S apart across
+# the same backlog.
+
+
+def spread(limit: GradientLimit, now: float, served: float, backlog: float) -> float:
+    """One window: the probe's readings, then a window's requests served in `served` s that
+    each also waited for the loop, evenly from 0 to `backlog` s."""
+    readings = round(WINDOW / LAG_PERIOD_S)
+    for i in range(readings):
+        limit.lag(backlog * (i + 1) / readings)
+    n = MIN_WINDOW_SAMPLES
+    for i in range(n):
+        limit.sample(served + backlog * i / (n - 1), limit.limit, now)
+    return now + WINDOW
+
+
+def idle_start(limit: GradientLimit) -> float:
+    """Ten windows at no load: 1 ms a request, a loop that keeps time to half a millisecond."""
+    now = WINDOW
+    for _ in range(10):
+        now = spread(limit, now, 0.001, 0.0005)
+    return now
+
+
+def test_a_loop_backlog_the_limit_cannot_cure_does_not_cut_it() -> None:
+    # Requests served in 1 ms as before, but the loop is 30 ms behind (other requests' parsing
+    # and refusals, which hold no slot): cutting the limit would not shorten that wait, only
+    # serve fewer requests in it. The limit before this cut itself to its minimum (the
+    # collapse of docs/PERFORMANCE.md's 2026-12-07 notes).
+    limit = GradientLimit(initial=32, minimum=16, maximum=64, tolerance=2.0, now=0.0)
+    now = idle_start(limit)
+    seen = []
+    for _ in range(300):  # 30 s
+        now = spread(limit, now, 0.001, 0.030)
+        seen.append(limit.limit)
+    assert min(seen) >= 32
+    assert limit.latency > 0.025  # the samples did count the backlog: it was taken off
+
+
+def test_queueing_the_limit_causes_still_lowers_it_under_a_loop_backlog() -> None:
+    # A database that serves 10,000 requests a second: past 10 at once, requests queue for it,
+    # in proportion to the limit. That queue is the limit's to cure: it falls until latency is
+    # near the tolerance (twice the no-load latency: ~20 at once, a little over it as the
+    # gradient probes upwards), and a 30 ms loop backlog on top changes nothing about where.
+    def settled(backlog: float) -> list[int]:
+        limit = GradientLimit(initial=64, minimum=8, maximum=64, tolerance=2.0, now=0.0)
+        now = idle_start(limit)
+        seen = []
+        for _ in range(300):
+            now = spread(limit, now, max(0.001, limit.limit / 10_000), backlog)
+            seen.append(limit.limit)
+        assert seen[:20] == sorted(seen[:20], reverse=True) and seen[19] < 40
+        return seen[-50:]
+
+    quiet, flooded = settled(0.0005), settled(0.030)  # the idle loop keeps time to 0.5 ms
+    assert min(quiet) >= 20 and max(quiet) <= 36
+    assert abs(statistics.mean(flooded) - statistics.mean(quiet)) <= 2
+
+
+def test_the_minimum_defaults_to_the_pool_and_the_ceiling_to_four_pools() -> None:
+    config = Config()
+    assert (config.concurrency_floor, config.in_flight_max) == (16, 64)
+    gate = admission_of(dataclasses.replace(config, adaptive_concurrency=True, pg_pool_max=10))
+    assert isinstance(gate, Admission) and gate.limiter is not None
+    assert (gate.limiter.minimum, gate.limiter.maximum) == (10, 40)
+    explicit = dataclasses.replace(config, concurrency_min=2, max_in_flight=8)
+    assert (explicit.concurrency_floor, explicit.in_flight_max) == (2, 8)
+    fixed = admission_of(dataclasses.replace(config, adaptive_concurrency=False))
+    assert isinstance(fixed, FairGate) and fixed.capacity == 64
+
+
+async def test_the_probe_reports_how_long_the_loop_was_held() -> None:
+    readings: list[float] = []
+    probe = LoopLag(readings.append, period_s=0.001)
+    probe.start()
+    try:
+        await wait_for(lambda: len(readings) >= 3)
+        time.sleep(0.05)  # the loop held: no timer can fire meanwhile
+        count = len(readings)
+        await wait_for(lambda: len(readings) > count)
+    finally:
+        probe.stop()
+    assert max(readings[count:]) >= 0.045  # late by the hold, less at most its own period
+    assert min(readings) >= 0
 
 
 class Clock:
@@ -350,3 +443,56 @@ async def test_adaptive_concurrency_off_is_the_fixed_gate(
     assert re.search(r"^surge_concurrency_in_flight 1\.0$", text, re.M)
     gate.set()
     assert (await held).status == 200
+
+
+async def test_a_request_too_late_for_any_wait_is_refused_before_its_token(
+    aiohttp_client: Any, config: Config
+) -> None:
+    # One slot, held; no wait allowed: every request now is refused whoever sends it, so it is
+    # refused before its token is verified and its rate-limit bucket charged (the refusal's
+    # largest costs): a bad token gets 503, not 401, and no RateLimit-* headers. Ops answer.
+    gate = asyncio.Event()
+    app = create_app(
+        dataclasses.replace(
+            config,
+            adaptive_concurrency=True,
+            max_in_flight=1,
+            concurrency_min=1,
+            concurrency_initial=1,
+            queue_deadline_ms=0,
+        )
+    )
+
+    async def slow(request: web.Request) -> web.Response:
+        await gate.wait()
+        return web.json_response({"slow": True})
+
+    async def private(request: web.Request) -> web.Response:
+        return web.json_response({"private": True})
+
+    add_routes(app, [get("/v1/test/slow", slow, public=True), get("/v1/test/private", private)])
+    client = await aiohttp_client(app)
+    before = await (await client.get("/metrics")).text()
+    held = asyncio.create_task(client.get("/v1/test/slow"))
+    await wait_for(lambda: app[CHAIN].shed_gate.in_flight == 1)  # type: ignore[union-attr]
+    for headers in ({"Authorization": "Bearer not-a-token"}, {}):
+        resp = await client.get("/v1/test/private", headers=headers)
+        assert (resp.status, resp.headers["Retry-After"]) == (503, "1")
+        assert resp.headers["Content-Type"] == "application/problem+json"
+        assert "RateLimit-Limit" not in resp.headers and "WWW-Authenticate" not in resp.headers
+        assert await resp.json(content_type=None) == {
+            "type": "/problems/overloaded",
+            "title": "Service Unavailable",
+            "status": 503,
+            "detail": "the server is at capacity; retry shortly",
+            "request_id": resp.headers["X-Request-ID"],
+        }
+    assert (await client.get("/healthz")).status == 200
+    after = await (await client.get("/metrics")).text()
+    assert shed_count(after, DEADLINE) - shed_count(before, DEADLINE) == 2
+    failures = r'^surge_auth_failures_total\{reason="(\w+)"\} (\S+)$'
+    assert re.findall(failures, after, re.M) == re.findall(failures, before, re.M)
+    gate.set()
+    assert (await held).status == 200
+    resp = await client.get("/v1/test/private", headers={"Authorization": "Bearer not-a-token"})
+    assert resp.status == 401  # a free slot again: the token is checked as ever
