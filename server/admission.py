@@ -233,8 +233,8 @@ class Admission:
         """The reason a request arriving at `arrived` would be refused whatever its tenant, or
         None: no slot is free and it is already past its wait (DEADLINE), or the queue is full
         of tenants holding one waiter each, so none can give way (QUEUE_FULL). Asked before the
-        token is verified, which costs more than refusing. `arrived` None: not yet known (a body
-        still to read, after which the request arrives), only the queue is judged."""
+        token is verified (server/chain.py). `arrived` None: not yet known (a body still to
+        read, after which the request arrives), only the queue is judged."""
         if self.in_flight < self.limit and not self.queued:
             return None
         if arrived is not None:
@@ -352,11 +352,4 @@ class Admission:
         return False
 
 
-__all__ = [
-    "DEADLINE",
-    "QUEUE_FULL",
-    "TENANT_SHARE",
-    "Admission",
-    "GradientLimit",
-    "Refused",
-]
+__all__ = ["DEADLINE", "QUEUE_FULL", "TENANT_SHARE", "Admission", "GradientLimit", "Refused"]

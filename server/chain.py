@@ -460,8 +460,8 @@ def _api(
 ) -> Handler:
     """The token, revocation and rate-limit layer. `early`: the adaptive gate of a shed route;
     while it has no free slot, a request it would refuse whatever its tenant is refused here,
-    before the token is verified and the rate-limit bucket charged (the refusal's two largest
-    costs), with no RateLimit-* headers: the limit was not consulted."""
+    before the token is verified, the revocation looked up and the rate-limit bucket charged,
+    with no RateLimit-* headers: the limit was not consulted."""
 
     async def api(request: web.Request) -> web.StreamResponse:
         if early is not None and (early.queued or early.in_flight >= early.limit):
