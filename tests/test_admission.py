@@ -226,6 +226,29 @@ async def test_a_standing_queue_allows_half_the_deadline() -> None:
     assert waiter.exception().reason == DEADLINE  # type: ignore[union-attr]
 
 
+async def test_what_is_refused_whoever_sends_it() -> None:
+    clock = Clock()
+    admission = Admission(None, 2, 60.0, clock)
+    assert admission.refuses_anyone(clock.now - 61) is None  # a free slot: served, however late
+    admission.in_flight = 2
+    assert admission.refuses_anyone(clock.now) is None  # it may still wait
+    assert admission.refuses_anyone(clock.now - 61) == DEADLINE  # too late for any wait
+    waiters = [asyncio.create_task(admission.wait(tenant, clock.now)) for tenant in "abcd"]
+    await settle()
+    assert (admission.queued, admission.max_queue) == (4, 4)
+    # a full queue of four tenants holding one waiter each: a newcomer displaces nobody
+    assert admission.refuses_anyone(None) == QUEUE_FULL
+    waiters[3].cancel()
+    await settle()
+    waiters.append(asyncio.create_task(admission.wait("a", clock.now)))
+    await settle()
+    # "a" holds two of the four: another tenant's newcomer would take the place of its newest
+    assert admission.refuses_anyone(None) is None
+    for task in waiters:
+        task.cancel()
+    await settle()
+
+
 async def test_slots_alternate_between_two_waiting_tenants() -> None:
     clock = Clock()
     admission = full(3, clock)  # a queue of at most 6
