@@ -9,7 +9,7 @@ Three parts, each small enough to read on its own:
   reference. The limit moves by the gradient of the two, as Netflix's concurrency-limits
   Gradient does, on the current latency less the event loop's backlog (below):
 
-      gradient = clamp(tolerance * reference / (current - loop lag), 0.5, 1)
+      gradient = clamp(tolerance * reference / (current - 2 x loop lag), 0.5, 1)
       new      = limit * gradient + sqrt(limit)      (sqrt: room to probe upwards)
       limit    = limit + SMOOTHING * (new - limit),  within [minimum, maximum]
 
@@ -24,23 +24,27 @@ Three parts, each small enough to read on its own:
   horizon (not for ever), so a database that became slower for good becomes the new normal.
 
   The loop lag. A sample also counts the time the request, once its query has answered, waited
-  for the event loop to come back to it: behind every other request's parsing, token check and
-  refusal, none of which holds a slot. When the process is flooded that wait dominates, and it
-  does not shrink when the limit does; cutting for it only idles the database, the samples stay
-  as long, and the cut repeats down to the minimum, goodput (limit / latency) with it
-  (docs/PERFORMANCE.md, the notes of 2026-12-07). So `LoopLag`, a timer every LAG_PERIOD_S, reports
-  how late it fired; a window's loop lag is the latest it fired in the window, above the lowest
-  such figure of the horizon (timers are never exactly on time, even idle), and is taken off the
-  window's latency once: a read that waits on one query meets the loop's backlog once after
-  it, where a timer does. What stays is what the limit can cure: waiting for a pooled
-  connection, a slower PostgreSQL, a handler that queues on something else. Rejected: (1)
-  timing only the pool's acquire and the query, which still counts the loop's backlog (the
-  query's answer waits for the loop like the rest of the request), and would miss the queues
-  that are not the database's; (2) a Vegas estimate from throughput and the no-load latency
-  (Little's law: queued = in flight - throughput x no-load latency), which reads a loop backlog
-  exactly as it reads a queue of admitted requests, since both stretch latency at the same
-  throughput. The backlog the admitted requests themselves make (their own CPU) is taken off
-  as well: MAX_IN_FLIGHT bounds it (4 x PG_POOL_MAX by default, server/config.py).
+  for the event loop to come back to it: behind other requests' parsing, token checks and
+  refusals, none of which holds a slot. Under a flood that wait dominates and does not shrink
+  when the limit does: cutting for it only idles the database, the samples stay as long, and
+  the cut repeats down to the minimum, goodput (limit / latency) with it (docs/PERFORMANCE.md,
+  notes of 2026-12-07). So each request's own wait for the loop is measured before it takes a
+  slot, from when its head was read (server/connections.py) to when it reaches the shed layer:
+  the path a query's answer takes too, from a socket's bytes to the task awaiting them. A
+  window's loop lag is the 90th percentile of those waits, less the lowest such figure of the
+  horizon (a quiet loop's), and LOOP_WAITS times it is taken off the window's latency before
+  the gradient: the wait is counted from when the loop read the head, and an answer also waits
+  in its socket until the loop reads it, so a read of one query meets the backlog about twice.
+  What stays is what a lower limit can cure: a wait for a pooled connection, a slower
+  PostgreSQL, any queue the admitted requests make downstream. A request that meets the
+  backlog more often still counts some of it; the minimum bounds what that costs. Rejected: a
+  timer that reports how late it fires (tried first: a timer runs at the start of a loop
+  iteration, a woken task an iteration later, so under a flood the samples ran at several
+  times its lateness and the limit still sank to the minimum); timing only the pool's acquire
+  and the query (the answer waits for the loop all the same, and other queues go unseen); a
+  Vegas estimate from throughput and the no-load latency (queued = in flight - throughput x
+  no-load latency, Little's law), which reads a loop backlog exactly as a queue of admitted
+  requests, both stretching latency at the same throughput.
 
   The minimum (CONCURRENCY_MIN) defaults to PG_POOL_MAX: below it the pool has idle connections
   while requests wait, so a smaller limit can only lower throughput, never a queue.
@@ -76,8 +80,7 @@ MIN_WINDOW_SAMPLES = 10
 REFERENCE_HORIZON_S = 30.0
 SMOOTHING = 0.2
 PERCENTILE = 0.9
-# The loop-lag probe's period: ten readings per window, from one timer callback each.
-LAG_PERIOD_S = 0.01
+LOOP_WAITS = 2  # the loop's backlog a read of one query meets, in measured waits (above)
 
 
 class Refused(Exception):
@@ -111,9 +114,9 @@ class GradientLimit:
         self._ref_now = math.inf
         self._ref_before = math.inf
         self._horizon_end = now + REFERENCE_HORIZON_S
-        # the event loop's backlog (LoopLag): the latest the probe fired in this window (None:
-        # it has not fired), the last window's figure, and its floor over the horizons
-        self._lag_peak: float | None = None
+        # the event loop's backlog: this window's waits from arrival to the shed layer, the
+        # last window's percentile of them, and its floor over the horizons
+        self._waits: list[float] = []
         self.loop_lag = 0.0
         self._lag_floor_now = math.inf
         self._lag_floor_before = math.inf
@@ -127,16 +130,13 @@ class GradientLimit:
         """The last window's loop lag above its floor: what the limit does not count."""
         return max(0.0, self.loop_lag - min(self._lag_floor_now, self._lag_floor_before))
 
-    def lag(self, late: float) -> None:
-        """The loop-lag probe fired `late` s after it was due (LoopLag)."""
-        if self._lag_peak is None or late > self._lag_peak:
-            self._lag_peak = late
-
-    def sample(self, latency: float, in_flight: int, now: float) -> None:
+    def sample(self, latency: float, in_flight: int, now: float, loop_wait: float = 0.0) -> None:
         """One admitted request finished after `latency` s, with `in_flight` (itself included)
-        being served at that moment."""
+        being served at that moment; it had waited `loop_wait` s for the loop between its
+        arrival and the shed layer."""
         samples = self._samples
         samples.append(latency)
+        self._waits.append(loop_wait)
         if in_flight > self._peak:
             self._peak = in_flight
         if (now >= self._window_end and len(samples) >= MIN_WINDOW_SAMPLES) or len(
@@ -158,16 +158,17 @@ class GradientLimit:
             self._horizon_end = now + REFERENCE_HORIZON_S
         if current < self._ref_now:
             self._ref_now = current
-        if self._lag_peak is not None:  # else the probe did not fire: the last figure stands
-            self.loop_lag = self._lag_peak
-            self._lag_peak = None
-            if self.loop_lag < self._lag_floor_now:
-                self._lag_floor_now = self.loop_lag
+        waits = self._waits
+        waits.sort()
+        self.loop_lag = waits[int(len(waits) * PERCENTILE)]
+        self._waits = []
+        if self.loop_lag < self._lag_floor_now:
+            self._lag_floor_now = self.loop_lag
         self.latency = current
         limit = self.estimate
         if peak < limit / 2:
             return  # the load did not use the limit: its latency says nothing about it
-        curable = current - self.lag_excess
+        curable = current - LOOP_WAITS * self.lag_excess
         gradient = (
             1.0 if curable <= 0 else max(0.5, min(1.0, self.tolerance * self.reference / curable))
         )
@@ -175,43 +176,6 @@ class GradientLimit:
         limit += SMOOTHING * (target - limit)
         self.estimate = min(max(limit, self.minimum), self.maximum)
         self.limit = int(self.estimate)
-
-
-class LoopLag:
-    """A timer every `period_s` that tells `report` (GradientLimit.lag) how late it fired: the
-    event loop's backlog.
-
-    Started and stopped with the app (server/app.py). Lateness is read on `clock` against when
-    the timer was set plus its period, so it includes the loop's own timer granularity (uvloop:
-    1 ms), which the limit's floor of the figure takes off."""
-
-    def __init__(
-        self,
-        report: Callable[[float], None],
-        period_s: float = LAG_PERIOD_S,
-        clock: Callable[[], float] = time.perf_counter,
-    ) -> None:
-        self.report = report
-        self.period_s = period_s
-        self.clock = clock
-        self._due = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-
-    def start(self) -> None:
-        self._arm(asyncio.get_running_loop())
-
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._due = self.clock() + self.period_s
-        self._timer = loop.call_later(self.period_s, self._fire, loop)
-
-    def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.report(max(0.0, self.clock() - self._due))
-        self._arm(loop)
 
 
 def _expire(fut: asyncio.Future[None]) -> None:
@@ -269,8 +233,8 @@ class Admission:
         """The reason a request arriving at `arrived` would be refused whatever its tenant, or
         None: no slot is free and it is already past its wait (DEADLINE), or the queue is full
         of tenants holding one waiter each, so none can give way (QUEUE_FULL). Asked before the
-        token is verified, which costs more than refusing. `arrived` None: not yet known (a body
-        still to read, after which the request arrives), only the queue is judged."""
+        token is verified (server/chain.py). `arrived` None: not yet known (a body still to
+        read, after which the request arrives), only the queue is judged."""
         if self.in_flight < self.limit and not self.queued:
             return None
         if arrived is not None:
@@ -355,12 +319,13 @@ class Admission:
         if not mine:
             del self._queues[tenant]
 
-    def release(self, started: float | None) -> None:
-        """A slot given back by a request admitted at `started` (None: the slot went unused)."""
+    def release(self, started: float | None, loop_wait: float = 0.0) -> None:
+        """A slot given back by a request admitted at `started` (None: the slot went unused),
+        which had waited `loop_wait` s for the loop before it reached the shed layer."""
         limiter = self.limiter
         now = self.clock() if started is not None or self.queued else 0.0
         if limiter is not None and started is not None:
-            limiter.sample(now - started, self.in_flight, now)
+            limiter.sample(now - started, self.in_flight, now, loop_wait)
             self.limit = limiter.limit
         if not (self.queued and self.in_flight <= self.limit and self._hand_over(now)):
             self.in_flight -= 1
@@ -387,12 +352,4 @@ class Admission:
         return False
 
 
-__all__ = [
-    "DEADLINE",
-    "QUEUE_FULL",
-    "TENANT_SHARE",
-    "Admission",
-    "GradientLimit",
-    "LoopLag",
-    "Refused",
-]
+__all__ = ["DEADLINE", "QUEUE_FULL", "TENANT_SHARE", "Admission", "GradientLimit", "Refused"]

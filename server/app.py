@@ -16,7 +16,7 @@ from db.gate import FairGate
 from db.pool import open_database
 from server import metrics
 from server.access_log import AccessLog
-from server.admission import Admission, GradientLimit, LoopLag
+from server.admission import Admission, GradientLimit
 from server.chain import UNMATCHED, Chain
 from server.config import Config
 from server.cors import Cors
@@ -176,16 +176,15 @@ def admission_of(config: Config) -> Admission | FairGate:
     """The shed layer's gate (server/admission.py), its figures the admission metrics'. The
     adaptive limit's floor is CONCURRENCY_MIN, by default the pool's size (server/config.py)."""
     gate: Admission | FairGate
-    ceiling = config.in_flight_max
     if config.adaptive_concurrency:
         limit = GradientLimit(
             config.concurrency_initial,
             config.concurrency_floor,
-            ceiling,
+            config.max_in_flight,
             config.concurrency_tolerance,
             time.perf_counter(),
         )
-        gate = Admission(limit, ceiling, config.queue_deadline_s)
+        gate = Admission(limit, config.max_in_flight, config.queue_deadline_s)
         admission = gate
 
         def figures() -> dict[str, int]:
@@ -195,27 +194,13 @@ def admission_of(config: Config) -> Admission | FairGate:
                 "queued": admission.queued,
             }
     else:
-        gate = fixed = FairGate(ceiling, config.queue_deadline_s)
+        gate = fixed = FairGate(config.max_in_flight, config.queue_deadline_s)
 
         def figures() -> dict[str, int]:
             return {"limit": fixed.capacity, "in_flight": fixed.in_use, "queued": fixed.waiting}
 
     metrics.ADMISSION.source = figures
     return gate
-
-
-def _loop_lag(limit: GradientLimit) -> Callable[[web.Application], AsyncIterator[None]]:
-    """The adaptive limit's loop-lag probe, running while the app serves."""
-
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        probe = LoopLag(limit.lag)
-        probe.start()
-        try:
-            yield
-        finally:
-            probe.stop()
-
-    return ctx
 
 
 def create_app(config: Config, *, access_log: AccessLog | None = None) -> web.Application:
@@ -229,10 +214,9 @@ def create_app(config: Config, *, access_log: AccessLog | None = None) -> web.Ap
     cors = Cors(config.cors_allow_origins) if config.cors_allow_origins else None
     if cors is not None:
         app.on_response_prepare.append(cors.on_prepare)
-    gate = admission_of(config)
     app[CHAIN] = Chain(
         access_log,
-        gate,
+        admission_of(config),
         tracing,
         body_read_timeout_s=config.body_read_timeout_s,
         cors=cors,
@@ -242,8 +226,6 @@ def create_app(config: Config, *, access_log: AccessLog | None = None) -> web.Ap
     app[TOKENS] = TokenService.from_config(config)
     if access_log is not None:
         app.cleanup_ctx.append(_flushed_at_exit(access_log))  # first in, so closed last
-    if isinstance(gate, Admission) and gate.limiter is not None:
-        app.cleanup_ctx.append(_loop_lag(gate.limiter))
     if tracing is not None:  # before the pools: they trace with it; flushed after they close
         app[TRACING] = tracing
         app.cleanup_ctx.append(tracing.ctx)

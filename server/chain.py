@@ -405,7 +405,9 @@ def tenant_of(request: web.Request, trust_forwarded_for: bool) -> str:
 def _admit(handler: Handler, admission: Admission, trust_forwarded_for: bool) -> Handler:
     """A slot of `admission` around `handler`. A free slot and no queue (no load): two
     comparisons and an increment, the wait into its histogram, the latency into the limiter;
-    else the queue (Admission.wait)."""
+    else the queue (Admission.wait). The limiter also learns how long the request waited for
+    the event loop before it got here (arrival to this layer, before any queue): the loop's
+    backlog, which its latency counts too and a lower limit cannot shorten."""
     clock = admission.clock
     observe_wait = metrics.ADMISSION.observe
 
@@ -415,8 +417,9 @@ def _admit(handler: Handler, admission: Admission, trust_forwarded_for: bool) ->
             # A free slot and nobody waiting: served, however late (a slow rate-limit check,
             # a lagging loop); the deadline is on waiting for a slot, as CoDel's on queueing.
             admission.in_flight += 1
-            start = clock()
+            start = reached = clock()
         else:
+            reached = clock()
             try:
                 await admission.wait(tenant_of(request, trust_forwarded_for), arrived)
             except Refused as exc:
@@ -427,7 +430,7 @@ def _admit(handler: Handler, admission: Admission, trust_forwarded_for: bool) ->
         try:
             return await handler(request)
         finally:
-            admission.release(start)
+            admission.release(start, reached - arrived)
 
     return admit
 
@@ -457,8 +460,8 @@ def _api(
 ) -> Handler:
     """The token, revocation and rate-limit layer. `early`: the adaptive gate of a shed route;
     while it has no free slot, a request it would refuse whatever its tenant is refused here,
-    before the token is verified and the rate-limit bucket charged (the refusal's two largest
-    costs), with no RateLimit-* headers: the limit was not consulted."""
+    before the token is verified, the revocation looked up and the rate-limit bucket charged,
+    with no RateLimit-* headers: the limit was not consulted."""
 
     async def api(request: web.Request) -> web.StreamResponse:
         if early is not None and (early.queued or early.in_flight >= early.limit):

@@ -229,17 +229,11 @@ class Config:
     max_body_bytes: int = _setting(
         "MAX_BODY_BYTES", _int(1024, 1 << 30), 1 << 20, "Largest request body; bigger is 413"
     )
-    # Unset: 4 x PG_POOL_MAX (64). What one process admits at once queues inside its event loop,
-    # where no deadline sees it; a few dozen reads already keep one core busy, and the budgets'
-    # 64 connections still never wait. Past it, requests wait in the gate's queue, where
-    # QUEUE_DEADLINE_MS refuses them (docs/PERFORMANCE.md, notes of 2026-12-07: 512 let a flood
-    # wait in the loop for seconds).
-    max_in_flight: int | None = _setting(
+    max_in_flight: int = _setting(
         "MAX_IN_FLIGHT",
         _int(1, 1_000_000),
-        None,
-        "Most requests handled at once by one process (the adaptive limit's ceiling); unset:"
-        " 4 x PG_POOL_MAX",
+        512,
+        "Most requests handled at once by one process (the adaptive limit's ceiling)",
     )
     adaptive_concurrency: bool = _setting(
         "ADAPTIVE_CONCURRENCY",
@@ -665,15 +659,10 @@ class Config:
         return config
 
     @property
-    def in_flight_max(self) -> int:
-        """MAX_IN_FLIGHT, or its default: 4 x PG_POOL_MAX."""
-        return 4 * self.pg_pool_max if self.max_in_flight is None else self.max_in_flight
-
-    @property
     def concurrency_floor(self) -> int:
         """CONCURRENCY_MIN, or its default: PG_POOL_MAX (within MAX_IN_FLIGHT)."""
         floor = self.pg_pool_max if self.concurrency_min is None else self.concurrency_min
-        return min(floor, self.in_flight_max)
+        return min(floor, self.max_in_flight)
 
     @property
     def queue_deadline_s(self) -> float:

@@ -183,7 +183,6 @@ def config(clean: Services) -> Config:
         # the fixed gate (MAX_IN_FLIGHT=512): a test's burst of requests measures what the
         # test names, not admission, which tests/test_admission.py exercises on its own
         adaptive_concurrency=False,
-        max_in_flight=512,
         # hashing at OWASP cost is slow; tests of the hash itself use the real parameters
         hash_concurrency=2,
         shutdown_grace_s=3,

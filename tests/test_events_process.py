@@ -29,7 +29,6 @@ def start(services: Services, port: int) -> subprocess.Popen[bytes]:
         HASH_CONCURRENCY="2",
         # durability is measured here, not admission: 200 posts at once all admitted
         ADAPTIVE_CONCURRENCY="false",
-        MAX_IN_FLIGHT="512",
     )
     return subprocess.Popen(
         [sys.executable, "-m", "server", "serve"],
