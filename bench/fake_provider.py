@@ -226,6 +226,7 @@ class _Authorization:
     reference: str
     payment_method: str
     created: int
+    failure_code: str | None = None  # a decline's code, also in its webhook's data
 
     def view(self) -> dict[str, Any]:
         return {
@@ -550,6 +551,7 @@ class FakeProvider:
             reference=reference,
             payment_method=payment_method,
             created=int(time.time()),
+            failure_code=None if refusal is None else refusal[0],
         )
         self._authorizations[auth.id] = auth
         self._record("authorize" if refusal is None else "decline", auth, key)
@@ -645,6 +647,8 @@ class FakeProvider:
                 "status": auth.status,
             },
         }
+        if auth.failure_code is not None:
+            event["data"]["failure_code"] = auth.failure_code
         self.events.append(event)
         hooks = self.webhook_faults
         if self.webhook_url is None or hooks.drop:

@@ -748,7 +748,10 @@ async def test_webhooks_are_signed_and_in_order(api: Api, receiver: Receiver) ->
     assert [(e["type"], e["data"]) for e in events] == [
         ("authorization.authorized", event_data(auth_id, "authorized")),
         ("authorization.captured", event_data(auth_id, "captured")),
-        ("authorization.declined", event_data(declined_id, "declined")),
+        (
+            "authorization.declined",
+            event_data(declined_id, "declined") | {"failure_code": "card_declined"},
+        ),
     ]
     for event in events:
         assert set(event) == {"id", "type", "created", "data"}

@@ -393,6 +393,45 @@ async def test_lost_answer_is_retried_without_charging_twice(
     assert ops(provider) == ["authorize", "capture"]
 
 
+async def test_a_decline_webhook_that_wins_the_race_keeps_the_providers_code(
+    make_shop: MakeShop, provider: FakeProvider
+) -> None:
+    """The provider's decline webhook reaches Surge before the saga has its answer (held here
+    by a slow authorize). The order still says why, the provider's code from the event, as it
+    does when the saga's answer comes first; the full suite once saw `declined` instead."""
+    client, owner = await make_shop()
+    oid = await order(client, owner, await product(client, owner))
+    provider.set_faults([{"op": "authorize", "mode": "slow", "delay_ms": 3000, "count": 1}])
+    status, _ = await pay(client, owner, oid, method="pm_card_declined")
+    assert status == 202
+    event = {
+        "id": "evt_" + uuid.uuid4().hex,
+        "type": "authorization.declined",
+        "created": int(time.time()),
+        "data": {
+            "authorization_id": "auth_" + uuid.uuid4().hex[:24],
+            "reference": f"{owner.tenant_id}:{oid}",
+            "amount": 1000,
+            "currency": "EUR",
+            "status": "declined",
+            "failure_code": "card_declined",
+        },
+    }
+    body = orjson.dumps(event)
+    resp = await client.post(
+        "/v1/webhooks/payments",
+        data=body,
+        headers={
+            "Surge-Signature": sign(SECRET, body, int(time.time())),
+            "Content-Type": "application/json",
+        },
+    )
+    assert resp.status == 200, await resp.text()
+    final = await settled(client, owner, oid)
+    assert final["status"] == "payment_failed"
+    assert final["payment"] == {"status": "failed", "failure_code": "card_declined"}
+
+
 async def test_capture_rejected_voids_the_authorization(
     make_shop: MakeShop, provider: FakeProvider, config: Config
 ) -> None:

@@ -35,6 +35,7 @@ log = logging.getLogger("surge.payments")
 
 # One bucket for every delivery, whichever address it comes from: the provider sends from many.
 WEBHOOK_BUCKET = "webhook:payments"
+MAX_FAILURE_CODE = 64  # a decline code from the provider's event (`card_declined`), bounded
 
 
 def expected_signature(secret: str, timestamp: str, body: bytes) -> str:
@@ -133,6 +134,15 @@ async def receive(
     return result
 
 
+def _failure_code(data: dict[str, Any]) -> str | None:
+    """The provider's reason for a decline, as its 402 answer to the saga gives it: the same
+    order reads the same whichever of the two arrives first."""
+    code = data.get("failure_code")
+    if isinstance(code, str) and 0 < len(code) <= MAX_FAILURE_CODE:
+        return code
+    return None
+
+
 async def apply_event(
     pg: Database, runner: saga.SagaRunner, event_id: str, event_type: str, data: dict[str, Any]
 ) -> str:
@@ -172,7 +182,9 @@ async def apply_event(
                 con, tenant_id, order_id,
                 ["authorizing"] if declined else ["authorizing", "voiding"],
                 "failed" if declined else "voided",
-                payment["outcome"] or event_type.removeprefix("authorization."),
+                payment["outcome"]
+                or _failure_code(data)
+                or event_type.removeprefix("authorization."),
                 source, auth_id,
             )  # fmt: skip
         elif event_type == "authorization.refunded":
