@@ -48,6 +48,11 @@ def example_ref(name: str) -> Json:
     return {"$ref": f"#/components/examples/{name}"}
 
 
+def example(summary: str, value: Json) -> Json:
+    """A components.examples entry."""
+    return {"summary": summary, "value": value}
+
+
 def response_ref(name: str) -> Json:
     return {"$ref": f"#/components/responses/{name}"}
 

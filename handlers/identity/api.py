@@ -11,6 +11,7 @@ from server.openapi import (
     SPACE_OR_CONTROL,
     UUID_PATTERN,
     Json,
+    example,
     json_content,
     op,
     problem,
@@ -265,12 +266,8 @@ ADMIN = OWNER | {
 }
 
 
-def _example(summary: str, value: Json) -> Json:
-    return {"summary": summary, "value": value}
-
-
 EXAMPLES: Json = {
-    "SignupRequest": _example(
+    "SignupRequest": example(
         "A new tenant, Acme, and its owner",
         {
             "tenant_name": "Acme",
@@ -279,7 +276,7 @@ EXAMPLES: Json = {
             "password": "correct horse battery",
         },
     ),
-    "LoginRequest": _example(
+    "LoginRequest": example(
         "Acme's owner logs in",
         {
             "tenant_id": EXAMPLE_TENANT_ID,
@@ -287,17 +284,17 @@ EXAMPLES: Json = {
             "password": "correct horse battery",
         },
     ),
-    "RefreshRequest": _example(
+    "RefreshRequest": example(
         "The refresh token last received", {"refresh_token": EXAMPLE_REFRESH}
     ),
-    "LogoutRequest": _example(
+    "LogoutRequest": example(
         "The refresh token of this session", {"refresh_token": EXAMPLE_REFRESH}
     ),
-    "PasswordChangeRequest": _example(
+    "PasswordChangeRequest": example(
         "The current password, then the new one",
         {"old_password": "correct horse battery", "new_password": "staple battery horse"},
     ),
-    "CreateUserRequest": _example(
+    "CreateUserRequest": example(
         "An admin of the team ops",
         {
             "email": "bob@example.com",
@@ -307,8 +304,8 @@ EXAMPLES: Json = {
             "profile": {"team": "ops"},
         },
     ),
-    "PatchUserRequest": _example("A new username", {"username": "bobby"}),
-    "SignupResponse": _example(
+    "PatchUserRequest": example("A new username", {"username": "bobby"}),
+    "SignupResponse": example(
         "The tenant, its owner and the owner's tokens",
         {
             "tenant": TENANT,
@@ -318,17 +315,17 @@ EXAMPLES: Json = {
             "expires_in": 900,
         },
     ),
-    "TokenPair": _example(
+    "TokenPair": example(
         "An access token for 15 minutes and its refresh token",
         {"access_token": EXAMPLE_JWT, "refresh_token": EXAMPLE_REFRESH, "expires_in": 900},
     ),
-    "Owner": _example("The tenant's owner", OWNER),
-    "Admin": _example("An admin", ADMIN),
-    "RenamedAdmin": _example(
+    "Owner": example("The tenant's owner", OWNER),
+    "Admin": example("An admin", ADMIN),
+    "RenamedAdmin": example(
         "The admin, renamed: version 2",
         ADMIN | {"username": "bobby", "version": 2, "updated_at": "2026-11-21T11:30:00.000Z"},
     ),
-    "UserPage": _example(
+    "UserPage": example(
         "A page of two users, more to follow",
         {"items": [OWNER, ADMIN], "next_cursor": "AaJOGl2CeF6ORDfUaS2RhA"},
     ),

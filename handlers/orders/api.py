@@ -15,6 +15,7 @@ from server.openapi import (
     SPACE_OR_CONTROL,
     UUID_PATTERN,
     Json,
+    example,
     json_content,
     op,
     problem,
@@ -284,31 +285,27 @@ REFUNDING = PAID | {
 }
 
 
-def _example(summary: str, value: Json) -> Json:
-    return {"summary": summary, "value": value}
-
-
 EXAMPLES: Json = {
-    "CreateProductRequest": _example(
+    "CreateProductRequest": example(
         "A mug, ten in stock",
         {"sku": "mug-1", "name": "Mug", "price_cents": 1250, "currency": "EUR", "stock": 10},
     ),
-    "Product": _example("A mug, ten available", PRODUCT),
-    "ProductPage": _example("The last page", {"items": [PRODUCT], "next_cursor": None}),
-    "CreateOrderRequest": _example(
+    "Product": example("A mug, ten available", PRODUCT),
+    "ProductPage": example("The last page", {"items": [PRODUCT], "next_cursor": None}),
+    "CreateOrderRequest": example(
         "Two mugs", {"items": [{"product_id": PRODUCT_ID, "quantity": 2}]}
     ),
-    "PendingOrder": _example("Created; its stock is reserved", ORDER),
-    "PayOrderRequest": _example("The provider's token", {"payment_method": "pm_card_visa"}),
-    "PayingOrder": _example("The payment is being authorized", PAYING),
-    "PaidOrder": _example("Paid: the payment is captured", PAID),
-    "CancelledOrder": _example("Cancelled before payment; its stock is released", CANCELLED),
-    "RefundingOrder": _example("Cancelled after payment; the refund is on its way", REFUNDING),
-    "OrderPage": _example(
+    "PendingOrder": example("Created; its stock is reserved", ORDER),
+    "PayOrderRequest": example("The provider's token", {"payment_method": "pm_card_visa"}),
+    "PayingOrder": example("The payment is being authorized", PAYING),
+    "PaidOrder": example("Paid: the payment is captured", PAID),
+    "CancelledOrder": example("Cancelled before payment; its stock is released", CANCELLED),
+    "RefundingOrder": example("Cancelled after payment; the refund is on its way", REFUNDING),
+    "OrderPage": example(
         "A page of one order, more to follow",
         {"items": [ORDER], "next_cursor": "AaJOGl3NeW6QZxsZdf92IQ"},
     ),
-    "AuditPage": _example(
+    "AuditPage": example(
         "The newest entries",
         {
             "items": [
@@ -336,7 +333,7 @@ EXAMPLES: Json = {
             "next_cursor": "AaJOGl3nfZawc7BXKSlzhw",
         },
     ),
-    "PaymentWebhookEvent": _example(
+    "PaymentWebhookEvent": example(
         "The provider captured an authorization",
         {
             "id": "evt_3f9a1c2b7d",
@@ -351,7 +348,7 @@ EXAMPLES: Json = {
             },
         },
     ),
-    "WebhookReceived": _example(
+    "WebhookReceived": example(
         "Applied: the order moved on", {"received": True, "result": "applied"}
     ),
 }
