@@ -16,18 +16,15 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from server.devservices import tcp_reachable
-from server.runner import free_port
-
 from .clients import generate
 from .conftest import ROOT, Services
-from .served import Served, start_process, stop_process, wait_ready, wait_until
+from .paying import serving_with_provider
+from .served import Served, wait_until
 
 JOURNEYS = ROOT / "tests" / "clients"
 RUN_TIMEOUT_S = 90
@@ -92,49 +89,14 @@ def spec(document: bytes, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def live(clean: Services, tmp_path: Path) -> Iterator[Served]:
     """A real server on this session's services, paying through the fake provider, which
     sends its webhooks back to the server (as a deployment is wired); access log on stdout."""
-    port = free_port()
-    provider_port = free_port()
-    while provider_port == port:
-        provider_port = free_port()
-    secrets = {"PAYMENTS_API_KEY": "cl_key", "PAYMENTS_WEBHOOK_SECRET": "cl_secret"}
-    webhooks = f"http://127.0.0.1:{port}/v1/webhooks/payments"
-    provider = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bench.fake_provider",
-            f"--port={provider_port}",
-            f"--webhook-url={webhooks}",
-        ],
-        cwd=ROOT,
-        env={**os.environ, **secrets},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while not tcp_reachable("127.0.0.1", provider_port, timeout=0.2):
-            assert provider.poll() is None and time.monotonic() < deadline, "fake provider died"
-            time.sleep(0.05)
-        server = start_process(
-            clean,
-            port,
-            tmp_path,
-            PAYMENTS_URL=f"http://127.0.0.1:{provider_port}",
-            AUTH_RATE_LIMIT_PER_MINUTE="100000",
-            RATE_LIMIT_RATE="100000",
-            RATE_LIMIT_BURST="100000",
-            **secrets,
-        )
-        served = Served(server, port, tmp_path / "stdout", tmp_path / "stderr")
-        try:
-            wait_ready(server, served.url, served.stderr)
-            yield served
-        finally:
-            stop_process(server)
-    finally:
-        provider.terminate()
-        provider.wait(10)
+    with serving_with_provider(
+        clean,
+        tmp_path,
+        AUTH_RATE_LIMIT_PER_MINUTE="100000",
+        RATE_LIMIT_RATE="100000",
+        RATE_LIMIT_BURST="100000",
+    ) as served:
+        yield served
 
 
 def test_make_clients_reads_the_document_the_server_serves(live: Served, document: bytes) -> None:
