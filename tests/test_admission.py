@@ -320,27 +320,34 @@ async def test_a_cancelled_waiter_leaves_no_ghost_and_a_handed_slot_passes_on() 
 # In process: the chain's shed layer, tenants told apart by X-Forwarded-For.
 
 
-def overload_app(config: Config, gate: asyncio.Event) -> web.Application:
-    app = create_app(
-        dataclasses.replace(
-            config,
-            adaptive_concurrency=True,
-            max_in_flight=2,
-            concurrency_min=2,
-            concurrency_initial=2,
-            queue_deadline_ms=30_000,
-            trust_forwarded_for=True,
-        )
-    )
+def held_app(config: Config, gate: asyncio.Event, **changes: Any) -> web.Application:
+    """An app with `changes` to `config` and GET /test/slow, which answers once `gate` is set."""
+    app = create_app(dataclasses.replace(config, **changes))
 
     async def slow(request: web.Request) -> web.Response:
         await gate.wait()
         return web.json_response({"slow": True})
 
+    add_routes(app, [get("/test/slow", slow, page=True)])
+    return app
+
+
+def overload_app(config: Config, gate: asyncio.Event) -> web.Application:
+    app = held_app(
+        config,
+        gate,
+        adaptive_concurrency=True,
+        max_in_flight=2,
+        concurrency_min=2,
+        concurrency_initial=2,
+        queue_deadline_ms=30_000,
+        trust_forwarded_for=True,
+    )
+
     async def upload(request: web.Request) -> web.Response:
         return web.json_response({"bytes": len(await request.read())})
 
-    add_routes(app, [get("/test/slow", slow, page=True), post("/test/upload", upload, page=True)])
+    add_routes(app, [post("/test/upload", upload, page=True)])
     return app
 
 
@@ -403,22 +410,15 @@ async def test_a_request_that_waits_past_the_deadline_is_answered_503(
     aiohttp_client: Any, config: Config
 ) -> None:
     gate = asyncio.Event()
-    app = create_app(
-        dataclasses.replace(
-            config,
-            adaptive_concurrency=True,
-            max_in_flight=1,
-            concurrency_min=1,
-            concurrency_initial=1,
-            queue_deadline_ms=20,
-        )
+    app = held_app(
+        config,
+        gate,
+        adaptive_concurrency=True,
+        max_in_flight=1,
+        concurrency_min=1,
+        concurrency_initial=1,
+        queue_deadline_ms=20,
     )
-
-    async def slow(request: web.Request) -> web.Response:
-        await gate.wait()
-        return web.json_response({"slow": True})
-
-    add_routes(app, [get("/test/slow", slow, page=True)])
     client = await aiohttp_client(app)
     before = shed_count(await (await client.get("/metrics")).text(), DEADLINE)
     held = asyncio.create_task(client.get("/test/slow"))
@@ -440,17 +440,7 @@ async def test_adaptive_concurrency_off_is_the_fixed_gate(
     aiohttp_client: Any, config: Config
 ) -> None:
     gate = asyncio.Event()
-    app = create_app(
-        dataclasses.replace(
-            config, adaptive_concurrency=False, max_in_flight=1, queue_deadline_ms=20
-        )
-    )
-
-    async def slow(request: web.Request) -> web.Response:
-        await gate.wait()
-        return web.json_response({"slow": True})
-
-    add_routes(app, [get("/test/slow", slow, page=True)])
+    app = held_app(config, gate, adaptive_concurrency=False, max_in_flight=1, queue_deadline_ms=20)
     assert isinstance(app[CHAIN].shed_gate, FairGate)
     client = await aiohttp_client(app)
     held = asyncio.create_task(client.get("/test/slow"))
