@@ -447,6 +447,8 @@ class Cluster:
             "SURGE_LISTEN": f"127.0.0.1:{s.haproxy_port}",
             "SURGE_HAPROXY_SOCKET": str(self.haproxy_socket),
             **{f"SURGE_{i + 1}": f"127.0.0.1:{port}" for i, port in enumerate(s.surge_ports)},
+            # the signing key's secret: HAProxy tells tenants apart by their tokens' tenant
+            "SURGE_JWT_SECRET": s.jwt_keys.split(",")[0].partition(":")[2],
         }
         log = self.logs / "haproxy.log"
         proc = spawn([find_program("haproxy", "haproxy"), "-db", "-f", str(HAPROXY_CFG)], log, env)

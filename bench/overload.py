@@ -1,12 +1,14 @@
 """python -m bench.overload: one tenant floods GET /v1/users/{id} while another probes it.
 
 Issue 19's measurement. Surge runs as in bench.run (one process pinned to CPU 0, cache off,
-rate limits too high to refuse) once per mode: ADAPTIVE_CONCURRENCY=true (the adaptive limit)
-and =false (the fixed MAX_IN_FLIGHT gate). Per mode it first measures capacity: 200s per second
-with wrk at 64 connections. Then steps of rising load from one tenant's users, pinned to CPU 1,
-and during each measured step a second tenant probes the same endpoint at ~40 requests/s from
-this process (aiohttp, open loop: a request every 25 ms, whether or not the previous one has
-answered).
+rate limits too high to refuse) once per mode: ADAPTIVE_CONCURRENCY=true (the adaptive limit),
+=false (the fixed MAX_IN_FLIGHT gate), and "edge": the fixed gate behind deploy/haproxy.cfg as
+it ships (HAProxy on the client's core, the load sent to it), which holds the replica's
+requests in flight to SURGE_MAXCONN and refuses the rest in C, flooding tenants first. Per mode
+it first measures capacity: 200s per second with wrk at 64 connections. Then steps of rising
+load from one tenant's users, pinned to CPU 1, and during each measured step a second tenant
+probes the same endpoint at ~40 requests/s from this process (aiohttp, open loop: a request
+every 25 ms, whether or not the previous one has answered).
 
 The flood is an open loop by default (bench/openloop, a small Go program built with Debian's
 golang-go): a step sends its multiple of capacity on a fixed schedule, as independent clients
@@ -23,7 +25,7 @@ Results go to bench/results/overload-<UTC timestamp>.json; the table and docs/be
 go into docs/PERFORMANCE.md between `<!-- overload:start -->` and `<!-- overload:end -->`
 (bench/report.py keeps that block when it regenerates the rest).
 
-    python -m bench.overload                          # both modes, 15 s per step (~4 min)
+    python -m bench.overload                          # all three modes, 15 s per step (~6 min)
     python -m bench.overload --seconds 5 --modes fixed
     python -m bench.overload --load wrk               # the closed loop of earlier runs
 """
@@ -39,6 +41,7 @@ import re
 import resource
 import secrets
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -60,6 +63,7 @@ import matplotlib.pyplot as plt
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.cluster import ClusterError, accepts, find_program
 from bench.common import DATA_DIR, DOCS_DIR, RESULTS_DIR, ROOT, WRK_DIR
 from bench.run import (
     CLIENT_CPU,
@@ -94,12 +98,15 @@ FLOOD_TSV = DATA_DIR / "overload-flood.tsv"
 REPORT = DOCS_DIR / "PERFORMANCE.md"
 CHART = DOCS_DIR / "bench-overload.png"
 BLOCK = re.compile(r"<!-- overload:start -->.*?<!-- overload:end -->", re.S)
-MODES = {"adaptive": "true", "fixed": "false"}
+# mode -> ADAPTIVE_CONCURRENCY; "edge" is the fixed gate behind deploy/haproxy.cfg
+MODES = {"adaptive": "true", "fixed": "false", "edge": "false"}
+SURGE_BEHIND_EDGE = PORT + 1  # in edge mode Surge listens here and HAProxy on PORT
+HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
 LOADS = {
     "openloop": "at rising multiples of capacity sent on a fixed schedule (an open loop)",
     "wrk": "with wrk at rising connection counts (a closed loop)",
 }
-COLOURS = {"adaptive": "#d9480f", "fixed": "#1c7ed6"}
+COLOURS = {"adaptive": "#d9480f", "fixed": "#1c7ed6", "edge": "#2b8a3e"}
 
 # Issue 19's targets, at every step up to 10x.
 ADMITTED_P99_MS = 50.0
@@ -416,6 +423,10 @@ async def measure_step(
         "server": access_log_window(log_path, offset, since, until, tenants.flood),
         "metrics": metric_deltas(before, after),
     }
+    shed = row["metrics"]["shed_by_reason"]
+    at_edge = statuses.get(503, 0) - sum(shed.values())
+    if at_edge > 0:  # the 503s Surge did not count: HAProxy's (edge mode)
+        shed["edge"] = at_edge
     if with_probe:
         ok = [a.ms for a in answers if a.status == 200]
         row["probe"] = {
@@ -460,6 +471,41 @@ def judge(row: dict[str, Any], capacity: float) -> None:
     }
 
 
+def start_edge(jwt_secret: str) -> subprocess.Popen[bytes]:
+    """deploy/haproxy.cfg as it ships, on the client's core, in front of the one Surge process
+    (its other two replica slots disabled on the admin socket), listening on PORT."""
+    admin = DATA_DIR / "overload-haproxy.sock"
+    admin.unlink(missing_ok=True)
+    surge = f"127.0.0.1:{SURGE_BEHIND_EDGE}"
+    env = {
+        **os.environ,
+        "SURGE_LISTEN": f"127.0.0.1:{PORT}",
+        "SURGE_HAPROXY_SOCKET": str(admin),
+        "SURGE_1": surge,
+        "SURGE_2": surge,
+        "SURGE_3": surge,
+        "SURGE_JWT_SECRET": jwt_secret,
+    }
+    haproxy = find_program("haproxy", "haproxy")
+    with (LOG_DIR / "overload-haproxy.log").open("wb") as log:
+        proc = subprocess.Popen(
+            ["taskset", "-c", CLIENT_CPU, haproxy, "-db", "-f", str(HAPROXY_CFG)],
+            env=env, stdout=log, stderr=log,
+        )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while not (accepts(PORT) and admin.exists()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise BenchError("HAProxy did not start: see bench/logs/overload-haproxy.log")
+        time.sleep(0.05)
+    for name in ("surge2", "surge3"):
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(admin))
+            sock.sendall(f"disable server surge/{name}\n".encode())
+            sock.recv(4096)
+    return proc
+
+
 async def run_mode(
     mode: str,
     server: Server,
@@ -471,12 +517,18 @@ async def run_mode(
 ) -> dict[str, Any]:
     env = {**server.env, "ADAPTIVE_CONCURRENCY": MODES[mode]}
     srv = replace(server, env=env)
+    if mode == "edge":
+        env["PORT"] = str(SURGE_BEHIND_EDGE)
+        srv = replace(server, env=env, port=SURGE_BEHIND_EDGE)
     endpoint = next(e for e in ENDPOINTS if e.name == "user")  # cache off
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log_path = LOG_DIR / f"overload-{mode}.access.log"
     clear_redis(REDIS_PREFIX)
     proc = start_server(srv, endpoint, f"overload-{mode}.log", stdout=log_path)
+    edge = None
     try:
+        if mode == "edge":
+            edge = start_edge(env["JWT_KEYS"].partition(":")[2])
         cap = await measure_step(
             proc.pid, log_path, tenants, ("wrk", CAPACITY_CONNECTIONS), seconds, warmup_s, False
         )
@@ -495,6 +547,8 @@ async def run_mode(
             if proc.poll() is not None:
                 raise BenchError(f"Surge exited with {proc.returncode} during the {mode} run")
     finally:
+        if edge is not None:
+            stop_server(edge)
         stop_server(proc)
     return {"capacity_per_s": capacity, "capacity_run": cap, "steps": rows}
 
@@ -534,9 +588,10 @@ def chart(results: Mapping[str, Any], path: Path) -> None:
         rows = run["steps"]
         xs = [r["nominal_x"] for r in rows]
         colour = COLOURS.get(mode)
-        admitted = [r["server"]["admitted_p99_ms"] for r in rows]
+        # the client's view (open loop): it includes every queue before the handler
+        admitted = [r.get("client_admitted_p99_ms", r["server"]["admitted_p99_ms"]) for r in rows]
         probe = [r.get("probe", {}).get("p99_ms") for r in rows]
-        lat.plot(xs, admitted, "o-", color=colour, label=f"{mode}: admitted p99 (server)")
+        lat.plot(xs, admitted, "o-", color=colour, label=f"{mode}: admitted p99")
         lat.plot(xs, probe, "s--", color=colour, label=f"{mode}: probing tenant p99")
         good.plot(xs, [r["goodput_share"] for r in rows], "o-", color=colour, label=mode)
     for ax in (lat, good):
@@ -618,7 +673,9 @@ def render(results: Mapping[str, Any], results_path: Path) -> str:
         "closed loop, fast refusals let it send more and a stall makes it send less. "
         "Server-side latency is the access log's `duration_ms` of the flooding tenant's 200s "
         "and 503s within the measured window; the probe's figures are its own, for its 200s. "
-        "Refusals by reason are the `surge_shed_total` increase over the step.",
+        "Refusals by reason are the `surge_shed_total` increase over the step; `edge` is the "
+        "503s that never reached Surge: HAProxy's (deploy/haproxy.cfg as it ships, pinned to "
+        "CPU 1 with the load, the load sent to it; Surge behind it with the fixed gate).",
         "<!-- overload:end -->",
     ]
     return "\n".join(lines)
@@ -667,7 +724,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.overload", description=__doc__)
     parser.add_argument("--seconds", type=float, default=15.0, help="measured seconds per step")
     parser.add_argument("--warmup", type=float, default=3.0, help="warm-up before capacity")
-    parser.add_argument("--modes", default="adaptive,fixed", help="adaptive, fixed or both")
+    parser.add_argument(
+        "--modes", default="adaptive,fixed,edge", help="some of adaptive, fixed, edge"
+    )
     parser.add_argument(
         "--steps",
         default=",".join(str(x) for x in STEPS),
@@ -694,6 +753,12 @@ def main(argv: list[str] | None = None) -> int:
     if nofile < max(WRK_CONNECTIONS.values()) + 256:
         _say(f"overload: only {nofile} open files allowed; lower --steps or raise the hard limit")
         return 2
+    if "edge" in args.modes.split(","):
+        try:
+            find_program("haproxy", "haproxy")
+        except ClusterError as exc:
+            _say(f"overload: {exc}")
+            return 2
     if args.load == "openloop":
         try:
             build_openloop()
