@@ -4,9 +4,10 @@ HAProxy holds at most SURGE_MAXCONN requests in flight per replica and queues th
 most SURGE_QUEUE_TIMEOUT; a caller (the tenant of a bearer token whose signature checks, else
 the client address) past SURGE_CALLER_SHARE goes to the back of the queue and, while anyone is
 queued, is refused at once. Every refusal is Surge's own 503 problem + Retry-After. The ops
-routes go round the queue. Here one replica is in service (the other two slots are disabled on
-the admin socket), and its GET /test/hold answers only when the test lets one request through,
-so what is in flight and queued is set by the test, never by timing.
+routes go round the queue, and HAProxy's metrics tell its own refusals from Surge's answers
+(deploy/prometheus/rules/edge.yml). Here one replica is in service (the other two slots are
+disabled on the admin socket), and its GET /test/hold answers only when the test lets one
+request through, so what is in flight and queued is set by the test, never by timing.
 
 HAProxy comes from Debian's package (`.ci/run` and `make cluster` install it); without it the
 tests fail under CI and skip elsewhere, saying so.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import uuid
@@ -29,6 +31,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.cluster import ClusterError, accepts, find_program
 from server.app import add_routes, create_app
@@ -61,6 +64,7 @@ def haproxy_program() -> str:
 @dataclass
 class Edge:
     url: str
+    metrics_url: str  # HAProxy's Prometheus exporter (SURGE_HAPROXY_METRICS)
     socket_path: Path
     arrived: list[str]  # the `who` of each request that reached Surge, in order
     permits: asyncio.Queue[None]  # one put: one held request answers
@@ -124,6 +128,8 @@ async def start_edge(
     permits: asyncio.Queue[None] = asyncio.Queue()
 
     async def hold(request: web.Request) -> web.Response:
+        if "status" in request.query:  # an answer of Surge's own, at once
+            return web.json_response({}, status=int(request.query["status"]))
         arrived.append(request.query["who"])
         await permits.get()
         return web.json_response({"who": request.query["who"]})
@@ -131,7 +137,7 @@ async def start_edge(
     app = create_app(replace(config, max_in_flight=64, queue_deadline_ms=60_000))
     add_routes(app, [get("/test/hold", hold, page=True)])
     server = await aiohttp_server(app)
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     admin = tmp_path / "haproxy.sock"
     env = {
         **os.environ,
@@ -141,13 +147,20 @@ async def start_edge(
         "SURGE_2": f"127.0.0.1:{server.port}",
         "SURGE_3": f"127.0.0.1:{server.port}",
         "SURGE_JWT_SECRET": parse_jwt_keys(config.jwt_keys or "")[0][1].decode(),
+        "SURGE_HAPROXY_METRICS": f"127.0.0.1:{metrics_port}",
         **settings,
     }
     log = (tmp_path / "haproxy.log").open("wb")
     proc = subprocess.Popen(
         [haproxy_program(), "-db", "-f", str(HAPROXY_CFG)], env=env, stdout=log, stderr=log
     )
-    edge = Edge(f"http://127.0.0.1:{port}", admin, arrived, permits)
+    edge = Edge(
+        f"http://127.0.0.1:{port}",
+        f"http://127.0.0.1:{metrics_port}/metrics",
+        admin,
+        arrived,
+        permits,
+    )
     try:
         await wait_until(lambda: proc.poll() is None and accepts(port) and admin.exists())
         for name in ("surge2", "surge3"):  # one replica in service: its slots are the test's
@@ -252,3 +265,45 @@ async def test_an_unsigned_caller_is_counted_by_its_address(
         for _ in range(3):
             edge.permits.put_nowait(None)
         assert [(await t).status for t in (*held, queued)] == [200, 200, 200]
+
+
+def edge_refused(text: str) -> float:
+    """rules/edge.yml's numerator, from one scrape: the backend's 5xx less its servers'."""
+    found = {"backend": 0.0, "server": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            kind = sample.name.removeprefix("haproxy_").partition("_http_responses_total")[0]
+            labels = sample.labels
+            if kind in found and labels.get("proxy") == "surge" and labels.get("code") == "5xx":
+                found[kind] += sample.value
+    return found["backend"] - found["server"]
+
+
+async def test_the_edge_alert_counts_haproxy_refusals_not_surge_answers(
+    config: Config, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    rules = (ROOT / "deploy" / "prometheus" / "rules" / "edge.yml").read_text()
+    used = set(re.findall(r"\b(haproxy_\w+)\{", rules))
+    settings = {"SURGE_MAXCONN": "1", "SURGE_QUEUE_TIMEOUT": "50ms"}
+    async with (
+        start_edge(config, aiohttp_server, tmp_path, **settings) as edge,
+        aiohttp.ClientSession(edge.url) as http,
+    ):
+
+        async def scrape() -> str:
+            async with http.get(edge.metrics_url) as resp:
+                assert resp.status == 200
+                return await resp.text()
+
+        before = await scrape()
+        exported = {s.name for f in text_string_to_metric_families(before) for s in f.samples}
+        assert used and used <= exported, used - exported
+        held = asyncio.create_task(http.get("/test/hold?who=a1"))
+        await wait_until(lambda: edge.arrived == ["a1"])
+        for who in ("a2", "a3"):  # no slot within 50 ms: HAProxy's own 503s
+            assert (await http.get("/test/hold", params={"who": who})).status == 503
+        edge.permits.put_nowait(None)
+        assert (await held).status == 200
+        # a 5xx that Surge sent through HAProxy is not the edge's
+        assert (await http.get("/test/hold?status=503")).status == 503
+        assert edge_refused(await scrape()) - edge_refused(before) == 2
