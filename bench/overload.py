@@ -100,6 +100,8 @@ CHART = DOCS_DIR / "bench-overload.png"
 BLOCK = re.compile(r"<!-- overload:start -->.*?<!-- overload:end -->", re.S)
 # mode -> ADAPTIVE_CONCURRENCY; "edge" is the fixed gate behind deploy/haproxy.cfg
 MODES = {"adaptive": "true", "fixed": "false", "edge": "false"}
+CPU_CGROUP = Path("/sys/fs/cgroup/cpu/surge-overload")
+QUOTA_PERIOD_US = 5000
 SURGE_BEHIND_EDGE = PORT + 1  # in edge mode Surge listens here and HAProxy on PORT
 HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
 LOADS = {
@@ -471,6 +473,27 @@ def judge(row: dict[str, Any], capacity: float) -> None:
     }
 
 
+def limit_cpu(pids: Sequence[int], share: float) -> Path:
+    """Puts `pids` in a cgroup (v1 `cpu`) allowed `share` of one core, as a container's CPU
+    limit would: so that the one load core can offer 10x what the server can serve. Periods
+    of QUOTA_PERIOD_US: a throttled process stalls at most that long, not 100 ms (the default)."""
+    if not CPU_CGROUP.parent.is_dir():
+        raise BenchError(f"--cpu-quota needs cgroup v1's cpu controller at {CPU_CGROUP.parent}")
+    CPU_CGROUP.mkdir(exist_ok=True)
+    (CPU_CGROUP / "cpu.cfs_period_us").write_text(str(QUOTA_PERIOD_US))
+    (CPU_CGROUP / "cpu.cfs_quota_us").write_text(str(round(QUOTA_PERIOD_US * share)))
+    for pid in pids:
+        (CPU_CGROUP / "cgroup.procs").write_text(str(pid))
+    return CPU_CGROUP
+
+
+def throttled(group: Path | None) -> dict[str, int]:
+    if group is None:
+        return {}
+    stat = dict(line.split() for line in (group / "cpu.stat").read_text().splitlines())
+    return {k: int(v) for k, v in stat.items() if k in ("nr_periods", "nr_throttled")}
+
+
 def start_edge(jwt_secret: str) -> subprocess.Popen[bytes]:
     """deploy/haproxy.cfg as it ships, on the client's core, in front of the one Surge process
     (its other two replica slots disabled on the admin socket), listening on PORT."""
@@ -514,6 +537,7 @@ async def run_mode(
     load: str,
     seconds: float,
     warmup_s: float,
+    cpu_quota: float | None,
 ) -> dict[str, Any]:
     env = {**server.env, "ADAPTIVE_CONCURRENCY": MODES[mode]}
     srv = replace(server, env=env)
@@ -525,8 +549,10 @@ async def run_mode(
     log_path = LOG_DIR / f"overload-{mode}.access.log"
     clear_redis(REDIS_PREFIX)
     proc = start_server(srv, endpoint, f"overload-{mode}.log", stdout=log_path)
-    edge = None
+    edge = group = None
     try:
+        if cpu_quota is not None:
+            group = limit_cpu(process_tree(proc.pid), cpu_quota)
         if mode == "edge":
             edge = start_edge(env["JWT_KEYS"].partition(":")[2])
         cap = await measure_step(
@@ -541,6 +567,7 @@ async def run_mode(
                 proc.pid, log_path, tenants, (load, amount), seconds, min(warmup_s, 2.0), True
             )
             row["nominal_x"] = nominal
+            row["throttled"] = throttled(group)
             judge(row, capacity)
             rows.append(row)
             _say(f"[overload {mode}] {_line(row)}")
@@ -550,6 +577,8 @@ async def run_mode(
         if edge is not None:
             stop_server(edge)
         stop_server(proc)
+        if group is not None:
+            group.rmdir()
     return {"capacity_per_s": capacity, "capacity_run": cap, "steps": rows}
 
 
@@ -610,7 +639,9 @@ def chart(results: Mapping[str, Any], path: Path) -> None:
     good.set_ylabel("200s per second / capacity")
     good.set_title("Goodput")
     good.legend(fontsize=7)
-    fig.suptitle("GET /v1/users/{id}, cache off, one process on one core", fontsize=10)
+    quota = results.get("cpu_quota")
+    core = f"{quota:g} of a core (a CPU quota)" if quota else "one core"
+    fig.suptitle(f"GET /v1/users/{{id}}, cache off, one process on {core}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -664,7 +695,15 @@ def render(results: Mapping[str, Any], results_path: Path) -> str:
         "",
         "Method: Surge pinned to CPU 0 as in the tables above (`USER_CACHE_TTL_S=0`, "
         "`MAX_CONNECTIONS_PER_IP=0` so 2,000 connections from one address are let in), started "
-        "afresh per mode; the load generator and the probe pinned to CPU 1. Capacity: 200s per "
+        "afresh per mode; the load generator and the probe pinned to CPU 1"
+        + (
+            f"; Surge limited to {results['cpu_quota']:g} of its core by a cgroup CPU quota "
+            f"({QUOTA_PERIOD_US // 1000} ms periods), as a container's CPU limit would, so that "
+            "the one load core can offer 10x what it serves"
+            if results.get("cpu_quota")
+            else ""
+        )
+        + ". Capacity: 200s per "
         f"second with wrk at {CAPACITY_CONNECTIONS} connections, measured first in each mode. "
         '"sent / capacity" is every answer per second over capacity. With the open loop '
         "(bench/openloop, Go) a step sends its multiple of capacity on a fixed schedule and "
@@ -710,7 +749,7 @@ async def run(args: argparse.Namespace, steps: Sequence[int]) -> dict[str, Any]:
     modes = {}
     for mode in args.modes.split(","):
         modes[mode] = await run_mode(
-            mode, server, tenants, steps, args.load, args.seconds, args.warmup
+            mode, server, tenants, steps, args.load, args.seconds, args.warmup, args.cpu_quota
         )
     return {
         "load": args.load,
@@ -734,6 +773,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--load", choices=list(LOADS), default="openloop", help="the flooding load generator"
+    )
+    parser.add_argument(
+        "--cpu-quota",
+        type=float,
+        help="the server's share of its core (a cgroup CPU limit), e.g. 0.25: lets the one "
+        "load core offer 10x what the server serves",
     )
     parser.add_argument("--no-report", action="store_true", help="results JSON only")
     args = parser.parse_args(argv)
@@ -779,6 +824,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python -m bench.overload", *argv]).strip(),
         "seconds": args.seconds,
         "probe_rps": PROBE_RPS,
+        "cpu_quota": args.cpu_quota,
         **found,
     }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
