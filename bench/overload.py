@@ -103,6 +103,7 @@ MODES = {"adaptive": "true", "fixed": "false", "edge": "false"}
 CPU_CGROUP = Path("/sys/fs/cgroup/cpu/surge-overload")
 QUOTA_PERIOD_US = 5000
 SURGE_BEHIND_EDGE = PORT + 1  # in edge mode Surge listens here and HAProxy on PORT
+EDGE_QUEUE_TIMEOUT_MS = 5  # deploy/haproxy.cfg's SURGE_QUEUE_TIMEOUT default, for a whole core
 HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
 LOADS = {
     "openloop": "at rising multiples of capacity sent on a fixed schedule (an open loop)",
@@ -195,12 +196,12 @@ async def run_openloop(rate: float, seconds: float) -> dict[str, Any]:
     return result
 
 
-async def run_wrk(connections: int, seconds: float) -> dict[str, Any]:
+async def run_wrk(connections: int, seconds: float, port: int = PORT) -> dict[str, Any]:
     cmd = [
         "taskset", "-c", CLIENT_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s",
         "--latency", "--timeout", f"{WRK_TIMEOUT_S}s",
         "-s", str((WRK_DIR / "overload.lua").relative_to(ROOT)),
-        f"http://127.0.0.1:{PORT}/", "--", str(FLOOD_TSV.relative_to(ROOT)),
+        f"http://127.0.0.1:{port}/", "--", str(FLOOD_TSV.relative_to(ROOT)),
     ]  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
         *cmd, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
@@ -365,13 +366,15 @@ async def measure_step(
     seconds: float,
     warmup_s: float,
     with_probe: bool,
+    edge_pid: int | None = None,
+    wrk_port: int = PORT,
 ) -> dict[str, Any]:
     """One step under `load`: ("wrk", connections) or ("openloop", requests per second)."""
     kind, amount = load
 
     def generate(secs: float) -> Any:
         if kind == "wrk":
-            return run_wrk(int(amount), secs)
+            return run_wrk(int(amount), secs, wrk_port)
         return run_openloop(amount, secs)
 
     if warmup_s > 0:
@@ -379,6 +382,7 @@ async def measure_step(
     before = scrape()
     pids = process_tree(proc_pid)
     cpu_before = cpu_seconds(pids)
+    edge_before = cpu_seconds([edge_pid]) if edge_pid else 0.0
     offset = os.stat(log_path).st_size  # before the load starts: blocking is harmless here
     since, wall0 = time.time(), time.monotonic()
     load_task = asyncio.create_task(generate(seconds))
@@ -387,6 +391,7 @@ async def measure_step(
     wall = time.monotonic() - wall0
     until = time.time()
     cpu = cpu_seconds(pids) - cpu_before
+    edge_cpu = cpu_seconds([edge_pid]) - edge_before if edge_pid else None
     after = scrape()
     await asyncio.sleep(1.5)  # the access log is written in batches every 0.5 s
     statuses = {int(k): v for k, v in found["statuses"].items()}
@@ -422,6 +427,11 @@ async def measure_step(
         "no_answer": statuses.get(0, 0),  # open loop only: timed out or connection refused
         "no_retry_after": found["no_retry_after"],
         "server_busy": round(cpu / wall, 3) if wall else None,
+        # HAProxy's share of the load core, and its CPU per request it answered or passed on
+        "edge_busy": round(edge_cpu / wall, 3) if edge_cpu is not None and wall else None,
+        "edge_us_per_request": round(edge_cpu / answered * 1e6, 1)
+        if edge_cpu and answered
+        else None,
         "server": access_log_window(log_path, offset, since, until, tenants.flood),
         "metrics": metric_deltas(before, after),
     }
@@ -443,6 +453,8 @@ async def measure_step(
             "server": access_log_window(log_path, offset, since, until, tenants.probe),
         }
         row["other_5xx"] += row["probe"]["other_5xx"]
+        # the probe's 200s are goodput too: the process served them
+        row["goodput_per_s"] = round(row["goodput_per_s"] + len(ok) / seconds, 1)
         row["no_retry_after"] += row["probe"]["no_retry_after"]
     return row
 
@@ -494,9 +506,13 @@ def throttled(group: Path | None) -> dict[str, int]:
     return {k: int(v) for k, v in stat.items() if k in ("nr_periods", "nr_throttled")}
 
 
-def start_edge(jwt_secret: str) -> subprocess.Popen[bytes]:
+def start_edge(
+    jwt_secret: str, cpu_quota: float | None, maxconn: int | None
+) -> subprocess.Popen[bytes]:
     """deploy/haproxy.cfg as it ships, on the client's core, in front of the one Surge process
-    (its other two replica slots disabled on the admin socket), listening on PORT."""
+    (its other two replica slots disabled on the admin socket), listening on PORT. `maxconn`
+    sets SURGE_MAXCONN, and a caller's share at half of it; under a CPU quota the queue wait
+    is as many of the replica's (longer) service times as the default is of a core's."""
     admin = DATA_DIR / "overload-haproxy.sock"
     admin.unlink(missing_ok=True)
     surge = f"127.0.0.1:{SURGE_BEHIND_EDGE}"
@@ -509,6 +525,10 @@ def start_edge(jwt_secret: str) -> subprocess.Popen[bytes]:
         "SURGE_3": surge,
         "SURGE_JWT_SECRET": jwt_secret,
     }
+    if maxconn is not None:
+        env |= {"SURGE_MAXCONN": str(maxconn), "SURGE_CALLER_SHARE": str(max(1, maxconn // 2))}
+    if cpu_quota is not None:
+        env["SURGE_QUEUE_TIMEOUT"] = f"{round(EDGE_QUEUE_TIMEOUT_MS / cpu_quota)}ms"
     haproxy = find_program("haproxy", "haproxy")
     with (LOG_DIR / "overload-haproxy.log").open("wb") as log:
         proc = subprocess.Popen(
@@ -538,6 +558,7 @@ async def run_mode(
     seconds: float,
     warmup_s: float,
     cpu_quota: float | None,
+    edge_maxconn: int | None,
 ) -> dict[str, Any]:
     env = {**server.env, "ADAPTIVE_CONCURRENCY": MODES[mode]}
     srv = replace(server, env=env)
@@ -554,9 +575,17 @@ async def run_mode(
         if cpu_quota is not None:
             group = limit_cpu(process_tree(proc.pid), cpu_quota)
         if mode == "edge":
-            edge = start_edge(env["JWT_KEYS"].partition(":")[2])
+            edge = start_edge(env["JWT_KEYS"].partition(":")[2], cpu_quota, edge_maxconn)
         cap = await measure_step(
-            proc.pid, log_path, tenants, ("wrk", CAPACITY_CONNECTIONS), seconds, warmup_s, False
+            proc.pid,
+            log_path,
+            tenants,
+            ("wrk", CAPACITY_CONNECTIONS),
+            seconds,
+            warmup_s,
+            False,
+            # what the process serves: straight to it, not through the edge's refusals
+            wrk_port=srv.port,
         )
         capacity = cap["goodput_per_s"]
         _say(f"[overload {mode}] capacity {capacity:,.0f} rps at {CAPACITY_CONNECTIONS} conns")
@@ -564,7 +593,14 @@ async def run_mode(
         for nominal in steps:
             amount = WRK_CONNECTIONS[nominal] if load == "wrk" else nominal * capacity
             row = await measure_step(
-                proc.pid, log_path, tenants, (load, amount), seconds, min(warmup_s, 2.0), True
+                proc.pid,
+                log_path,
+                tenants,
+                (load, amount),
+                seconds,
+                min(warmup_s, 2.0),
+                True,
+                edge.pid if edge else None,
             )
             row["nominal_x"] = nominal
             row["throttled"] = throttled(group)
@@ -602,8 +638,9 @@ def _line(row: Mapping[str, Any]) -> str:
         f"{_fmt((p.get('ok_share') or 0) * 100)} % ok p99 {_fmt(p.get('p99_ms'))} ms, "
         f"client admitted/refused p99 {_fmt(row.get('client_admitted_p99_ms'))}/"
         f"{_fmt(row.get('client_refused_p99_ms'))} ms, no answer {row.get('no_answer', 0)}, "
-        f"other 5xx {row['other_5xx']}, 503 w/o Retry-After {row['no_retry_after']}"
-        + (f"  MISSED {missed}" if missed else "")
+        f"other 5xx {row['other_5xx']}, 503 w/o Retry-After {row['no_retry_after']}, "
+        f"server busy {row['server_busy']}, edge busy {row.get('edge_busy')} "
+        f"({row.get('edge_us_per_request')} µs/request)" + (f"  MISSED {missed}" if missed else "")
     )
 
 
@@ -710,11 +747,26 @@ def render(results: Mapping[str, Any], results_path: Path) -> str:
         "counts each request's latency from when it was due, so the kernel's and the event "
         "loop's backlog count (the targets are judged on these client figures); with wrk, a "
         "closed loop, fast refusals let it send more and a stall makes it send less. "
+        "Goodput counts the flood's 200s and the probe's. "
         "Server-side latency is the access log's `duration_ms` of the flooding tenant's 200s "
         "and 503s within the measured window; the probe's figures are its own, for its 200s. "
         "Refusals by reason are the `surge_shed_total` increase over the step; `edge` is the "
         "503s that never reached Surge: HAProxy's (deploy/haproxy.cfg as it ships, pinned to "
-        "CPU 1 with the load, the load sent to it; Surge behind it with the fixed gate).",
+        "CPU 1 with the load, the load sent to it; Surge behind it with the fixed gate"
+        + (
+            f"; `SURGE_MAXCONN={results['edge_maxconn']}`, `SURGE_CALLER_SHARE="
+            f"{max(1, results['edge_maxconn'] // 2)}`"
+            if results.get("edge_maxconn")
+            else ""
+        )
+        + (
+            f", `SURGE_QUEUE_TIMEOUT={round(EDGE_QUEUE_TIMEOUT_MS / results['cpu_quota'])}ms`"
+            f" ({EDGE_QUEUE_TIMEOUT_MS} ms over the quota: as many of the replica's service "
+            "times as the default is of a core's)"
+            if results.get("cpu_quota")
+            else ""
+        )
+        + "; its capacity is measured straight at Surge).",
         "<!-- overload:end -->",
     ]
     return "\n".join(lines)
@@ -749,7 +801,15 @@ async def run(args: argparse.Namespace, steps: Sequence[int]) -> dict[str, Any]:
     modes = {}
     for mode in args.modes.split(","):
         modes[mode] = await run_mode(
-            mode, server, tenants, steps, args.load, args.seconds, args.warmup, args.cpu_quota
+            mode,
+            server,
+            tenants,
+            steps,
+            args.load,
+            args.seconds,
+            args.warmup,
+            args.cpu_quota,
+            args.edge_maxconn,
         )
     return {
         "load": args.load,
@@ -779,6 +839,11 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="the server's share of its core (a cgroup CPU limit), e.g. 0.25: lets the one "
         "load core offer 10x what the server serves",
+    )
+    parser.add_argument(
+        "--edge-maxconn",
+        type=int,
+        help="edge mode: SURGE_MAXCONN (default: deploy/haproxy.cfg's); a caller's share: half",
     )
     parser.add_argument("--no-report", action="store_true", help="results JSON only")
     args = parser.parse_args(argv)
@@ -825,6 +890,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": args.seconds,
         "probe_rps": PROBE_RPS,
         "cpu_quota": args.cpu_quota,
+        "edge_maxconn": args.edge_maxconn,
         **found,
     }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
