@@ -34,6 +34,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
+from bench.cluster import ClusterError, find_program
 from db.migrate import migrate
 from db.pool import Database, open_database
 from server.config import Config
@@ -45,6 +46,17 @@ from .json_logs import assert_json_log
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_JWT_KEYS = "k2:" + "t" * 40 + ",k1:" + "o" * 40
+
+
+def debian_program(name: str) -> str:
+    """The path of `name`, from Debian's package of that name (`.ci/run` and `make cluster`
+    install haproxy and pgbouncer): without it the test fails under CI and skips elsewhere."""
+    try:
+        return find_program(name, name)
+    except ClusterError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"{exc}: CI must provide it (.ci/run installs it)")
+        pytest.skip(str(exc))
 
 
 # A test (with its fixtures' teardown) that runs longer than this is hung: the watchdog prints

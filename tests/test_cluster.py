@@ -10,7 +10,6 @@ them): missing, the test fails under CI and skips elsewhere, saying so.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
@@ -19,11 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pytest
-
-from bench.cluster import ClusterError, find_program
-
-from .conftest import ROOT
+from .conftest import ROOT, debian_program
 
 # The run takes a minute or two on a busy 2-core machine: more than the suite's hang watchdog
 # (tests/conftest.py) allows a test, so this one re-arms it for itself.
@@ -38,18 +33,9 @@ SUMMARY = re.compile(
 )
 
 
-def need(program: str) -> None:
-    try:
-        find_program(program, program)
-    except ClusterError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"{exc}: CI must provide it (.ci/run installs it)")
-        pytest.skip(str(exc))
-
-
 def test_the_cluster_loses_nothing_through_its_faults() -> None:
-    need("haproxy")
-    need("pgbouncer")
+    debian_program("haproxy")
+    debian_program("pgbouncer")
     signal.setitimer(signal.ITIMER_REAL, CLUSTER_HANG_S)
     # Not under pytest's tmp_path: the PostgreSQL and PgBouncer user must be able to reach it.
     base = Path(tempfile.mkdtemp(prefix="surge-cluster-"))

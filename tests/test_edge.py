@@ -33,7 +33,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.cluster import ClusterError, accepts, find_program
+from bench.cluster import accepts
 from server.app import add_routes, create_app
 from server.chain import Overloaded
 from server.config import Config, parse_jwt_keys
@@ -41,7 +41,7 @@ from server.routes import get
 from server.runner import free_port
 from server.tokens import TokenService
 
-from .conftest import ROOT
+from .conftest import ROOT, debian_program
 
 HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
 OVERLOADED = {
@@ -50,15 +50,6 @@ OVERLOADED = {
     "status": 503,
     "detail": Overloaded().detail,
 }
-
-
-def haproxy_program() -> str:
-    try:
-        return find_program("haproxy", "haproxy")
-    except ClusterError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"{exc}: CI must provide it (.ci/run installs it)")
-        pytest.skip(str(exc))
 
 
 @dataclass
@@ -152,7 +143,7 @@ async def start_edge(
     }
     log = (tmp_path / "haproxy.log").open("wb")
     proc = subprocess.Popen(
-        [haproxy_program(), "-db", "-f", str(HAPROXY_CFG)], env=env, stdout=log, stderr=log
+        [debian_program("haproxy"), "-db", "-f", str(HAPROXY_CFG)], env=env, stdout=log, stderr=log
     )
     edge = Edge(
         f"http://127.0.0.1:{port}",

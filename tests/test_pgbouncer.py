@@ -34,22 +34,13 @@ import aiohttp
 import asyncpg
 import pytest
 
-from bench.cluster import ClusterError, accepts, find_program, write_pgbouncer_ini
+from bench.cluster import accepts, write_pgbouncer_ini
 from bench.pgreplica import RunAs, find_bindir
 from db.migrate import discover
 from server.runner import free_port
 
-from .conftest import ROOT, Services, server_env, with_database
+from .conftest import ROOT, Services, debian_program, server_env, with_database
 from .served import stop_process, wait_ready
-
-
-def pgbouncer_program() -> str:
-    try:
-        return find_program("pgbouncer", "pgbouncer")
-    except ClusterError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"{exc}: CI must provide it (.ci/run installs it)")
-        pytest.skip(str(exc))
 
 
 @dataclass(frozen=True)
@@ -100,7 +91,7 @@ def _pg_address(dsn: str) -> tuple[str, int]:
 
 @pytest.fixture(scope="module")
 def bouncer(services: Services) -> Iterator[Bouncer]:
-    program = pgbouncer_program()
+    program = debian_program("pgbouncer")
     database = f"surge_pgb_{secrets.token_hex(3)}"  # nothing migrated it: the server must
     asyncio.run(_create_database(services.admin_dsn, database))
     run_as = RunAs.for_this_process()
