@@ -66,7 +66,8 @@ bench: $(STAMP)  ## Surge vs bare aiohttp+asyncpg vs FastAPI+SQLAlchemy vs Go, s
 	$(BIN)/python -m bench.seed
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.soak  # RSS over 60 s under load: <= 100 MB, <= 5 % growth
-	$(BIN)/python -m bench.overload  # 1x-10x load, adaptive vs fixed limit: docs/PERFORMANCE.md
+	$(CLUSTER_INSTALL)  # HAProxy: the overload bench's edge mode
+	$(BIN)/python -m bench.overload --cpu-quota 0.2 --edge-maxconn 10  # 1x-10x: docs/PERFORMANCE.md
 
 profile: $(STAMP)  ## py-spy flame graph of Surge under load: docs/profile-user.svg
 	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk; }

@@ -100,7 +100,8 @@ CHART = DOCS_DIR / "bench-overload.png"
 BLOCK = re.compile(r"<!-- overload:start -->.*?<!-- overload:end -->", re.S)
 # mode -> ADAPTIVE_CONCURRENCY; "edge" is the fixed gate behind deploy/haproxy.cfg
 MODES = {"adaptive": "true", "fixed": "false", "edge": "false"}
-CPU_CGROUP = Path("/sys/fs/cgroup/cpu/surge-overload")
+CPU_CGROUP_V1 = Path("/sys/fs/cgroup/cpu/surge-overload")
+CPU_CGROUP_V2 = Path("/sys/fs/cgroup/surge-overload")
 QUOTA_PERIOD_US = 5000
 SURGE_BEHIND_EDGE = PORT + 1  # in edge mode Surge listens here and HAProxy on PORT
 EDGE_QUEUE_TIMEOUT_MS = 5  # deploy/haproxy.cfg's SURGE_QUEUE_TIMEOUT default, for a whole core
@@ -486,17 +487,26 @@ def judge(row: dict[str, Any], capacity: float) -> None:
 
 
 def limit_cpu(pids: Sequence[int], share: float) -> Path:
-    """Puts `pids` in a cgroup (v1 `cpu`) allowed `share` of one core, as a container's CPU
-    limit would: so that the one load core can offer 10x what the server can serve. Periods
-    of QUOTA_PERIOD_US: a throttled process stalls at most that long, not 100 ms (the default)."""
-    if not CPU_CGROUP.parent.is_dir():
-        raise BenchError(f"--cpu-quota needs cgroup v1's cpu controller at {CPU_CGROUP.parent}")
-    CPU_CGROUP.mkdir(exist_ok=True)
-    (CPU_CGROUP / "cpu.cfs_period_us").write_text(str(QUOTA_PERIOD_US))
-    (CPU_CGROUP / "cpu.cfs_quota_us").write_text(str(round(QUOTA_PERIOD_US * share)))
+    """Puts `pids` in a cgroup allowed `share` of one core, as a container's CPU limit would: so
+    that the one load core can offer 10x what the server can serve. Periods of QUOTA_PERIOD_US:
+    a throttled process stalls at most that long, not 100 ms (the default). cgroup v1's `cpu`
+    controller, else v2's `cpu.max`."""
+    quota = round(QUOTA_PERIOD_US * share)
+    if CPU_CGROUP_V1.parent.is_dir():
+        group = CPU_CGROUP_V1
+        group.mkdir(exist_ok=True)
+        (group / "cpu.cfs_period_us").write_text(str(QUOTA_PERIOD_US))
+        (group / "cpu.cfs_quota_us").write_text(str(quota))
+    elif "cpu" in (CPU_CGROUP_V2.parent / "cgroup.controllers").read_text().split():
+        group = CPU_CGROUP_V2
+        (group.parent / "cgroup.subtree_control").write_text("+cpu")
+        group.mkdir(exist_ok=True)
+        (group / "cpu.max").write_text(f"{quota} {QUOTA_PERIOD_US}")
+    else:
+        raise BenchError("--cpu-quota needs a cgroup cpu controller (v1 or v2) it may write to")
     for pid in pids:
-        (CPU_CGROUP / "cgroup.procs").write_text(str(pid))
-    return CPU_CGROUP
+        (group / "cgroup.procs").write_text(str(pid))
+    return group
 
 
 def throttled(group: Path | None) -> dict[str, int]:
