@@ -106,6 +106,7 @@ QUOTA_PERIOD_US = 5000
 SURGE_BEHIND_EDGE = PORT + 1  # in edge mode Surge listens here and HAProxy on PORT
 EDGE_QUEUE_TIMEOUT_MS = 5  # deploy/haproxy.cfg's SURGE_QUEUE_TIMEOUT default, for a whole core
 HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
+EDGE_ADMIN = DATA_DIR / "overload-haproxy.sock"
 LOADS = {
     "openloop": "at rising multiples of capacity sent on a fixed schedule (an open loop)",
     "wrk": "with wrk at rising connection counts (a closed loop)",
@@ -260,9 +261,10 @@ async def probe(tenants: Tenants, seconds: float, rate: float = PROBE_RPS) -> li
 # --- what the server saw ----------------------------------------------------------------------
 
 
-def scrape() -> dict[str, float]:
-    """Surge's /metrics as {"name{label=value,...}": value} (an ops route: never refused)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/metrics", timeout=30) as resp:
+def scrape(port: int) -> dict[str, float]:
+    """Surge's /metrics as {"name{label=value,...}": value} (an ops route: never refused),
+    straight from the process as Prometheus scrapes it, not through the edge."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
         text = resp.read().decode()
     found: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
@@ -367,6 +369,7 @@ async def measure_step(
     seconds: float,
     warmup_s: float,
     with_probe: bool,
+    surge_port: int,
     edge_pid: int | None = None,
     wrk_port: int = PORT,
 ) -> dict[str, Any]:
@@ -380,7 +383,7 @@ async def measure_step(
 
     if warmup_s > 0:
         await generate(warmup_s)
-    before = scrape()
+    before = scrape(surge_port)
     pids = process_tree(proc_pid)
     cpu_before = cpu_seconds(pids)
     edge_before = cpu_seconds([edge_pid]) if edge_pid else 0.0
@@ -393,7 +396,7 @@ async def measure_step(
     until = time.time()
     cpu = cpu_seconds(pids) - cpu_before
     edge_cpu = cpu_seconds([edge_pid]) - edge_before if edge_pid else None
-    after = scrape()
+    after = scrape(surge_port)
     await asyncio.sleep(1.5)  # the access log is written in batches every 0.5 s
     statuses = {int(k): v for k, v in found["statuses"].items()}
     answered = sum(statuses.values())
@@ -523,7 +526,7 @@ def start_edge(
     (its other two replica slots disabled on the admin socket), listening on PORT. `maxconn`
     sets SURGE_MAXCONN, and a caller's share at half of it; under a CPU quota the queue wait
     is as many of the replica's (longer) service times as the default is of a core's."""
-    admin = DATA_DIR / "overload-haproxy.sock"
+    admin = EDGE_ADMIN
     admin.unlink(missing_ok=True)
     surge = f"127.0.0.1:{SURGE_BEHIND_EDGE}"
     env = {
@@ -552,11 +555,29 @@ def start_edge(
             raise BenchError("HAProxy did not start: see bench/logs/overload-haproxy.log")
         time.sleep(0.05)
     for name in ("surge2", "surge3"):
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.connect(str(admin))
-            sock.sendall(f"disable server surge/{name}\n".encode())
-            sock.recv(4096)
+        edge_admin(f"disable server surge/{name}")
     return proc
+
+
+def edge_admin(command: str) -> str:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(EDGE_ADMIN))
+        sock.sendall(command.encode() + b"\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+def edge_replica_downs() -> int:
+    """How many times HAProxy has taken the replica out (`chkdown` of surge/surge1)."""
+    header, *rows = edge_admin("show stat").splitlines()
+    names = header.lstrip("# ").split(",")
+    for row in rows:
+        stat = dict(zip(names, row.split(","), strict=False))
+        if (stat.get("pxname"), stat.get("svname")) == ("surge", "surge1"):
+            return int(stat["chkdown"] or 0)
+    raise BenchError("HAProxy's stats have no surge/surge1")
 
 
 async def run_mode(
@@ -584,8 +605,6 @@ async def run_mode(
     try:
         if cpu_quota is not None:
             group = limit_cpu(process_tree(proc.pid), cpu_quota)
-        if mode == "edge":
-            edge = start_edge(env["JWT_KEYS"].partition(":")[2], cpu_quota, edge_maxconn)
         cap = await measure_step(
             proc.pid,
             log_path,
@@ -594,14 +613,17 @@ async def run_mode(
             seconds,
             warmup_s,
             False,
-            # what the process serves: straight to it, not through the edge's refusals
-            wrk_port=srv.port,
+            surge_port=srv.port,
+            wrk_port=srv.port,  # what the process serves: straight to it
         )
+        if mode == "edge":  # after the capacity run, whose load would fail its health checks
+            edge = start_edge(env["JWT_KEYS"].partition(":")[2], cpu_quota, edge_maxconn)
         capacity = cap["goodput_per_s"]
         _say(f"[overload {mode}] capacity {capacity:,.0f} rps at {CAPACITY_CONNECTIONS} conns")
         rows = []
         for nominal in steps:
             amount = WRK_CONNECTIONS[nominal] if load == "wrk" else nominal * capacity
+            downs = edge_replica_downs() if edge else 0
             row = await measure_step(
                 proc.pid,
                 log_path,
@@ -610,8 +632,11 @@ async def run_mode(
                 seconds,
                 min(warmup_s, 2.0),
                 True,
-                edge.pid if edge else None,
+                surge_port=srv.port,
+                edge_pid=edge.pid if edge else None,
             )
+            if edge:  # times HAProxy took the replica out (a /readyz check failed) in the step
+                row["edge_replica_downs"] = edge_replica_downs() - downs
             row["nominal_x"] = nominal
             row["throttled"] = throttled(group)
             judge(row, capacity)
@@ -650,7 +675,8 @@ def _line(row: Mapping[str, Any]) -> str:
         f"{_fmt(row.get('client_refused_p99_ms'))} ms, no answer {row.get('no_answer', 0)}, "
         f"other 5xx {row['other_5xx']}, 503 w/o Retry-After {row['no_retry_after']}, "
         f"server busy {row['server_busy']}, edge busy {row.get('edge_busy')} "
-        f"({row.get('edge_us_per_request')} µs/request)" + (f"  MISSED {missed}" if missed else "")
+        f"({row.get('edge_us_per_request')} µs/request, replica taken out "
+        f"{row.get('edge_replica_downs', 0)} times)" + (f"  MISSED {missed}" if missed else "")
     )
 
 
