@@ -552,7 +552,7 @@ def start_edge(
     while not (accepts(PORT) and admin.exists()):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise BenchError("HAProxy did not start: see bench/logs/overload-haproxy.log")
+            raise BenchError("HAProxy did not start: see bench/data/logs/overload-haproxy.log")
         time.sleep(0.05)
     for name in ("surge2", "surge3"):
         edge_admin(f"disable server surge/{name}")
