@@ -214,6 +214,7 @@ class State:
     """What `up` started, kept in DIR/cluster.json so `down` (another process) can stop it."""
 
     haproxy_port: int = 0
+    haproxy_metrics_port: int = 0  # HAProxy's Prometheus exporter
     surge_ports: list[int] = field(default_factory=list)
     pgbouncer_port: int = 0
     redis_port: int = 0
@@ -281,6 +282,7 @@ class Cluster:
         s.haproxy_port, s.pgbouncer_port, s.redis_port, s.provider_port = (
             free_port() for _ in range(4)
         )
+        s.haproxy_metrics_port = free_port()
         s.surge_ports = [free_port() for _ in range(REPLICAS)]
         self.save()
         self.start_postgres()
@@ -446,6 +448,8 @@ class Cluster:
             **os.environ,
             "SURGE_LISTEN": f"127.0.0.1:{s.haproxy_port}",
             "SURGE_HAPROXY_SOCKET": str(self.haproxy_socket),
+            # a port of its own, not the default 8405: two clusters can run side by side
+            "SURGE_HAPROXY_METRICS": f"127.0.0.1:{s.haproxy_metrics_port}",
             **{f"SURGE_{i + 1}": f"127.0.0.1:{port}" for i, port in enumerate(s.surge_ports)},
             # the signing key's secret: HAProxy tells tenants apart by their tokens' tenant
             "SURGE_JWT_SECRET": s.jwt_keys.split(",")[0].partition(":")[2],
@@ -1301,7 +1305,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(
                 f"cluster up in {cluster.base}:\n"
-                f"  HAProxy       {cluster.url}  (admin socket {cluster.haproxy_socket})\n"
+                f"  HAProxy       {cluster.url}  (admin socket {cluster.haproxy_socket}, "
+                f"metrics http://127.0.0.1:{cluster.state.haproxy_metrics_port}/metrics)\n"
                 f"  Surge         {', '.join(str(p) for p in cluster.state.surge_ports)}\n"
                 f"  PgBouncer     127.0.0.1:{cluster.state.pgbouncer_port} (transaction mode)\n"
                 f"  primary       {cluster.state.primary_url}\n"

@@ -107,6 +107,7 @@ SURGE_BEHIND_EDGE = PORT + 1  # in edge mode Surge listens here and HAProxy on P
 EDGE_QUEUE_TIMEOUT_MS = 5  # deploy/haproxy.cfg's SURGE_QUEUE_TIMEOUT default, for a whole core
 HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
 EDGE_ADMIN = DATA_DIR / "overload-haproxy.sock"
+EDGE_METRICS_PORT = PORT + 2  # not HAProxy's default 8405, which a `make cluster` may hold
 LOADS = {
     "openloop": "at rising multiples of capacity sent on a fixed schedule (an open loop)",
     "wrk": "with wrk at rising connection counts (a closed loop)",
@@ -537,6 +538,7 @@ def start_edge(
         "SURGE_2": surge,
         "SURGE_3": surge,
         "SURGE_JWT_SECRET": jwt_secret,
+        "SURGE_HAPROXY_METRICS": f"127.0.0.1:{EDGE_METRICS_PORT}",
     }
     if maxconn is not None:
         env |= {"SURGE_MAXCONN": str(maxconn), "SURGE_CALLER_SHARE": str(max(1, maxconn // 2))}
