@@ -127,6 +127,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def haproxy_admin(admin_socket: Path, command: str) -> str:
+    """One command on HAProxy's admin socket (`show stat`, `disable server surge/surge2`, ...)
+    and its whole answer."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(2)
+        sock.connect(str(admin_socket))
+        sock.sendall(command.encode() + b"\n")
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    return raw.decode()
+
+
+def haproxy_stats(admin_socket: Path) -> dict[tuple[str, str], dict[str, str]]:
+    """`show stat` as {(proxy, server): row}; a backend's own totals are (proxy, "BACKEND")."""
+    header, *lines = haproxy_admin(admin_socket, "show stat").splitlines()
+    names = header.lstrip("# ").split(",")
+    rows = [dict(zip(names, line.split(","), strict=False)) for line in lines if line]
+    return {(r["pxname"], r["svname"]): r for r in rows}
+
+
 def accepts(port: int, timeout: float = 0.2) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout):
@@ -470,17 +491,8 @@ class Cluster:
 
     def haproxy_stat(self) -> dict[str, dict[str, str]]:
         """`show stat` of the backend's servers, by server name."""
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(2)
-            sock.connect(str(self.haproxy_socket))
-            sock.sendall(b"show stat\n")
-            raw = b""
-            while chunk := sock.recv(65536):
-                raw += chunk
-        lines = raw.decode().splitlines()
-        header = lines[0].lstrip("# ").split(",")
-        rows = [dict(zip(header, line.split(","), strict=False)) for line in lines[1:] if line]
-        return {r["svname"]: r for r in rows if r.get("pxname") == "surge"}
+        stats = haproxy_stats(self.haproxy_socket)
+        return {server: row for (proxy, server), row in stats.items() if proxy == "surge"}
 
     def haproxy_status(self, i: int) -> str:
         """UP, DOWN, MAINT, "UP 1/2" (going down), ...; "" while HAProxy cannot say."""

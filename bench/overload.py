@@ -41,7 +41,6 @@ import re
 import resource
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -63,7 +62,7 @@ import matplotlib.pyplot as plt
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.cluster import ClusterError, accepts, find_program
+from bench.cluster import ClusterError, accepts, find_program, haproxy_admin, haproxy_stats
 from bench.common import DATA_DIR, DOCS_DIR, RESULTS_DIR, ROOT, WRK_DIR
 from bench.run import (
     CLIENT_CPU,
@@ -557,29 +556,13 @@ def start_edge(
             raise BenchError("HAProxy did not start: see bench/data/logs/overload-haproxy.log")
         time.sleep(0.05)
     for name in ("surge2", "surge3"):
-        edge_admin(f"disable server surge/{name}")
+        haproxy_admin(EDGE_ADMIN, f"disable server surge/{name}")
     return proc
-
-
-def edge_admin(command: str) -> str:
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.connect(str(EDGE_ADMIN))
-        sock.sendall(command.encode() + b"\n")
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks).decode()
 
 
 def edge_replica_downs() -> int:
     """How many times HAProxy has taken the replica out (`chkdown` of surge/surge1)."""
-    header, *rows = edge_admin("show stat").splitlines()
-    names = header.lstrip("# ").split(",")
-    for row in rows:
-        stat = dict(zip(names, row.split(","), strict=False))
-        if (stat.get("pxname"), stat.get("svname")) == ("surge", "surge1"):
-            return int(stat["chkdown"] or 0)
-    raise BenchError("HAProxy's stats have no surge/surge1")
+    return int(haproxy_stats(EDGE_ADMIN)[("surge", "surge1")]["chkdown"] or 0)
 
 
 async def run_mode(

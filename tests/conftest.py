@@ -48,6 +48,15 @@ ROOT = Path(__file__).resolve().parent.parent
 TEST_JWT_KEYS = "k2:" + "t" * 40 + ",k1:" + "o" * 40
 
 
+async def wait_for(predicate: Callable[[], bool]) -> None:
+    """Until `predicate()` holds, checked every 10 ms for up to 5 s; then it must hold."""
+    for _ in range(500):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    assert predicate()
+
+
 def debian_program(name: str) -> str:
     """The path of `name`, from Debian's package of that name (`.ci/run` and `make cluster`
     install haproxy and pgbouncer): without it the test fails under CI and skips elsewhere."""

@@ -32,6 +32,8 @@ from server.app import CHAIN, add_routes, admission_of, create_app
 from server.config import Config
 from server.routes import get, post
 
+from .conftest import wait_for
+
 WINDOW = WINDOW_S  # each feed below is one window
 
 
@@ -354,14 +356,6 @@ def overload_app(config: Config, gate: asyncio.Event) -> web.Application:
 def shed_count(text: str, reason: str) -> float:
     m = re.search(rf'^surge_shed_total\{{reason="{reason}"\}} (\S+)$', text, re.M)
     return float(m[1]) if m else 0.0
-
-
-async def wait_for(predicate: Any) -> None:
-    for _ in range(500):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    assert predicate()
 
 
 async def test_a_flood_is_refused_while_another_tenant_and_ops_are_served(

@@ -19,10 +19,9 @@ import asyncio
 import contextlib
 import os
 import re
-import socket
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.cluster import accepts
+from bench.cluster import accepts, haproxy_admin, haproxy_stats
 from server.app import add_routes, create_app
 from server.chain import Overloaded
 from server.config import Config, parse_jwt_keys
@@ -41,7 +40,7 @@ from server.routes import get
 from server.runner import free_port
 from server.tokens import TokenService
 
-from .conftest import ROOT, debian_program
+from .conftest import ROOT, debian_program, wait_for
 
 HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
 OVERLOADED = {
@@ -60,40 +59,17 @@ class Edge:
     arrived: list[str]  # the `who` of each request that reached Surge, in order
     permits: asyncio.Queue[None]  # one put: one held request answers
 
-    def admin(self, command: str) -> str:
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.connect(str(self.socket_path))
-            sock.sendall(command.encode() + b"\n")
-            chunks = []
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        return b"".join(chunks).decode()
-
     def queued(self) -> int:
-        header, *rows = self.admin("show stat").splitlines()
-        names = header.lstrip("# ").split(",")
-        for row in rows:
-            stat = dict(zip(names, row.split(","), strict=False))
-            if stat.get("pxname") == "surge" and stat.get("svname") == "BACKEND":
-                return int(stat["qcur"])
-        raise AssertionError("no surge backend in HAProxy's stats")
+        return int(haproxy_stats(self.socket_path)[("surge", "BACKEND")]["qcur"])
 
     def callers(self) -> dict[str, int]:
         """The stick table's callers: key -> requests in flight or queued."""
         out = {}
-        for line in self.admin("show table callers").splitlines()[1:]:
+        for line in haproxy_admin(self.socket_path, "show table callers").splitlines()[1:]:
             fields = dict(f.split("=", 1) for f in line.split()[1:])
             if fields:
                 out[fields["key"]] = int(fields["conn_cur"])
         return out
-
-
-async def wait_until(predicate: Callable[[], bool]) -> None:
-    for _ in range(500):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    assert predicate()
 
 
 @pytest.fixture
@@ -153,9 +129,9 @@ async def start_edge(
         permits,
     )
     try:
-        await wait_until(lambda: proc.poll() is None and accepts(port) and admin.exists())
+        await wait_for(lambda: proc.poll() is None and accepts(port) and admin.exists())
         for name in ("surge2", "surge3"):  # one replica in service: its slots are the test's
-            assert edge.admin(f"disable server surge/{name}").strip() == ""
+            assert haproxy_admin(admin, f"disable server surge/{name}").strip() == ""
         yield edge
     finally:
         for _ in range(64):  # let any request still held answer, so the server can stop
@@ -194,18 +170,18 @@ async def test_a_flooding_tenant_is_refused_while_its_neighbour_goes_first(
             return asyncio.create_task(http.get("/test/hold", params={"who": who}, headers=headers))
 
         held = [send(f"a{i}", bearer(tokens, flooder)) for i in (1, 2)]
-        await wait_until(lambda: len(edge.arrived) == 2)  # both slots taken
+        await wait_for(lambda: len(edge.arrived) == 2)  # both slots taken
         queued = send("a3", bearer(tokens, flooder))  # past its share, but nobody waits: queued
-        await wait_until(lambda: edge.queued() == 1)
+        await wait_for(lambda: edge.queued() == 1)
         # past its share while a queue stands: refused at once, never reaching Surge
         await assert_refused(await http.get("/test/hold?who=a4", headers=bearer(tokens, flooder)))
         # its neighbour, within its share, queues ahead of the flooder's waiting request
         first = send("b1", bearer(tokens, neighbour))
-        await wait_until(lambda: edge.queued() == 2)
+        await wait_for(lambda: edge.queued() == 2)
         # a token claiming the neighbour's tenant with a signature that does not check counts
         # against its address, not against the tenant it names
         stranger = send("c1", forged(tokens, neighbour))
-        await wait_until(lambda: edge.queued() == 3)
+        await wait_for(lambda: edge.queued() == 3)
         assert edge.callers() == {str(flooder): 3, str(neighbour): 1, "127.0.0.1": 1}
 
         # the ops routes go round the queue
@@ -231,7 +207,7 @@ async def test_a_request_that_waits_past_the_queue_timeout_is_refused(
         aiohttp.ClientSession(edge.url) as http,
     ):
         held = asyncio.create_task(http.get("/test/hold?who=a1"))
-        await wait_until(lambda: edge.arrived == ["a1"])
+        await wait_for(lambda: edge.arrived == ["a1"])
         await assert_refused(await http.get("/test/hold?who=a2"))
         edge.permits.put_nowait(None)
         assert (await held).status == 200
@@ -245,9 +221,9 @@ async def test_an_unsigned_caller_is_counted_by_its_address(
         held = [
             asyncio.create_task(http.get("/test/hold", params={"who": f"n{i}"})) for i in (1, 2)
         ]
-        await wait_until(lambda: len(edge.arrived) == 2)
+        await wait_for(lambda: len(edge.arrived) == 2)
         queued = asyncio.create_task(http.get("/test/hold?who=n3"))
-        await wait_until(lambda: edge.queued() == 1)
+        await wait_for(lambda: edge.queued() == 1)
         assert edge.callers() == {"127.0.0.1": 3}
         # a token with a bad signature is the same caller: its address
         await assert_refused(
@@ -290,7 +266,7 @@ async def test_the_edge_alert_counts_haproxy_refusals_not_surge_answers(
         exported = {s.name for f in text_string_to_metric_families(before) for s in f.samples}
         assert used and used <= exported, used - exported
         held = asyncio.create_task(http.get("/test/hold?who=a1"))
-        await wait_until(lambda: edge.arrived == ["a1"])
+        await wait_for(lambda: edge.arrived == ["a1"])
         for who in ("a2", "a3"):  # no slot within 50 ms: HAProxy's own 503s
             assert (await http.get("/test/hold", params={"who": who})).status == 503
         edge.permits.put_nowait(None)
