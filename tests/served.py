@@ -90,13 +90,15 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def served(services: Services, out: Path, **env: str) -> Iterator[Served]:
+def served(
+    services: Services, out: Path, ready_timeout: float = 30, **env: str
+) -> Iterator[Served]:
     """A server with `env` over the test defaults; stdout and stderr go to files under `out`."""
     port = free_port()
     proc = start_process(services, port, out, **env)
     inst = Served(proc, port, out / "stdout", out / "stderr")
     try:
-        wait_ready(proc, inst.url, inst.stderr)
+        wait_ready(proc, inst.url, inst.stderr, ready_timeout)
         yield inst
     finally:
         stop_process(proc)

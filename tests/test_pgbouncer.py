@@ -20,7 +20,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -39,8 +38,8 @@ from bench.pgreplica import RunAs, find_bindir
 from db.migrate import discover
 from server.runner import free_port
 
-from .conftest import ROOT, Services, debian_program, server_env, with_database
-from .served import stop_process, wait_ready
+from .conftest import Services, debian_program, with_database
+from .served import served
 
 
 @dataclass(frozen=True)
@@ -133,38 +132,26 @@ def bouncer(services: Services) -> Iterator[Bouncer]:
 def surge_via_pgbouncer(
     services: Services, bouncer: Bouncer, provider_url: str, tmp_path: Path
 ) -> Iterator[str]:
-    port = free_port()
-    env = server_env(
-        services,
-        port,
-        DATABASE_URL=bouncer.url(),
-        PG_STATEMENT_CACHE_SIZE="0",
-        DATABASE_MIGRATION_URL=bouncer.direct_dsn,
-        MIGRATE_ON_START="true",
-        REDIS_KEY_PREFIX=f"surgetest:pgb:{uuid.uuid4().hex[:8]}:",
-        PAYMENTS_URL=provider_url,
-        PAYMENTS_API_KEY="lt_key",
-        PAYMENTS_WEBHOOK_SECRET="lt_secret",
-        ACCESS_LOG="false",
-        AUTH_RATE_LIMIT_PER_MINUTE="100000",
-        RATE_LIMIT_RATE="100000",
-        RATE_LIMIT_BURST="100000",
-    )
-    log = tmp_path / "stderr"
-    with log.open("wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "serve"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(proc, url, log, timeout=60)
-        yield url
-    finally:
-        stop_process(proc)
+    with (
+        served(
+            services,
+            tmp_path,
+            ready_timeout=60,  # it migrates first, over the direct URL
+            DATABASE_URL=bouncer.url(),
+            PG_STATEMENT_CACHE_SIZE="0",
+            DATABASE_MIGRATION_URL=bouncer.direct_dsn,
+            MIGRATE_ON_START="true",
+            REDIS_KEY_PREFIX=f"surgetest:pgb:{uuid.uuid4().hex[:8]}:",
+            PAYMENTS_URL=provider_url,
+            PAYMENTS_API_KEY="lt_key",
+            PAYMENTS_WEBHOOK_SECRET="lt_secret",
+            ACCESS_LOG="false",
+            AUTH_RATE_LIMIT_PER_MINUTE="100000",
+            RATE_LIMIT_RATE="100000",
+            RATE_LIMIT_BURST="100000",
+        ) as server
+    ):
+        yield server.url
 
 
 def xact_count(bouncer: Bouncer) -> int:
